@@ -1,0 +1,109 @@
+"""The `raytrain` command: parses arguments into a Config and calls a stage; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from raytrain.config import Config, load_config, presets
+from raytrain.errors import find_raytrain_error
+
+# (flag, config key, argparse options) per command; flags are sugar for `key=value` overrides.
+SOURCE_FLAGS = [
+    ("--input", "data.source.inputs", {"nargs": "+", "metavar": "SRC",
+                                       "help": "files, folders, globs, s3:// or gs:// URIs, or 'stdlib'"}),
+    ("--text-field", "data.source.text_field", {"help": "JSONL field / Parquet column with the text"}),
+    ("--skip-bad-records", "data.source.skip_bad_records",
+     {"action": "store_const", "const": True, "help": "skip and count malformed JSONL lines"}),
+]
+TOKENIZER_FLAGS = [
+    *SOURCE_FLAGS,
+    ("--vocab-size", "data.tokenizer.vocab_size", {"type": int}),
+    ("--out", "data.tokenizer.out", {"metavar": "DIR"}),
+    ("--overwrite", "data.tokenizer.overwrite", {"action": "store_const", "const": True}),
+]
+PREPARE_FLAGS = [
+    *SOURCE_FLAGS,
+    ("--tokenizer", "data.prepare.tokenizer", {"metavar": "DIR"}),
+    ("--seq-len", "data.prepare.seq_len", {"type": int}),
+    ("--out", "data.prepare.out", {"metavar": "DIR"}),
+    ("--val-fraction", "data.prepare.val_fraction", {"type": float}),
+    ("--seed", "data.prepare.seed", {"type": int}),
+    ("--overwrite", "data.prepare.overwrite", {"action": "store_const", "const": True}),
+]
+DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
+
+
+def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Callable[[Config], object],
+                 default_config: str | None = None) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--config", default=default_config,
+                        help=f"preset ({', '.join(presets())}) or YAML file")
+    parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else local Ray)")
+    for flag, _, options in flags:
+        parser.add_argument(flag, **options)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.set_defaults(stage=stage, flags=flags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raytrain.data.prepare import run_prepare_stage
+    from raytrain.data.tokenizer_stage import run_tokenizer_stage
+    from raytrain.pipeline import run_demo
+
+    parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="tokenizer training and dataset preparation")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    _add_command(data_commands, "tokenizer", "train a byte-level BPE tokenizer",
+                 TOKENIZER_FLAGS, run_tokenizer_stage)
+    _add_command(data_commands, "prepare", "tokenize, pack and shard a corpus with Ray Data",
+                 PREPARE_FLAGS, run_prepare_stage)
+    _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
+                 DEMO_FLAGS, run_demo, default_config="demo")
+    config = commands.add_parser("config", help="print the resolved config")
+    config.add_argument("--config")
+    config.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    config.set_defaults(stage=lambda c: print(c.to_yaml(), end=""), flags=[])
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    items = []
+    for flag, key, _ in args.flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = "[" + ", ".join(_quote(v) for v in value) + "]"
+        elif isinstance(value, str):
+            value = _quote(value)
+        items.append(f"{key}={value}")
+    if getattr(args, "address", None):
+        items.append(f"runtime.address={_quote(args.address)}")
+    return items + args.overrides
+
+
+def _quote(value: str) -> str:
+    # Keep paths and URIs strings when the override value is parsed as YAML.
+    return "'" + value.replace("'", "''") + "'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, _overrides(args))
+        args.stage(config)
+    except KeyboardInterrupt:
+        print("raytrain: interrupted; no partial output was left in place", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        error = find_raytrain_error(exc)
+        if error is None:
+            raise
+        print(f"raytrain: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,248 @@
+"""One typed config tree: presets and YAML files, `key.sub=value` overrides, strict checks.
+
+Every key and type is checked when the config is built, before Ray or any worker starts;
+errors name the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raytrain.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class RuntimeConfig:
+    """How to reach Ray. Local defaults suit a small machine."""
+
+    address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
+    num_cpus: int | None = None  # logical CPUs of a local Ray; None: max(4, 2 x cores)
+    object_store_gib: float = 2.0  # object store of a local Ray
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    progress: bool = True  # Ray Data progress bars
+
+    def validate(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "runtime.num_cpus", "must be >= 1")
+        _check(self.object_store_gib > 0, "runtime.object_store_gib", "must be > 0")
+
+
+@dataclass
+class SourceConfig:
+    """Where raw text comes from: files, folders, globs, s3:// or gs:// URIs, or `stdlib`."""
+
+    inputs: list[str] = field(default_factory=lambda: ["stdlib"])
+    text_field: str = "text"  # JSONL field / Parquet column holding the document
+    skip_bad_records: bool = False  # skip and count malformed JSONL lines instead of failing
+
+    def validate(self) -> None:
+        _check(bool(self.inputs), "data.source.inputs", "give at least one input")
+        _check(bool(self.text_field), "data.source.text_field", "must not be empty")
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE training."""
+
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    out: str = ""  # folder for tokenizer.json
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        from raytrain.data.tokenizer import MIN_VOCAB_SIZE
+
+        _check(
+            self.vocab_size >= MIN_VOCAB_SIZE,
+            "data.tokenizer.vocab_size",
+            f"is {self.vocab_size}; it must be at least {MIN_VOCAB_SIZE} "
+            "(256 byte symbols plus the special tokens)",
+        )
+        _check(self.min_frequency >= 1, "data.tokenizer.min_frequency", "must be >= 1")
+
+
+@dataclass
+class PrepareConfig:
+    """Tokenize, pack and shard a corpus with Ray Data."""
+
+    tokenizer: str = ""  # folder holding tokenizer.json
+    seq_len: int = 256  # rows hold seq_len + 1 tokens (inputs and shifted targets)
+    val_fraction: float = 0.01  # share of documents (by content hash) in the val split
+    seed: int = 0  # salts that hash: a document keeps its split for a given seed
+    out: str = ""
+    overwrite: bool = False
+    shard_mib: float = 64.0  # target size of one Parquet shard
+    tokenize_actors: int = 0  # 0: one per CPU Ray offers, at most 8
+    docs_per_batch: int = 128  # documents per tokenizer call
+
+    def validate(self) -> None:
+        _check(self.seq_len >= 2, "data.prepare.seq_len", f"is {self.seq_len}; it must be >= 2")
+        _check(
+            0.0 <= self.val_fraction < 1.0,
+            "data.prepare.val_fraction",
+            f"is {self.val_fraction}; it must be in [0, 1)",
+        )
+        _check(self.shard_mib > 0, "data.prepare.shard_mib", "must be > 0")
+        _check(self.tokenize_actors >= 0, "data.prepare.tokenize_actors", "must be >= 0")
+        _check(self.docs_per_batch >= 1, "data.prepare.docs_per_batch", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    root: str = "runs"  # run folders live in root/name
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_yaml())
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from a preset name or YAML path, then `key.sub=value` overrides."""
+    tree: dict[str, Any] = {}
+    if source:
+        tree = _read_yaml(_resolve_source(source))
+    for item in overrides:
+        _apply_override(tree, item)
+    config = _build(Config, tree, "")
+    _validate(config)
+    return config
+
+
+def _resolve_source(source: str) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{source}' does not exist")
+        return path
+    preset = PRESET_DIR / f"{source}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"'{source}' is neither a config file nor a preset; presets: {', '.join(presets())}"
+        )
+    return preset
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return tree
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in tree:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint}; valid keys: {', '.join(names)}"
+            )
+    values = {name: _convert(hints[name], tree[name], prefix + name) for name in names if name in tree}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"config key '{key}' is {value!r}; choose one of: {', '.join(map(str, args))}"
+            )
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _validate(node: Any) -> None:
+    if hasattr(node, "validate"):
+        node.validate()
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate(child)

@@ -1,0 +1,1 @@
+"""Data: sources, tokenizer, shard writer (Ray Data), worker-side streaming."""

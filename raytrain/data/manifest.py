@@ -1,0 +1,79 @@
+"""The manifest of a prepared dataset: what the shards hold and how they were made."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raytrain.errors import DataError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "raytrain.tokens/1"
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """The shards of one split, in global row order."""
+
+    paths: tuple[str, ...]  # absolute
+    rows: tuple[int, ...]
+    rows_per_row_group: int
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def locate(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row ids → (shard index, row within shard)."""
+        starts = np.cumsum((0, *self.rows))
+        shard = np.searchsorted(starts, row_ids, side="right") - 1
+        return shard, row_ids - starts[shard]
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> PreparedDataset:
+        root = Path(folder).absolute()
+        path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise DataError(
+                f"'{folder}' is not a prepared dataset (no {MANIFEST_FILE}); "
+                f"create one with `raytrain data prepare --out {folder} ...`"
+            )
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise DataError(
+                f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; "
+                "prepare the data again with this raytrain"
+            )
+        return cls(root, manifest)
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    @property
+    def row_len(self) -> int:
+        return self.manifest["seq_len"] + 1
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    def split(self, name: str) -> SplitShards:
+        if name not in SPLITS:
+            raise DataError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}")
+        info = self.manifest["splits"][name]
+        return SplitShards(
+            paths=tuple(str(self.root / s["path"]) for s in info["shards"]),
+            rows=tuple(s["rows"] for s in info["shards"]),
+            rows_per_row_group=info["rows_per_row_group"],
+        )

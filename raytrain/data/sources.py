@@ -1,0 +1,241 @@
+"""Raw text sources → one Ray Data dataset of documents.
+
+A document is a whole .txt/.md file, one JSONL line, or one Parquet row. Every row of the
+returned dataset has `text` (str), `replaced_bytes` (bytes that were not UTF-8 and became
+U+FFFD) and `skipped` (why a record holds no document, or "").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raytrain.config import SourceConfig
+from raytrain.errors import DataError
+
+Kind = Literal["text", "jsonl", "parquet"]
+KIND_BY_SUFFIX: dict[str, Kind] = {
+    ".txt": "text",
+    ".md": "text",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+}
+STDLIB = "stdlib"
+# Folders of the standard library that hold tests or third-party code, not the library.
+STDLIB_EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+GLOB_CHARS = re.compile(r"[*?\[]")
+SURROGATE_ESCAPES = re.compile("[\udc80-\udcff]")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # local path, or a URI with its scheme
+    kind: Kind
+
+
+def stdlib_files() -> list[str]:
+    """The running interpreter's standard library sources, tests and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        str(p)
+        for p in root.rglob("*.py")
+        if not STDLIB_EXCLUDED.intersection(p.relative_to(root).parts[:-1])
+    )
+
+
+def resolve_sources(inputs: list[str]) -> list[SourceFile]:
+    """Expand inputs (files, folders, globs, URIs, `stdlib`) into files; fail on anything unusable."""
+    files: list[SourceFile] = []
+    for item in inputs:
+        if item == STDLIB:
+            files += [SourceFile(p, "text") for p in stdlib_files()]
+            continue
+        matches = _expand(item)
+        if not matches:
+            raise DataError(
+                f"input '{item}' has no .txt, .md, .jsonl or .parquet files; "
+                "check the path or pass a glob such as 'dir/**/*.jsonl'"
+            )
+        files += [SourceFile(path, KIND_BY_SUFFIX[_suffix(path)]) for path in matches]
+    return list(dict.fromkeys(files))
+
+
+def _suffix(path: str) -> str:
+    return Path(path.rsplit("/", 1)[-1]).suffix.lower()
+
+
+def _filesystem(item: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in item:
+        try:
+            return pafs.FileSystem.from_uri(item)
+        except Exception as exc:  # pyarrow raises several types for bad or unreachable URIs
+            raise DataError(f"input '{item}' cannot be opened: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(item).expanduser().absolute())
+
+
+def _expand(item: str) -> list[str]:
+    fs, path = _filesystem(item)
+    scheme = item.split("://", 1)[0] + "://" if "://" in item else ""
+    # A glob is matched against a recursive listing of the folder before its first wildcard.
+    wildcard = GLOB_CHARS.search(path)
+    base = path[: wildcard.start()].rsplit("/", 1)[0] if wildcard else path
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"input '{item}' does not exist; check the path")
+    if info.type == pafs.FileType.File:
+        if _suffix(path) not in KIND_BY_SUFFIX:
+            raise DataError(
+                f"input '{item}' has an unsupported type; use .txt, .md, .jsonl or .parquet"
+            )
+        return [scheme + path if scheme else path]
+    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    found = sorted(
+        f.path
+        for f in listing
+        if f.type == pafs.FileType.File
+        and _suffix(f.path) in KIND_BY_SUFFIX
+        and (not wildcard or fnmatch.fnmatch(f.path, path))
+    )
+    return [scheme + p if scheme else p for p in found]
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing each invalid byte with U+FFFD; returns (text, bytes replaced)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        escaped = data.decode("utf-8", "surrogateescape")
+        return SURROGATE_ESCAPES.subn("\ufffd", escaped)
+
+
+def parse_jsonl(
+    data: bytes, path: str, text_field: str, skip_bad_records: bool
+) -> list[tuple[str, int, str]]:
+    """Documents of one JSONL file as (text, replaced_bytes, skipped reason)."""
+    text, replaced = decode_utf8(data)
+    rows: list[tuple[str, int, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        problem = ""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problem, reason = f"invalid JSON ({exc.msg} at column {exc.colno})", "malformed_json"
+        else:
+            if not isinstance(record, dict) or text_field not in record:
+                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                problem = f"no field '{text_field}' (found: {fields}); set --text-field"
+                reason = "missing_field"
+            elif not isinstance(record[text_field], str):
+                kind = type(record[text_field]).__name__
+                problem, reason = f"field '{text_field}' is {kind}, not a string", "not_a_string"
+        if problem:
+            if not skip_bad_records:
+                raise DataError(
+                    f"{path}:{number}: {problem}; fix the line or pass --skip-bad-records"
+                )
+            rows.append(("", 0, reason))
+        else:
+            rows.append((record[text_field], 0, ""))
+    if rows and replaced:
+        # The replaced bytes belong to the file; count them once, on its first document.
+        first_text, _, first_reason = rows[0]
+        rows[0] = (first_text, replaced, first_reason)
+    return rows
+
+
+def _documents_table(rows: list[tuple[str, int, str]]) -> pa.Table:
+    texts, replaced, skipped = zip(*rows, strict=True) if rows else ((), (), ())
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.large_string()),
+            "replaced_bytes": pa.array(replaced, pa.int64()),
+            "skipped": pa.array(skipped, pa.string()),
+        }
+    )
+
+
+def _decode_text_files(batch: pa.Table) -> pa.Table:
+    rows = [(*decode_utf8(data), "") for data in batch.column("bytes").to_pylist()]
+    return _documents_table(rows)
+
+
+class _ParseJsonlFiles:
+    def __init__(self, text_field: str, skip_bad_records: bool):
+        self.text_field = text_field
+        self.skip_bad_records = skip_bad_records
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[tuple[str, int, str]] = []
+        for data, path in zip(
+            batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True
+        ):
+            rows += parse_jsonl(data, path, self.text_field, self.skip_bad_records)
+        return _documents_table(rows)
+
+
+class _ParquetDocuments:
+    def __init__(self, text_field: str):
+        self.text_field = text_field
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for value in batch.column(self.text_field).to_pylist():
+            if value is None:
+                rows.append(("", 0, "null_text"))
+            elif isinstance(value, bytes):
+                rows.append((*decode_utf8(value), ""))
+            else:
+                rows.append((value, 0, ""))
+        return _documents_table(rows)
+
+
+def check_parquet_columns(files: list[str], text_field: str) -> None:
+    for path in files:
+        fs, local = _filesystem(path)
+        schema = pq.read_schema(local, filesystem=fs)
+        if text_field not in schema.names:
+            raise DataError(
+                f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); "
+                "set --text-field to the column that holds the text"
+            )
+
+
+def read_documents(config: SourceConfig, files: list[SourceFile] | None = None):
+    """A Ray Data dataset of documents from the configured inputs."""
+    import ray.data
+
+    files = files if files is not None else resolve_sources(config.inputs)
+    by_kind = {kind: [f.path for f in files if f.kind == kind] for kind in ("text", "jsonl", "parquet")}
+    parts = []
+    if by_kind["text"]:
+        parts.append(
+            ray.data.read_binary_files(by_kind["text"]).map_batches(
+                _decode_text_files, batch_format="pyarrow", batch_size=64
+            )
+        )
+    if by_kind["jsonl"]:
+        parse = _ParseJsonlFiles(config.text_field, config.skip_bad_records)
+        parts.append(
+            ray.data.read_binary_files(by_kind["jsonl"], include_paths=True).map_batches(
+                parse, batch_format="pyarrow", batch_size=1
+            )
+        )
+    if by_kind["parquet"]:
+        check_parquet_columns(by_kind["parquet"], config.text_field)
+        parts.append(
+            ray.data.read_parquet(by_kind["parquet"], columns=[config.text_field]).map_batches(
+                _ParquetDocuments(config.text_field), batch_format="pyarrow"
+            )
+        )
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

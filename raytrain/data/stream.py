@@ -1,0 +1,177 @@
+"""Worker-side streaming of global batches through Ray Data (Megatron-style indexed order).
+
+The global batch sequence is a pure function of (rows in the split, seed, global batch
+size): epoch e visits the rows in a seeded permutation, epochs follow each other without a
+gap, and global batch s holds sample positions [s·B, (s+1)·B) of that endless sequence. A
+consumer (a data-parallel rank) takes its contiguous 1/n of each global batch, so the
+union over consumers is the same for any n, and step s can be computed without having
+produced steps 0..s-1: resuming is exact.
+
+Each consumer reads only the Parquet row groups that hold its rows, through a Ray Data
+datasource whose read tasks cover consecutive steps and emit rows in step order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from raytrain.data.manifest import PreparedDataset, SplitShards
+from raytrain.data.packing import TOKEN_DTYPE
+from raytrain.errors import DataError
+
+ROWS_PER_READ_TASK = 1024
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_rows)
+    return order.astype(np.int32 if num_rows < 2**31 else np.int64)
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """Which rows make up each global batch."""
+
+    num_rows: int
+    global_batch: int
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.num_rows < 1:
+            raise DataError("the split holds no rows; prepare more data or use another split")
+        if self.global_batch < 1:
+            raise DataError(f"global batch size is {self.global_batch}; it must be >= 1")
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return _epoch_permutation(self.num_rows, self.seed, epoch)
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.global_batch // self.num_rows
+
+    def consumer_rows(self, step: int, consumer: int = 0, num_consumers: int = 1) -> np.ndarray:
+        """Row ids of consumer's slice of global batch `step`."""
+        local = self.local_batch(num_consumers)
+        positions = step * self.global_batch + consumer * local + np.arange(local, dtype=np.int64)
+        epochs, within = np.divmod(positions, self.num_rows)
+        rows = np.empty(local, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            rows[mask] = self.epoch_order(int(epoch))[within[mask]]
+        return rows
+
+    def local_batch(self, num_consumers: int) -> int:
+        if self.global_batch % num_consumers:
+            raise DataError(
+                f"global batch {self.global_batch} does not split over {num_consumers} "
+                "data-parallel consumers; make the batch a multiple of the data-parallel size"
+            )
+        return self.global_batch // num_consumers
+
+
+def read_rows(shards: SplitShards, row_ids: np.ndarray, row_len: int) -> np.ndarray:
+    """Rows by global id, in the given order, reading only the row groups that hold them."""
+    shard_of, local = shards.locate(row_ids)
+    out = np.empty((len(row_ids), row_len), TOKEN_DTYPE)
+    for shard in np.unique(shard_of):
+        picks = np.flatnonzero(shard_of == shard)
+        parquet = pq.ParquetFile(shards.paths[shard])
+        group_rows = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        group_starts = np.cumsum([0, *group_rows])
+        group_of = np.searchsorted(group_starts, local[picks], side="right") - 1
+        groups = np.unique(group_of)
+        table = parquet.read_row_groups(groups.tolist(), columns=["tokens"])
+        rows = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, row_len)
+        # Where each chosen row group starts inside the rows just read.
+        read_starts = np.cumsum([0, *(group_rows[g] for g in groups)])[:-1]
+        at = read_starts[np.searchsorted(groups, group_of)] + (local[picks] - group_starts[group_of])
+        out[picks] = rows[at]
+    return out
+
+
+class GlobalBatchDatasource(Datasource):
+    """One consumer's slices of global batches [start_step, start_step + num_steps)."""
+
+    def __init__(self, shards: SplitShards, row_len: int, order: BatchOrder, consumer: int,
+                 num_consumers: int, start_step: int, num_steps: int):
+        self.shards = shards
+        self.row_len = row_len
+        self.order = order
+        self.consumer = consumer
+        self.num_consumers = num_consumers
+        self.start_step = start_step
+        self.num_steps = num_steps
+        self.local_batch = order.local_batch(num_consumers)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.num_steps * self.local_batch * self.row_len * np.dtype(TOKEN_DTYPE).itemsize
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        steps_per_task = max(1, ROWS_PER_READ_TASK // self.local_batch)
+        end = self.start_step + self.num_steps
+        tasks = []
+        for first in range(self.start_step, end, steps_per_task):
+            last = min(first + steps_per_task, end)
+            rows = (last - first) * self.local_batch
+            metadata = BlockMetadata(
+                num_rows=rows,
+                size_bytes=rows * self.row_len * np.dtype(TOKEN_DTYPE).itemsize,
+                input_files=None,
+                exec_stats=None,
+            )
+            tasks.append(ReadTask(functools.partial(self._read, first, last), metadata))
+        return tasks
+
+    def _read(self, first: int, last: int) -> list[pa.Table]:
+        steps = range(first, last)
+        ids = np.concatenate(
+            [self.order.consumer_rows(s, self.consumer, self.num_consumers) for s in steps]
+        )
+        rows = read_rows(self.shards, ids, self.row_len)
+        tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.row_len)
+        step_column = np.repeat(np.arange(first, last, dtype=np.int64), self.local_batch)
+        return [pa.table({"step": step_column, "tokens": tokens})]
+
+
+def stream_batches(
+    dataset: PreparedDataset,
+    order: BatchOrder,
+    *,
+    split: str = "train",
+    consumer: int = 0,
+    num_consumers: int = 1,
+    start_step: int = 0,
+    num_steps: int,
+    read_cpus: float = 0.25,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order."""
+    import ray.data
+
+    if not 0 <= consumer < num_consumers:
+        raise DataError(f"consumer {consumer} is outside 0..{num_consumers - 1}")
+    source = GlobalBatchDatasource(
+        dataset.split(split), dataset.row_len, order, consumer, num_consumers, start_step, num_steps
+    )
+    ds = ray.data.read_datasource(source, num_cpus=read_cpus)
+    ds.context.execution_options.preserve_order = True
+    expected = start_step
+    for batch in ds.iter_batches(batch_size=source.local_batch, batch_format="pyarrow",
+                                 prefetch_batches=2):
+        steps = batch.column("step").to_numpy()
+        if steps[0] != expected or steps[-1] != expected:
+            raise RuntimeError(f"data stream out of order: expected step {expected}, got {steps}")
+        rows = batch.column("tokens").combine_chunks().flatten().to_numpy()
+        yield expected, rows.reshape(-1, dataset.row_len)
+        expected += 1
+    if expected != start_step + num_steps:
+        raise RuntimeError(f"data stream ended at step {expected}, not {start_step + num_steps}")

@@ -1,0 +1,97 @@
+"""Byte-level BPE tokenizer: training, saving in the standard HF layout, loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from raytrain.errors import DataError
+
+TOKENIZER_FILE = "tokenizer.json"
+# Fixed ids 0..6, in this order, for every raytrain tokenizer.
+SPECIAL_TOKENS = {
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "pad": "<|pad|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "mask": "<|mask|>",
+}
+BYTE_ALPHABET = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train byte-level BPE: every byte is in the alphabet, so any string round-trips."""
+    tokenizer = Tokenizer(models.BPE())
+    # No normalizer: the text is kept byte for byte.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path, metadata: dict) -> None:
+    """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / TOKENIZER_FILE))
+    special_map = {
+        "bos_token": SPECIAL_TOKENS["bos"],
+        "eos_token": SPECIAL_TOKENS["eos"],
+        "pad_token": SPECIAL_TOKENS["pad"],
+        "mask_token": SPECIAL_TOKENS["mask"],
+        "additional_special_tokens": [
+            SPECIAL_TOKENS[k] for k in ("system", "user", "assistant")
+        ],
+    }
+    hf_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 30,
+        "clean_up_tokenization_spaces": False,
+        **special_map,
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2))
+    (out / "raytrain_tokenizer.json").write_text(json.dumps(metadata, indent=2))
+
+
+def tokenizer_file(folder: str | Path) -> Path:
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        raise DataError(
+            f"no {TOKENIZER_FILE} in '{folder}'; train one with "
+            f"`raytrain data tokenizer --input ... --out {folder}`"
+        )
+    return path
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """Load for data work: text that spells a special token stays plain text."""
+    path = tokenizer_file(folder)
+    tokenizer = Tokenizer.from_file(str(path))
+    # Documents must not inject control tokens such as "<|eos|>" by spelling them.
+    tokenizer.encode_special_tokens = True
+    missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise DataError(f"{path} lacks special tokens {missing}; retrain it with raytrain")
+    return tokenizer
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    return {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+
+
+def tokenizer_hash(folder: str | Path) -> str:
+    return hashlib.sha256(tokenizer_file(folder).read_bytes()).hexdigest()

@@ -1,0 +1,82 @@
+"""Shared fixtures: one local Ray per test session, and small corpora built from the stdlib."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+from raytrain.config import load_config  # noqa: E402
+from raytrain.data.sources import stdlib_files  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: more logical CPUs than cores, quiet."""
+    import ray
+
+    from raytrain.runtime import init_ray
+
+    init_ray(load_config("tiny").runtime)
+    yield
+    ray.shutdown()
+
+
+def make_corpus(root: Path) -> Path:
+    """Every supported format, plus a non-UTF-8 file and an empty one."""
+    root.mkdir(parents=True, exist_ok=True)
+    sources = stdlib_files()[:40]
+    for i, path in enumerate(sources[:20]):
+        shutil.copy(path, root / f"module_{i:02d}.txt")
+    (root / "notes").mkdir(exist_ok=True)
+    (root / "notes" / "readme.md").write_text("# Notes\n\nSmall *markdown* file. ✓ ünïcode 🚀\n")
+    (root / "notes" / "empty.md").write_text("")
+    (root / "latin1.txt").write_bytes("café au lait, naïve façade\n".encode("latin-1"))
+    (root / "blob.txt").write_bytes(bytes(range(256)) * 4)  # binary: decoded with replacement
+    with (root / "docs.jsonl").open("w") as f:
+        for path in sources[20:30]:
+            f.write(json.dumps({"text": Path(path).read_text(), "id": path}) + "\n")
+        f.write("\n")  # blank lines are not records
+    texts = [Path(p).read_text() for p in sources[30:40]]
+    pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), root / "docs.parquet")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(ray_session, corpus, tmp_path_factory) -> Path:
+    from raytrain.data.tokenizer_stage import run_tokenizer_stage
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    config = load_config("tiny", [f"data.source.inputs=['{corpus}']", f"data.tokenizer.out='{out}'"])
+    run_tokenizer_stage(config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(ray_session, corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    from raytrain.data.prepare import run_prepare_stage
+
+    out = tmp_path_factory.mktemp("data") / "dataset"
+    config = load_config(
+        "tiny",
+        [
+            f"data.source.inputs=['{corpus}']",
+            f"data.prepare.tokenizer='{tiny_tokenizer}'",
+            f"data.prepare.out='{out}'",
+        ],
+    )
+    run_prepare_stage(config)
+    return out
