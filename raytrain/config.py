@@ -81,7 +81,7 @@ class PrepareConfig:
     out: str = ""
     overwrite: bool = False
     shard_mib: float = 64.0  # target size of one Parquet shard
-    tokenize_actors: int = 0  # 0: one per CPU Ray offers, at most 8
+    tokenize_actors: int = 0  # 0: one per 2 CPUs Ray offers, at most 8
     docs_per_batch: int = 128  # documents per tokenizer call
 
     def validate(self) -> None:

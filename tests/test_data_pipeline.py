@@ -9,7 +9,7 @@ import pytest
 
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.packing import is_val_document
-from raytrain.data.sources import decode_utf8, parse_jsonl, resolve_sources
+from raytrain.data.sources import iter_local_documents, resolve_sources
 from raytrain.data.stream import BatchOrder, read_rows, stream_batches
 from raytrain.data.tokenizer import load_tokenizer
 
@@ -18,18 +18,9 @@ pytestmark = pytest.mark.ray
 
 def documents_without_ray(inputs: list[str]) -> tuple[list[str], int, int]:
     """The oracle: (non-empty documents, empty ones, bytes replaced), read by plain Python."""
-    docs, replaced = [], 0
-    for source in resolve_sources(inputs):
-        data = Path(source.path).read_bytes()
-        if source.kind == "text":
-            text, bad = decode_utf8(data)
-            docs.append(text)
-            replaced += bad
-        elif source.kind == "jsonl":
-            docs += [text for text, _, _ in parse_jsonl(data, source.path, "text", False)]
-        else:
-            docs += pq.read_table(source.path).column("text").to_pylist()
-    return [d for d in docs if d], sum(1 for d in docs if not d), replaced
+    docs = list(iter_local_documents(resolve_sources(inputs)))
+    texts = [text for text, _ in docs if text]
+    return texts, len(docs) - len(texts), sum(replaced for _, replaced in docs)
 
 
 def test_manifest_counts_every_token_the_tokenizer_produces(corpus, tiny_tokenizer, tiny_dataset):
@@ -105,3 +96,20 @@ def test_global_batches_identical_for_1_2_4_consumers_and_after_resume(tiny_data
     val_order = BatchOrder(val_rows, global_batch=4, seed=0, shuffle=False)
     _, first_val = next(stream_batches(dataset, val_order, split="val", num_steps=1))
     assert np.array_equal(first_val, read_rows(dataset.split("val"), np.arange(4), dataset.row_len))
+
+
+def test_stdlib_commands_from_the_issue(ray_session, tmp_path):
+    """`raytrain data tokenizer/prepare --input stdlib` as documented, checked token for token."""
+    from raytrain.cli import main
+
+    tok, data = tmp_path / "T", tmp_path / "D"
+    assert main(["data", "tokenizer", "--input", "stdlib", "--vocab-size", "8192", "--out", str(tok)]) == 0
+    assert main(["data", "prepare", "--input", "stdlib", "--tokenizer", str(tok), "--seq-len", "256",
+                 "--out", str(data)]) == 0
+    manifest = PreparedDataset.open(data).manifest
+    assert manifest["tokenizer"]["vocab_size"] == 8192
+    texts = [text for text, _ in iter_local_documents(resolve_sources(["stdlib"]))]
+    encoded = load_tokenizer(tok).encode_batch_fast([t for t in texts if t], add_special_tokens=False)
+    splits = manifest["splits"].values()
+    assert sum(s["document_tokens"] for s in splits) == sum(len(e.ids) for e in encoded)
+    assert all(s["rows"] > 0 for s in splits)

@@ -10,6 +10,7 @@ when everything is complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -35,6 +36,8 @@ from raytrain.runtime import cluster_cpus, init_ray
 
 log = logging.getLogger("raytrain")
 MAX_TOKENIZE_ACTORS = 8
+# tokenizers runs each batch on several threads; an actor per two logical CPUs keeps them busy.
+CPUS_PER_TOKENIZE_ACTOR = 2
 
 
 class TokenizeDocuments:
@@ -52,11 +55,10 @@ class TokenizeDocuments:
         skipped = [reason or ("" if text else "empty") for text, reason in zip(texts, skipped, strict=True)]
         keep = [i for i, reason in enumerate(skipped) if not reason]
         encoded = self.tokenizer.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)
+        with_eos = [e.ids + [self.eos] for e in encoded]
         lengths = np.zeros(len(texts), np.int64)
-        lengths[keep] = [len(e.ids) + 1 for e in encoded]
-        flat = np.fromiter(
-            (t for e in encoded for t in (*e.ids, self.eos)), TOKEN_DTYPE, count=int(lengths.sum())
-        )
+        lengths[keep] = [len(ids) for ids in with_eos]
+        flat = np.array(list(itertools.chain.from_iterable(with_eos)), TOKEN_DTYPE)
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
         return pa.table(
             {
@@ -81,6 +83,12 @@ class TokenShardDatasink(Datasink):
     @property
     def min_bytes_per_write(self) -> int:
         return self.shard_bytes
+
+    @property
+    def supports_distributed_writes(self) -> bool:
+        # Shards go to the driver's folder, which is renamed into place there; tokenizing
+        # still runs on every node.
+        return False
 
     def write(self, blocks, ctx) -> dict:
         pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
@@ -142,7 +150,8 @@ def run_prepare_stage(config: Config) -> Path:
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)
         start = time.perf_counter()
-        actors = prep.tokenize_actors or min(MAX_TOKENIZE_ACTORS, max(1, cluster_cpus() - 1))
+        default_actors = min(MAX_TOKENIZE_ACTORS, max(1, cluster_cpus() // CPUS_PER_TOKENIZE_ACTOR))
+        actors = prep.tokenize_actors or default_actors
         log.info("prepare: %d files, %d tokenizer actors → %s", len(files), actors, out)
         documents = read_documents(config.data.source, files)
         tokenized = documents.map_batches(

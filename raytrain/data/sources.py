@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,12 +46,12 @@ class SourceFile:
 
 def stdlib_files() -> list[str]:
     """The running interpreter's standard library sources, tests and site-packages excluded."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(
-        str(p)
-        for p in root.rglob("*.py")
-        if not STDLIB_EXCLUDED.intersection(p.relative_to(root).parts[:-1])
-    )
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        # Pruned, not filtered: site-packages can be far larger than the library itself.
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_EXCLUDED]
+        files += [os.path.join(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files)
 
 
 def resolve_sources(inputs: list[str]) -> list[SourceFile]:
@@ -198,6 +200,25 @@ class _ParquetDocuments:
             else:
                 rows.append((value, 0, ""))
         return _documents_table(rows)
+
+
+def iter_local_documents(files: list[SourceFile], text_field: str = "text") -> Iterator[tuple[str, int]]:
+    """(text, replaced bytes) of each document, read in this process without Ray.
+
+    The plain reference reader that tests and benchmarks compare the Ray Data path with.
+    """
+    for source in files:
+        fs, path = _filesystem(source.path)
+        if source.kind == "parquet":
+            for text in pq.read_table(path, columns=[text_field], filesystem=fs).column(0).to_pylist():
+                yield text or "", 0
+            continue
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+        if source.kind == "text":
+            yield decode_utf8(data)
+        else:
+            yield from ((text, replaced) for text, replaced, _ in parse_jsonl(data, path, text_field, False))
 
 
 def check_parquet_columns(files: list[str], text_field: str) -> None:

@@ -1,0 +1,37 @@
+"""`make bench`: run every benchmark on this machine and rewrite BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from bench import data_prepare  # noqa: E402
+
+SECTIONS = [data_prepare]
+OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def main() -> None:
+    import torch
+
+    header = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench`; every ratio compares two things measured side by side in one run "
+        "on the machine named here. Re-run it to refresh.",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}. Run at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        "",
+    ]
+    sections = [module.run() for module in SECTIONS]
+    OUTPUT.write_text("\n".join(header) + "\n" + "\n\n".join(sections) + "\n")
+    print(OUTPUT.read_text())
+
+
+if __name__ == "__main__":
+    main()
