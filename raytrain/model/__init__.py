@@ -1,0 +1,1 @@
+"""The transformer, generation, Hugging Face interop and FLOP counts; no distributed code."""

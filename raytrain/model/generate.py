@@ -1,0 +1,81 @@
+"""Batched generation with a KV cache: left-padded prompts, greedy or sampled, stop on eos."""
+
+from __future__ import annotations
+
+import torch
+
+from raytrain.model.transformer import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits [batch, vocab] → next token ids [batch]; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop tokens once the mass before them already reaches top_p (the first always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New tokens for each prompt (eos included when reached)."""
+    device = next(model.parameters()).device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt + new tokens exceed model.max_seq_len {model.config.max_seq_len}")
+    tokens = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((batch, longest + max_new_tokens), dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
+        tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        real[i, longest - len(prompt) :] = True
+    real[:, longest:] = True  # generated tokens
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, batch, longest + max_new_tokens, device, dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    out = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    step_tokens, start = tokens, 0
+    for _ in range(max_new_tokens):
+        end = start + step_tokens.shape[1]
+        keys = torch.arange(end, device=device)
+        causal = keys[None, :] <= torch.arange(start, end, device=device)[:, None]
+        # Pads attend to themselves only, so no row is all -inf.
+        mask = (causal[None] & real[:, None, :end]) | (keys[None, None, :] == torch.arange(
+            start, end, device=device)[None, :, None])
+        logits = model(step_tokens, positions=positions[:, start:end], mask=mask[:, None], cache=cache)
+        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
+        out = torch.cat([out, next_ids[:, None]], dim=1)
+        if eos_id is not None:
+            done |= next_ids == eos_id
+        if done.all():
+            break
+        step_tokens, start = next_ids[:, None], end
+    results = []
+    for row, finished in zip(out.tolist(), done.tolist(), strict=True):
+        if eos_id is not None and finished:
+            row = row[: row.index(eos_id) + 1]
+        results.append(row)
+    return results

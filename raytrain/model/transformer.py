@@ -1,0 +1,214 @@
+"""A Llama-family decoder in one file, with no distributed code.
+
+Token embedding → n × [RMSNorm → grouped-query attention with rotary positions → residual,
+RMSNorm → SwiGLU MLP → residual] → RMSNorm → output head. Parameter names follow Hugging
+Face's LlamaForCausalLM so checkpoints convert by renaming nothing but the prefix.
+Parallelism (FSDP, tensor and pipeline parallel) is applied from outside by raytrain.parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain.errors import ConfigError
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4  # grouped-query attention: n_heads / n_kv_heads query heads share a kv head
+    ffn_hidden: int = 0  # 0: Llama's rule, 8/3 · d_model rounded up to a multiple of 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key 'model.{key}' {message}")
+
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.d_model % self.n_heads == 0, "d_model",
+              f"{self.d_model} is not divisible by model.n_heads {self.n_heads}; pick heads that divide it")
+        check(self.n_heads % self.n_kv_heads == 0, "n_heads",
+              f"{self.n_heads} is not divisible by model.n_kv_heads {self.n_kv_heads}; "
+              "make n_kv_heads a divisor of n_heads")
+        check(self.head_dim % 2 == 0, "d_model", f"gives an odd head size {self.head_dim}; rotary needs even")
+        check(self.ffn_hidden >= 0, "ffn_hidden", "must be >= 0 (0: Llama's rule)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] in the rotate-half layout (as Hugging Face Llama)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for generation: [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, config: TransformerConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, causal: bool, mask=None, cache: KVCache | None = None):
+        batch, length, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, causal: bool, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # A dict keyed by layer number: a pipeline stage deletes layers and keeps the names.
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.n_layers)})
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seeded init, the same on every rank and under every parallel layout."""
+        generator = torch.Generator().manual_seed(seed)
+        std = self.config.init_std
+        # Output projections scaled by depth (GPT-2), so the residual stream stays O(1).
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.fill_(1.0)
+                continue
+            scale = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale
+            param.copy_(values)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        causal: bool = True,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """tokens [batch, length] → logits [batch, length, vocab].
+
+        positions [batch, length] and a boolean mask [batch, 1, length, keys] serve batched
+        generation with left padding; training passes neither.
+        """
+        length = tokens.shape[1]
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        h = self.embed_tokens(tokens)
+        for block in self.layers.values():
+            h = block(h, cos, sin, causal, mask, cache)
+        if cache is not None:
+            cache.length += length
+        return self.lm_head(self.norm(h))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total if embeddings else total - self.embed_tokens.weight.numel()

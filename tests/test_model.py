@@ -1,0 +1,94 @@
+"""The transformer against Hugging Face's LlamaForCausalLM, and generation with the KV cache."""
+
+import pytest
+import torch
+
+from raytrain.errors import ConfigError
+from raytrain.model.generate import generate
+from raytrain.model.hf import load_hf, save_hf
+from raytrain.model.transformer import Transformer, TransformerConfig
+
+CONFIG = TransformerConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           max_seq_len=96, rope_theta=5000.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(CONFIG)
+    m.init_weights(seed=1)
+    return m.eval()
+
+
+def hf_model(folder):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def test_export_loads_in_transformers_with_matching_logits(model, tmp_path):
+    save_hf(model, tmp_path)
+    tokens = torch.randint(0, CONFIG.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tmp_path)(tokens).logits, model(tokens), atol=1e-5, rtol=0)
+
+
+def test_import_from_a_random_transformers_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=311, hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0, tie_word_embeddings=True,
+    )).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    assert ours.config.tie_embeddings and ours.config.hidden_dim == 200 and ours.config.rope_theta == 20000
+    tokens = torch.randint(0, 311, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(model, tmp_path):
+    save_hf(model, tmp_path)
+    hf = hf_model(tmp_path)
+    prompts = [[5, 9, 200, 31, 7, 7, 100], [42], [3, 4, 5]]
+    ours = generate(model, prompts, max_new_tokens=12)
+    for prompt, new in zip(prompts, ours, strict=True):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert new == expected
+    # Batched with left padding equals one prompt at a time.
+    assert ours == [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+
+
+def test_sampling_is_seeded_and_stops_on_eos(model):
+    prompts = [[1, 2, 3], [4, 5]]
+    first = generate(model, prompts, 20, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    assert first == generate(model, prompts, 20, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    greedy = generate(model, prompts, 20)
+    eos = greedy[0][3]
+    stopped = generate(model, prompts, 20, eos_id=eos)
+    assert stopped[0] == greedy[0][: greedy[0].index(eos) + 1]
+    # top_k=1 is greedy whatever the temperature.
+    assert generate(model, prompts, 8, temperature=1.5, top_k=1, seed=1) == generate(model, prompts, 8)
+
+
+def test_init_is_seeded():
+    a, b = Transformer(CONFIG), Transformer(CONFIG)
+    a.init_weights(5)
+    b.init_weights(5)
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"d_model": 100, "n_heads": 8}, "'model.d_model' 100 is not divisible by model.n_heads 8"),
+        ({"n_heads": 8, "n_kv_heads": 3}, "'model.n_heads' 8 is not divisible by model.n_kv_heads 3"),
+    ],
+)
+def test_shapes_that_do_not_fit(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TransformerConfig(**changes).validate()
