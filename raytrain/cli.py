@@ -33,6 +33,12 @@ PREPARE_FLAGS = [
     ("--seed", "data.prepare.seed", {"type": int}),
     ("--overwrite", "data.prepare.overwrite", {"action": "store_const", "const": True}),
 ]
+PRETRAIN_FLAGS = [
+    ("--data", "train.data", {"metavar": "DIR", "help": "prepared dataset folder"}),
+    ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
+    ("--steps", "train.steps", {"type": int}),
+    ("--dp", "parallel.dp", {"type": int, "help": "data-parallel workers"}),
+]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
+    from raytrain.train.launch import run_pretrain
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                  TOKENIZER_FLAGS, run_tokenizer_stage)
     _add_command(data_commands, "prepare", "tokenize, pack and shard a corpus with Ray Data",
                  PREPARE_FLAGS, run_prepare_stage)
+    _add_command(commands, "pretrain", "pre-train a model on Ray Train workers", PRETRAIN_FLAGS,
+                 run_pretrain, default_config="demo")
+    _add_model_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
     config = commands.add_parser("config", help="print the resolved config")
@@ -68,6 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="key.sub=value")
     config.set_defaults(stage=lambda c: print(c.to_yaml(), end=""), flags=[])
     return parser
+
+
+def _add_model_commands(commands) -> None:
+    from raytrain import model_commands
+
+    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    evaluate.add_argument("--data", required=True, help="prepared dataset folder")
+    evaluate.add_argument("--batches", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.set_defaults(action=model_commands.evaluate)
+
+    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    generate.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(action=model_commands.generate)
+
+    convert = commands.add_parser("convert", help="Hugging Face Llama checkpoints in and out")
+    directions = convert.add_subparsers(dest="direction", required=True)
+    to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json")
+    to_hf.add_argument("checkpoint")
+    to_hf.add_argument("--out", required=True)
+    to_hf.set_defaults(action=model_commands.convert_to_hf)
+    from_hf = directions.add_parser("from-hf", help="Hugging Face Llama folder → raytrain checkpoint")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("--out", required=True)
+    from_hf.set_defaults(action=model_commands.convert_from_hf)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -95,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config, _overrides(args))
-        args.stage(config)
+        if hasattr(args, "action"):
+            args.action(args)
+        else:
+            args.stage(load_config(args.config, _overrides(args)))
     except KeyboardInterrupt:
         print("raytrain: interrupted; no partial output was left in place", file=sys.stderr)
         return 130

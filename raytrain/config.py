@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from raytrain.errors import ConfigError
+from raytrain.model.transformer import TransformerConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -104,6 +105,67 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The shared training loop: pre-training here; SFT, reward and PPO reuse it."""
+
+    data: str = ""  # a prepared dataset folder (raytrain data prepare)
+    tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
+    objective: Literal["causal", "masked"] = "causal"
+    mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
+    seed: int = 0  # weights and batch order
+    steps: int = 100
+    global_batch: int = 32  # sequences per optimizer step, over all data-parallel ranks
+    micro_batches: int = 1  # gradient accumulation: forward/backward passes per step and rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights
+    log_every: int = 10
+    val_every: int = 50  # 0: only at the end
+    val_batches: int = 4
+    checkpoint_every: int = 50  # also the cadence of ray.train.report
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker failures Ray Train recovers from by restarting
+    init_from: str = ""  # a raytrain checkpoint (e.g. from `raytrain convert from-hf`) to start from
+    peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
+
+    def validate(self) -> None:
+        for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+        _check(0 < self.mask_fraction < 1, "train.mask_fraction", "must be in (0, 1)")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1  # data-parallel workers
+    strategy: Literal["fsdp", "ddp"] = "fsdp"  # fsdp: FSDP2 sharded; ddp: replicated
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.dp >= 1, "parallel.dp", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "parallel.cpus_per_worker", "must be > 0")
+
+
+@dataclass
+class TrackingConfig:
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
+    project: str = "raytrain"
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
+    fail_rank: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     root: str = "runs"  # run folders live in root/name
@@ -118,6 +180,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +212,13 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
         tree = _read_yaml(_resolve_source(source))
     for item in overrides:
         _apply_override(tree, item)
+    config = _build(Config, tree, "")
+    _validate(config)
+    return config
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` (how workers receive it), checked as strictly."""
     config = _build(Config, tree, "")
     _validate(config)
     return config

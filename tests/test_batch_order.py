@@ -69,3 +69,33 @@ def test_read_rows_fetches_exact_rows_across_shards_and_row_groups(tmp_path):
     got = read_rows(shards, ids, row_len)
     assert np.array_equal(got[:, 0] // row_len, ids)
     assert np.array_equal(got[:, -1], ids * row_len + row_len - 1)
+
+
+def test_masked_lm_mask_is_independent_of_layout():
+    import torch
+
+    from raytrain.train.objectives import IGNORE, Objective
+
+    rows = torch.arange(8 * 65).reshape(8, 65) + 10
+    objective = Objective("masked", seed=3, global_batch=8, mask_fraction=0.25, mask_id=6)
+    whole_inputs, whole_targets = objective(rows, step=5, first_row=0)
+    halves = [objective(rows[i : i + 4], step=5, first_row=i) for i in (0, 4)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole_inputs)
+    assert torch.equal(torch.cat([h[1] for h in halves]), whole_targets)
+    masked = whole_targets != IGNORE
+    assert 0.15 < masked.float().mean() < 0.35
+    assert (whole_inputs[masked] == 6).all() and torch.equal(whole_targets[masked], rows[:, :-1][masked])
+    assert torch.equal(whole_inputs[~masked], rows[:, :-1][~masked])
+    # Another step draws another mask.
+    assert not torch.equal(objective(rows, step=6, first_row=0)[1], whole_targets)
+    assert not objective.causal and Objective("causal", seed=0, global_batch=8, mask_fraction=0.1, mask_id=6).causal
+
+
+def test_learning_rate_schedule():
+    from raytrain.config import TrainConfig
+    from raytrain.train.optim import lr_at
+
+    config = TrainConfig(lr=1.0, warmup_steps=4, steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, config) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, config) == pytest.approx(0.55)
+    assert lr_at(14, config) == pytest.approx(0.1)

@@ -171,7 +171,7 @@ def stream_batches(
         if steps[0] != expected or steps[-1] != expected:
             raise RuntimeError(f"data stream out of order: expected step {expected}, got {steps}")
         rows = batch.column("tokens").combine_chunks().flatten().to_numpy()
-        yield expected, rows.reshape(-1, dataset.row_len)
+        yield expected, rows.reshape(-1, dataset.row_len).copy()  # a writable array for torch
         expected += 1
     if expected != start_step + num_steps:
         raise RuntimeError(f"data stream ended at step {expected}, not {start_step + num_steps}")

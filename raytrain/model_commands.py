@@ -1,0 +1,81 @@
+"""`raytrain eval`, `generate` and `convert`: single-process work on a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from raytrain.config import RuntimeConfig
+from raytrain.data.manifest import PreparedDataset
+from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
+from raytrain.errors import DataError
+from raytrain.evaluate import loss_and_perplexity, validation_sums
+from raytrain.model.generate import generate as generate_tokens
+from raytrain.model.hf import load_hf, save_hf
+from raytrain.runtime import init_ray
+from raytrain.train.checkpoint import load_model, resolve_checkpoint, save_model
+from raytrain.train.objectives import Objective
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
+    model, meta = load_model(args.checkpoint)
+    dataset = PreparedDataset.open(args.data)
+    if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
+        raise DataError(f"'{args.data}' was tokenized differently from the checkpoint's training data; "
+                        "evaluate on data prepared with the same tokenizer")
+    init_ray(RuntimeConfig(progress=False))
+    objective = Objective(meta["objective"], seed=meta["seed"], global_batch=args.batch_size,
+                          mask_fraction=0.15, mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
+    totals = validation_sums(model, dataset, objective, batches=args.batches, global_batch=args.batch_size,
+                             consumer=0, num_consumers=1, device=torch.device("cpu"),
+                             autocast=contextlib.nullcontext)
+    result = loss_and_perplexity(totals)
+    print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
+          f"({int(totals[1])} tokens of {args.data})")
+    return result
+
+
+def checkpoint_tokenizer(meta: dict, override: str | None) -> Path:
+    folder = Path(override or meta["tokenizer"]["path"])
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise DataError(f"tokenizer '{folder}' not found; pass --tokenizer DIR")
+    return folder
+
+
+def generate(args: argparse.Namespace) -> list[str]:
+    model, meta = load_model(args.checkpoint)
+    tokenizer = load_tokenizer(checkpoint_tokenizer(meta, args.tokenizer))
+    special = special_token_ids(tokenizer)
+    prompts = [[special["bos"], *tokenizer.encode(p).ids] for p in args.prompt]
+    outputs = generate_tokens(model, prompts, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    texts = [tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+    return texts
+
+
+def convert_to_hf(args: argparse.Namespace) -> None:
+    model, meta = load_model(args.checkpoint)
+    out = Path(args.out)
+    save_hf(model, out)
+    tokenizer_dir = Path(meta["tokenizer"]["path"]) if "tokenizer" in meta else None
+    if tokenizer_dir and (tokenizer_dir / TOKENIZER_FILE).is_file():
+        # Model and tokenizer in one folder: AutoTokenizer and AutoModel both load it.
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(tokenizer_dir / file, out / file)
+    print(f"{resolve_checkpoint(args.checkpoint)} → {out} (LlamaForCausalLM, safetensors)")
+
+
+def convert_from_hf(args: argparse.Namespace) -> None:
+    model = load_hf(Path(args.hf_dir))
+    out = Path(args.out)
+    if (out / "raytrain.json").exists():
+        raise DataError(f"'{out}' already holds a checkpoint; choose another --out")
+    save_model(out, model, {"step": 0, "objective": "causal", "seed": 0, "source": str(args.hf_dir)})
+    print(f"{args.hf_dir} → {out} ({model.num_params():,} parameters); start a run from it with "
+          f"train.init_from={out}")

@@ -1,0 +1,1 @@
+"""Parallelism applied to the model from outside: data parallel (FSDP2 / DDP)."""

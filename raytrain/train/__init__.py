@@ -1,0 +1,1 @@
+"""The one per-worker training loop and what it needs: objectives, optimizer, checkpoints, metrics."""

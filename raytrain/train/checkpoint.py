@@ -1,0 +1,96 @@
+"""Checkpoints: torch.distributed.checkpoint shards plus `raytrain.json`, resharded on load.
+
+A checkpoint folder holds the DCP files (one per rank, written in parallel) with the keys
+`model` and, for training checkpoints, `optim`; and `raytrain.json` with the model config,
+the step and what the run was trained on. DCP reshards on load, so a checkpoint saved by
+any number of ranks loads under any other, and in a single process for eval and export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from raytrain.errors import DataError
+from raytrain.model.transformer import Transformer, TransformerConfig
+
+META_FILE = "raytrain.json"
+FORMAT = "raytrain.checkpoint/1"
+
+
+def save_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer, meta: dict,
+                             write_meta: bool) -> None:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    if write_meta:
+        write_checkpoint_meta(folder, meta)
+
+
+def load_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer) -> dict:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_checkpoint_meta(folder)
+
+
+def load_weights(folder: Path, model: torch.nn.Module) -> dict:
+    """Model weights only (to start a new run from a checkpoint), under any layout."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    return read_checkpoint_meta(folder)
+
+
+def write_checkpoint_meta(folder: Path, meta: dict) -> None:
+    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+
+
+def read_checkpoint_meta(folder: Path) -> dict:
+    path = folder / META_FILE
+    if not path.is_file():
+        raise DataError(f"'{folder}' is not a raytrain checkpoint (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest checkpoint of a run folder."""
+    folder = Path(path)
+    if (folder / META_FILE).is_file():
+        return folder
+    candidates = sorted(
+        (read_checkpoint_meta(p.parent)["step"], p.parent)
+        for p in folder.glob(f"checkpoints/*/{META_FILE}")
+    )
+    if not candidates:
+        raise DataError(
+            f"'{path}' is neither a checkpoint nor a run folder with checkpoints; "
+            "pass runs/NAME or runs/NAME/checkpoints/step_N"
+        )
+    return candidates[-1][1]
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict]:
+    """Load a checkpoint's model in this process (no process group needed)."""
+    folder = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(folder)
+    model = Transformer(TransformerConfig(**meta["model"]))
+    load_weights(folder, model)
+    return model.to(device).eval(), meta
+
+
+def save_model(folder: Path, model: Transformer, meta: dict) -> None:
+    """A weights-only checkpoint written by this process (e.g. after importing HF weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+    write_checkpoint_meta(folder, {"model": vars(model.config), **meta})

@@ -1,0 +1,121 @@
+"""`raytrain pretrain`: check everything, then run the shared loop on Ray Train workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raytrain.config import Config
+from raytrain.data.manifest import PreparedDataset
+from raytrain.data.tokenizer import tokenizer_hash
+from raytrain.errors import ConfigError, DataError
+from raytrain.runtime import init_ray
+from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
+from raytrain.train.loop import train_worker
+from raytrain.train.metrics import METRICS_FILE
+
+log = logging.getLogger("raytrain")
+CHECKPOINTS = "checkpoints"
+
+
+def check_training_config(config: Config) -> PreparedDataset:
+    """Everything that can be checked before a worker starts."""
+    train, model, parallel = config.train, config.model, config.parallel
+    if not train.data:
+        raise ConfigError("config key 'train.data' is empty; set it to a folder from `raytrain data prepare`")
+    # Workers run in other folders: hand them absolute paths.
+    train.data = str(Path(train.data).absolute())
+    if train.init_from:
+        train.init_from = str(resolve_checkpoint(train.init_from).absolute())
+    dataset = PreparedDataset.open(train.data)
+    vocab = dataset.manifest["tokenizer"]["vocab_size"]
+    if model.vocab_size < vocab:
+        raise ConfigError(f"config key 'model.vocab_size' is {model.vocab_size} but the data's tokenizer has "
+                          f"{vocab} tokens; set model.vocab_size={vocab}")
+    if train.tokenizer and tokenizer_hash(train.tokenizer) != dataset.tokenizer_sha256:
+        raise DataError(f"'{train.data}' was prepared with another tokenizer than '{train.tokenizer}' "
+                        f"({dataset.manifest['tokenizer']['path']}); prepare the data again or fix train.tokenizer")
+    if dataset.seq_len > model.max_seq_len:
+        raise ConfigError(f"config key 'model.max_seq_len' is {model.max_seq_len} but the data's rows hold "
+                          f"{dataset.seq_len} tokens; set model.max_seq_len >= {dataset.seq_len} or prepare "
+                          "shorter rows")
+    per_step = parallel.dp * train.micro_batches
+    if train.global_batch % per_step:
+        raise ConfigError(f"config key 'train.global_batch' {train.global_batch} is not divisible by "
+                          f"parallel.dp × train.micro_batches = {per_step}; make it a multiple of {per_step}")
+    if dataset.split("train").num_rows == 0:
+        raise DataError(f"'{train.data}' has no train rows")
+    if train.init_from:
+        meta = read_checkpoint_meta(Path(train.init_from))
+        if meta["model"] != vars(model):
+            raise ConfigError(f"train.init_from '{train.init_from}' holds model {meta['model']}, "
+                              f"which differs from the config's model section")
+    return dataset
+
+
+def check_placement(config: Config, use_gpu: bool) -> None:
+    resources = ray.cluster_resources()
+    parallel = config.parallel
+    need_cpus = parallel.dp * parallel.cpus_per_worker
+    if need_cpus > resources.get("CPU", 0):
+        raise ConfigError(f"parallel.dp={parallel.dp} workers × parallel.cpus_per_worker="
+                          f"{parallel.cpus_per_worker} need {need_cpus:g} CPUs but the cluster has "
+                          f"{resources.get('CPU', 0):g}; lower parallel.dp or parallel.cpus_per_worker")
+    if use_gpu and parallel.dp > resources.get("GPU", 0):
+        raise ConfigError(f"parallel.dp={parallel.dp} workers need {parallel.dp} GPUs but the cluster has "
+                          f"{resources.get('GPU', 0):g}; lower parallel.dp")
+
+
+def run_pretrain(config: Config) -> dict:
+    dataset = check_training_config(config)
+    run_dir = config.run.dir.absolute()
+    init_ray(config.runtime)
+    use_gpu = config.parallel.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.parallel.dp
+    check_placement(config, use_gpu)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    log.info("pretrain: %s, %d worker(s), %d steps of %d sequences × %d tokens → %s",
+             config.model.__class__.__name__, config.parallel.dp, config.train.steps,
+             config.train.global_batch, dataset.seq_len, run_dir)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=config.parallel.dp, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.parallel.cpus_per_worker}),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    return write_summary(run_dir, result, time.perf_counter() - started)
+
+
+def write_summary(run_dir: Path, result, wall_s: float) -> dict:
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if "val/loss" in r]
+    tokens = train[-1]["train/tokens_seen"] if train else 0
+    summary = {
+        "steps": train[-1]["step"] if train else 0,
+        "tokens_seen": tokens,
+        "wall_s": round(wall_s, 2),
+        "tokens_per_s": round(sum(r["perf/tokens_per_s"] for r in train) / len(train), 1) if train else 0.0,
+        "final": train[-1] if train else {},
+        "val_first": val[0] if val else {},
+        "val_last": val[-1] if val else {},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

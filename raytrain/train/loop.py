@@ -1,0 +1,214 @@
+"""The one per-worker training loop, run by every Ray Train worker.
+
+Gradient accumulation, clipping, the LR schedule, validation, checkpoints, metrics and the
+report cadence live here once; a stage contributes its data and its Objective.
+The loss is a sum over target tokens divided by the count over the whole global batch, so
+a step computes the same gradient under any data-parallel layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raytrain.config import Config, config_from_dict
+from raytrain.data.manifest import PreparedDataset
+from raytrain.data.stream import BatchOrder, stream_batches
+from raytrain.evaluate import loss_and_perplexity, validation_sums
+from raytrain.model.flops import train_flops_per_token
+from raytrain.model.transformer import Transformer
+from raytrain.parallel.data_parallel import apply_data_parallel, gradient_sync
+from raytrain.runtime import configure_ray_data
+from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
+from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line
+from raytrain.train.objectives import Objective, token_loss
+from raytrain.train.optim import build_optimizer, lr_at
+
+FAILED_ONCE_MARKER = ".debug_failed_once"
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def train_worker(loop_config: dict) -> None:
+    config = config_from_dict(loop_config["config"])
+    Worker(config, Path(loop_config["run_dir"])).run()
+
+
+class Worker:
+    def __init__(self, config: Config, run_dir: Path):
+        self.config = config
+        self.train = config.train
+        self.run_dir = run_dir
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.set_num_threads(max(1, int(config.parallel.cpus_per_worker)))
+        configure_ray_data(dataclasses.replace(config.runtime, progress=False))
+        self.dataset = PreparedDataset.open(self.train.data)
+        self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
+        self.local_batch = self.order.local_batch(self.world)
+        special = self.dataset.manifest["tokenizer"]["special_tokens"]
+        self.objective = Objective(self.train.objective, seed=self.train.seed,
+                                   global_batch=self.train.global_batch,
+                                   mask_fraction=self.train.mask_fraction, mask_id=special["mask"])
+        self.bf16 = self.train.precision == "bf16"
+
+        self.model = Transformer(config.model)
+        self.model.init_weights(self.train.seed)
+        self.model.to(self.device)
+        self.module = apply_data_parallel(self.model, config.parallel.strategy, self.device, self.bf16)
+        self.optimizer = build_optimizer(self.model, self.train)
+        self.start_step = self._restore()
+        self.has_val = self.dataset.split("val").num_rows > 0
+        self.tokens_per_step = self.train.global_batch * self.dataset.seq_len
+        self.flops_per_token = train_flops_per_token(config.model, self.dataset.seq_len)
+        self.log = None
+        if self.rank == 0:
+            self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
+            print(f"[raytrain] {self.world} worker(s) on {self.device.type}, "
+                  f"{self.model.num_params():,} parameters, MFU against {self.peak / 1e12:.2f} "
+                  f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}", flush=True)
+            self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name)
+
+    def _restore(self) -> int:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                return load_training_checkpoint(Path(folder), self.module, self.optimizer)["step"]
+        if self.train.init_from:
+            load_weights(Path(self.train.init_from), self.module)
+        return 0
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def run(self) -> None:
+        steps = self.train.steps
+        stream = stream_batches(self.dataset, self.order, consumer=self.rank, num_consumers=self.world,
+                                start_step=self.start_step, num_steps=steps - self.start_step)
+        interval = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count
+        timer = {"compute": 0.0, "data": 0.0, "steps": 0}
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.start_step == 0 and self.has_val and self.train.val_every > 0:
+            self._log(0, self._validate())
+        for step in range(self.start_step, steps):
+            self._maybe_fail(step)
+            tick = time.perf_counter()
+            _, rows = next(stream)
+            timer["data"] += time.perf_counter() - tick
+            interval += self._train_step(step, torch.from_numpy(rows).long().to(self.device))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timer["compute"] += time.perf_counter() - tick
+            timer["steps"] += 1
+            done = step + 1
+            last = done == steps
+            if done % self.train.log_every == 0 or last:
+                metrics = self._interval_metrics(step, interval, timer)
+                if self.has_val and (last or (self.train.val_every and done % self.train.val_every == 0)):
+                    metrics.update(self._validate())
+                self._log(done, metrics, started)
+                interval.zero_()
+                timer = {"compute": 0.0, "data": 0.0, "steps": 0}
+            if done % self.train.checkpoint_every == 0 or last:
+                self._checkpoint(done, metrics)
+        if self.log is not None:
+            self.log.close()
+
+    def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        micro = rows.chunk(self.train.micro_batches)
+        pairs = [self.objective(m, step, self.rank * self.local_batch + i * len(micro[0]))
+                 for i, m in enumerate(micro)]
+        counts = torch.stack([(t != -100).sum() for _, t in pairs]).sum().double()
+        global_count = all_reduce_sum(counts.clone())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.train)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (inputs, targets) in enumerate(pairs):
+            with gradient_sync(self.module, i == len(pairs) - 1), self.autocast():
+                loss, _ = token_loss(self.module(inputs, causal=self.objective.causal), targets)
+            # Gradient averaging over ranks divides by world; this makes it a global token mean.
+            (loss * self.world / global_count).backward()
+            loss_sum += loss.detach().double()
+        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss_sum, counts])
+
+    def _interval_metrics(self, step: int, interval: torch.Tensor, timer: dict) -> dict[str, float]:
+        totals = all_reduce_sum(interval.clone())
+        tokens_per_s = self.tokens_per_step * timer["steps"] / max(timer["compute"], 1e-9)
+        per_worker = tokens_per_s / self.world
+        return {
+            "train/loss": float(totals[0] / totals[1]),
+            "train/lr": lr_at(step, self.train),
+            "train/grad_norm": float(self.grad_norm),
+            "train/tokens_seen": float((step + 1) * self.tokens_per_step),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_worker": per_worker,
+            "perf/mfu": per_worker * self.flops_per_token / self.peak if self.rank == 0 else 0.0,
+            "perf/step_time_s": timer["compute"] / max(1, timer["steps"]),
+            "perf/data_wait_frac": timer["data"] / max(timer["compute"], 1e-9),
+            "mem/peak_gib": peak_memory_gib(self.device),
+        }
+
+    def _validate(self) -> dict[str, float]:
+        totals = validation_sums(self.module, self.dataset, self.objective, batches=self.train.val_batches,
+                                 global_batch=self.train.global_batch, consumer=self.rank,
+                                 num_consumers=self.world, device=self.device, autocast=self.autocast)
+        return loss_and_perplexity(all_reduce_sum(totals))
+
+    def _log(self, step: int, metrics: dict[str, float], started: float | None = None) -> None:
+        if self.log is None:
+            return
+        self.log.log(step, metrics)
+        if "train/loss" in metrics:
+            elapsed = time.perf_counter() - started
+            print("[raytrain] " + progress_line(step, self.train.steps, metrics, elapsed,
+                                                step - self.start_step), flush=True)
+        else:
+            print(f"[raytrain] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                  flush=True)
+
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        meta = {
+            "step": step,
+            "model": vars(self.config.model),
+            "objective": self.train.objective,
+            "tokens_seen": step * self.tokens_per_step,
+            "data": str(self.dataset.root),
+            "tokenizer": self.dataset.manifest["tokenizer"],
+            "seed": self.train.seed,
+            "world_size": self.world,
+        }
+        with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as folder:
+            save_training_checkpoint(Path(folder), self.module, self.optimizer, meta, self.rank == 0)
+            ray.train.report({"step": step, **metrics},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{step:06d}")
+
+    def _maybe_fail(self, step: int) -> None:
+        debug = self.config.debug
+        marker = self.run_dir / FAILED_ONCE_MARKER
+        if step == debug.fail_at_step and self.rank == debug.fail_rank and not marker.exists():
+            marker.touch()
+            print(f"[raytrain] debug.fail_at_step: worker {self.rank} exits at step {step}", flush=True)
+            os._exit(1)

@@ -1,0 +1,121 @@
+"""Metric names, metrics.jsonl, the progress line and W&B, all from world rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# The one list of metric names: code, dashboards and tests use these.
+METRICS = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_seen",
+    "perf/tokens_per_s",
+    "perf/tokens_per_s_per_worker",
+    "perf/mfu",
+    "perf/step_time_s",
+    "perf/data_wait_frac",
+    "mem/peak_gib",
+    "val/loss",
+    "val/ppl",
+)
+METRICS_FILE = "metrics.jsonl"
+# Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
+DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
+
+
+def measure_peak_flops(device: torch.device, seconds: float = 1.0) -> float:
+    """Matmul FLOP/s this worker reaches on square fp32 matrices (CPU) — the MFU denominator."""
+    size = 1024
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> tuple[float, str]:
+    """(peak FLOP/s per worker, where the number comes from)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12, "configured (train.peak_tflops)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in DEVICE_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 data sheet"
+    return measure_peak_flops(device), f"measured fp32 matmul on {device.type}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def wandb_mode(mode: str) -> str | None:
+    if mode == "disabled":
+        return None
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class MetricsLog:
+    """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str):
+        self.path = run_dir / METRICS_FILE
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.wandb = None
+        mode = wandb_mode(tracking.mode)
+        if mode:
+            import wandb
+
+            self.wandb = wandb.init(project=tracking.project, name=run_name, id=_wandb_id(run_dir),
+                                    resume="allow", dir=str(run_dir), config=config, mode=mode)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:12]
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: float, done_here: int) -> str:
+    eta = elapsed / max(1, done_here) * (total - step)
+    parts = [f"step {step}/{total}", f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
+             f"{metrics['perf/tokens_per_s']:,.0f} tok/s", f"mfu {metrics['perf/mfu']:.1%}",
+             f"data wait {metrics['perf/data_wait_frac']:.0%}", f"eta {_duration(eta)}"]
+    if "val/loss" in metrics:
+        parts.insert(2, f"val {metrics['val/loss']:.4f}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

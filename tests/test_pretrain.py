@@ -1,0 +1,105 @@
+"""Pre-training on Ray Train: layout parity, resume, fault tolerance, eval/generate/convert."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import ray.train
+import torch
+
+from raytrain.config import load_config
+from raytrain.train.launch import run_pretrain
+
+pytestmark = pytest.mark.ray
+STEPS = 20
+
+
+def pretrain(root, name, dataset, *overrides):
+    config = load_config("tiny", [f"run.root='{root}'", f"run.name={name}", f"train.data='{dataset}'",
+                                  f"train.steps={STEPS}", *overrides])
+    return run_pretrain(config)
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= tol * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tiny_dataset, tmp_path_factory):
+    """The uninterrupted single-worker run every other layout must reproduce."""
+    root = tmp_path_factory.mktemp("runs")
+    summary = pretrain(root, "reference", tiny_dataset, "parallel.dp=1", "tracking.mode=offline")
+    return root / "reference", summary
+
+
+def test_reference_run_writes_the_run_folder(reference):
+    run_dir, summary = reference
+    curve = losses(run_dir)
+    assert curve[STEPS] < curve[1] - 0.3  # it learns
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from raytrain.train.metrics import METRICS
+
+    last = records[-1]
+    assert set(METRICS) <= set(last) and last["step"] == STEPS
+    assert records[0]["step"] == 0 and "val/loss" in records[0]  # validation before training
+    assert 0 < last["perf/mfu"] < 1 and last["perf/tokens_per_s"] > 0
+    assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 8 * 32
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+    steps_kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert steps_kept == ["step_000010", "step_000020"]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_two_fsdp_workers_match_one(reference, tiny_dataset, tmp_path):
+    pretrain(tmp_path, "dp2", tiny_dataset, "parallel.dp=2", "parallel.strategy=fsdp")
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "dp2"))
+
+
+def test_crashed_run_resumes_under_another_layout(reference, tiny_dataset, tmp_path):
+    with pytest.raises(ray.train.TrainingFailedError):
+        pretrain(tmp_path, "crash", tiny_dataset, "parallel.dp=2", "parallel.strategy=ddp",
+                 "train.max_failures=0", "debug.fail_at_step=13", "debug.fail_rank=1")
+    # Same name, one worker and FSDP now: continues from the dp=2 DDP checkpoint at step 10.
+    pretrain(tmp_path, "crash", tiny_dataset, "parallel.dp=1", "parallel.strategy=fsdp")
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "crash"))
+
+
+def test_killed_worker_costs_only_steps_since_checkpoint(reference, tiny_dataset, tmp_path):
+    pretrain(tmp_path, "faulty", tiny_dataset, "parallel.dp=2", "parallel.strategy=ddp",
+             "train.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1")
+    assert (tmp_path / "faulty" / ".debug_failed_once").exists()
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "faulty"))
+
+
+def test_eval_generate_and_convert_from_the_run(reference, tiny_dataset, tmp_path, capsys):
+    from raytrain.model_commands import convert_from_hf, convert_to_hf, evaluate, generate
+    from raytrain.train.checkpoint import load_model
+
+    run_dir, summary = reference
+    result = evaluate(Namespace(checkpoint=str(run_dir), data=str(tiny_dataset), batches=2, batch_size=8))
+    assert result["val/loss"] == pytest.approx(summary["val_last"]["val/loss"], rel=1e-5)
+
+    texts = generate(Namespace(checkpoint=str(run_dir), prompt=["def ", "import"], tokenizer=None,
+                               max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=0))
+    assert len(texts) == 2 and "--- 'def '" in capsys.readouterr().out
+
+    convert_to_hf(Namespace(checkpoint=str(run_dir), out=str(tmp_path / "hf")))
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).eos_token == "<|eos|>"
+    ours, _ = load_model(run_dir)
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), atol=1e-5, rtol=0)
+    convert_from_hf(Namespace(hf_dir=str(tmp_path / "hf"), out=str(tmp_path / "back")))
+    back, meta = load_model(tmp_path / "back")
+    assert meta["step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values(), strict=True))
