@@ -33,3 +33,17 @@ def validation_sums(module: torch.nn.Module, dataset: PreparedDataset, objective
 def loss_and_perplexity(totals: torch.Tensor) -> dict[str, float]:
     loss = float(totals[0] / totals[1].clamp(min=1))
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+
+def unigram_baseline(dataset: PreparedDataset) -> float:
+    """Cross-entropy (nats/token) on val of the train split's token frequencies: the bar to beat."""
+    import numpy as np
+
+    from raytrain.data.stream import read_rows
+
+    train, val = dataset.split("train"), dataset.split("val")
+    vocab = dataset.manifest["tokenizer"]["vocab_size"]
+    counts = np.bincount(read_rows(train, np.arange(train.num_rows), dataset.row_len).reshape(-1), minlength=vocab)
+    log_probs = np.log((counts + 1) / (counts.sum() + vocab))  # add-one: unseen tokens stay finite
+    val_tokens = read_rows(val, np.arange(val.num_rows), dataset.row_len)[:, 1:].reshape(-1)
+    return float(-log_probs[val_tokens].mean())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
 import time
@@ -34,6 +35,8 @@ from raytrain.train.objectives import Objective, token_loss
 from raytrain.train.optim import build_optimizer, lr_at
 
 FAILED_ONCE_MARKER = ".debug_failed_once"
+# A logger, not print: Ray Train tees print when a library (W&B) wraps stdout, doubling lines.
+log = logging.getLogger("raytrain")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,9 +81,9 @@ class Worker:
         self.log = None
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
-            print(f"[raytrain] {self.world} worker(s) on {self.device.type}, "
-                  f"{self.model.num_params():,} parameters, MFU against {self.peak / 1e12:.2f} "
-                  f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}", flush=True)
+            log.info(f"[raytrain] {self.world} worker(s) on {self.device.type}, "
+                     f"{self.model.num_params():,} parameters, MFU against {self.peak / 1e12:.2f} "
+                     f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name)
 
     def _restore(self) -> int:
@@ -182,11 +185,9 @@ class Worker:
         self.log.log(step, metrics)
         if "train/loss" in metrics:
             elapsed = time.perf_counter() - started
-            print("[raytrain] " + progress_line(step, self.train.steps, metrics, elapsed,
-                                                step - self.start_step), flush=True)
+            log.info("[raytrain] " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
         else:
-            print(f"[raytrain] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                  flush=True)
+            log.info(f"[raytrain] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         meta = {
@@ -210,5 +211,5 @@ class Worker:
         marker = self.run_dir / FAILED_ONCE_MARKER
         if step == debug.fail_at_step and self.rank == debug.fail_rank and not marker.exists():
             marker.touch()
-            print(f"[raytrain] debug.fail_at_step: worker {self.rank} exits at step {step}", flush=True)
+            log.info(f"[raytrain] debug.fail_at_step: worker {self.rank} exits at step {step}")
             os._exit(1)
