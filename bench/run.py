@@ -9,9 +9,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bench import data_prepare  # noqa: E402
+from bench import data_prepare, training  # noqa: E402
 
-SECTIONS = [data_prepare]
+SECTIONS = [data_prepare, training]
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

@@ -145,6 +145,7 @@ class TrainConfig:
 class ParallelConfig:
     dp: int = 1  # data-parallel workers
     strategy: Literal["fsdp", "ddp"] = "fsdp"  # fsdp: FSDP2 sharded; ddp: replicated
+    compile: bool = False  # torch.compile each transformer block
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
 

@@ -26,7 +26,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: Transformer,
     prompts: list[list[int]],
@@ -51,28 +51,31 @@ def generate(
         real[i, longest - len(prompt) :] = True
     real[:, longest:] = True  # generated tokens
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, batch, longest + max_new_tokens, device, dtype)
+    total = longest + max_new_tokens
+    cache = KVCache(model.config, batch, total, device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    out = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    # Which keys each query may see, built once: causal, minus the padding; a pad query sees
+    # itself only, so no row is all -inf.
+    index = torch.arange(total, device=device)
+    allowed = (index[None, :] <= index[:, None])[None] & real[:, None, :]
+    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    step_tokens, start = tokens, 0
-    for _ in range(max_new_tokens):
+    step_tokens, start, produced = tokens, 0, 0
+    for produced in range(1, max_new_tokens + 1):
         end = start + step_tokens.shape[1]
-        keys = torch.arange(end, device=device)
-        causal = keys[None, :] <= torch.arange(start, end, device=device)[:, None]
-        # Pads attend to themselves only, so no row is all -inf.
-        mask = (causal[None] & real[:, None, :end]) | (keys[None, None, :] == torch.arange(
-            start, end, device=device)[None, :, None])
-        logits = model(step_tokens, positions=positions[:, start:end], mask=mask[:, None], cache=cache)
+        mask = allowed[:, None, start:end, :end]
+        logits = model(step_tokens, positions=positions[:, start:end], mask=mask, cache=cache, last_only=True)
         next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-        out = torch.cat([out, next_ids[:, None]], dim=1)
+        out[:, produced - 1] = next_ids
         if eos_id is not None:
             done |= next_ids == eos_id
-        if done.all():
-            break
+            if done.all():
+                break
         step_tokens, start = next_ids[:, None], end
+    out = out[:, :produced]
     results = []
     for row, finished in zip(out.tolist(), done.tolist(), strict=True):
         if eos_id is not None and finished:

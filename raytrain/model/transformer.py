@@ -190,11 +190,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """tokens [batch, length] → logits [batch, length, vocab].
 
         positions [batch, length] and a boolean mask [batch, 1, length, keys] serve batched
-        generation with left padding; training passes neither.
+        generation with left padding; training passes neither. last_only: logits of the last
+        position only (generation needs no others).
         """
         length = tokens.shape[1]
         if positions is None:
@@ -207,6 +209,8 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, causal, mask, cache)
         if cache is not None:
             cache.length += length
+        if last_only:
+            h = h[:, -1:]
         return self.lm_head(self.norm(h))
 
     def num_params(self, embeddings: bool = True) -> int:

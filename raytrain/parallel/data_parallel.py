@@ -11,8 +11,15 @@ from torch.nn.parallel import DistributedDataParallel
 from raytrain.model.transformer import Transformer
 
 
-def apply_data_parallel(model: Transformer, strategy: str, device: torch.device, bf16: bool) -> torch.nn.Module:
+def apply_data_parallel(model: Transformer, strategy: str, world: int, device: torch.device, bf16: bool,
+                        compile_blocks: bool = False) -> torch.nn.Module:
     """Wrap for the current process group; returns the module to call (the model stays reachable)."""
+    if compile_blocks:
+        # Per block, before sharding (torchtitan's order): one compiled graph reused by every layer.
+        for block in model.layers.values():
+            block.compile()
+    if world == 1:
+        return model  # nothing to shard or synchronise; checkpoints still load under any layout
     if strategy == "fsdp":
         # bf16 compute with fp32 gradient reduction on GPU; CPU keeps fp32 and uses autocast.
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

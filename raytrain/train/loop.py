@@ -72,7 +72,8 @@ class Worker:
         self.model = Transformer(config.model)
         self.model.init_weights(self.train.seed)
         self.model.to(self.device)
-        self.module = apply_data_parallel(self.model, config.parallel.strategy, self.device, self.bf16)
+        self.module = apply_data_parallel(self.model, config.parallel.strategy, self.world, self.device, self.bf16,
+                                          config.parallel.compile)
         self.optimizer = build_optimizer(self.model, self.train)
         self.start_step = self._restore()
         self.has_val = self.dataset.split("val").num_rows > 0
