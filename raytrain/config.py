@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from raytrain.errors import ConfigError
-from raytrain.model.transformer import TransformerConfig
+from raytrain.model.config import TransformerConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 

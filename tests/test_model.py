@@ -92,3 +92,14 @@ def test_init_is_seeded():
 def test_shapes_that_do_not_fit(changes, message):
     with pytest.raises(ConfigError, match=message):
         TransformerConfig(**changes).validate()
+
+
+def test_flops_count_every_matmul_weight():
+    from raytrain.model.flops import matmul_params, train_flops_per_token
+
+    model = Transformer(CONFIG)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    # Every weight but the embedding table and the norms multiplies activations.
+    assert matmul_params(CONFIG) == model.num_params(embeddings=False) - norms
+    attention = 12 * CONFIG.n_layers * CONFIG.d_model * 96
+    assert train_flops_per_token(CONFIG, 96) == 6 * matmul_params(CONFIG) + attention
