@@ -37,7 +37,7 @@ PRETRAIN_FLAGS = [
     ("--data", "train.data", {"metavar": "DIR", "help": "prepared dataset folder"}),
     ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
     ("--steps", "train.steps", {"type": int}),
-    ("--dp", "parallel.dp", {"type": int, "help": "data-parallel workers"}),
+    ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers"}),
 ]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 

@@ -143,15 +143,41 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int = 1  # data-parallel workers
-    strategy: Literal["fsdp", "ddp"] = "fsdp"  # fsdp: FSDP2 sharded; ddp: replicated
+    """The layout of the Ray Train workers: a DeviceMesh of dp_replicate × dp_shard × tp."""
+
+    workers: int = 1  # Ray Train workers; must equal dp_replicate × dp_shard × tp
+    dp_replicate: int = 1  # data-parallel replicas (with dp_shard > 1: HSDP)
+    dp_shard: int = -1  # FSDP2 shards; -1: inferred as workers / (dp_replicate × tp)
+    tp: int = 1  # tensor parallel (DTensor), innermost so it stays inside a node
+    activation_checkpointing: Literal["none", "full"] = "none"
+    ac_every: int = 1  # with full: checkpoint every n-th block
     compile: bool = False  # torch.compile each transformer block
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
 
     def validate(self) -> None:
-        _check(self.dp >= 1, "parallel.dp", "must be >= 1")
+        for key in ("workers", "dp_replicate", "tp", "ac_every"):
+            _check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 to infer it")
         _check(self.cpus_per_worker > 0, "parallel.cpus_per_worker", "must be > 0")
+        fixed = self.dp_replicate * self.tp
+        if self.dp_shard == -1:
+            _check(self.workers % fixed == 0, "parallel.workers",
+                   f"{self.workers} is not divisible by dp_replicate × tp = {fixed}; "
+                   "make workers a multiple of it")
+        else:
+            _check(self.workers == fixed * self.dp_shard, "parallel.workers",
+                   f"{self.workers} differs from dp_replicate × dp_shard × tp = {fixed * self.dp_shard}; "
+                   "make them equal (or set dp_shard=-1)")
+
+    @property
+    def shard(self) -> int:
+        return self.dp_shard if self.dp_shard != -1 else self.workers // (self.dp_replicate * self.tp)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many slices each global batch is cut into."""
+        return self.dp_replicate * self.shard
 
 
 @dataclass

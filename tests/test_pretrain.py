@@ -35,7 +35,7 @@ def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:
 def reference(ray_session, tiny_dataset, tmp_path_factory):
     """The uninterrupted single-worker run every other layout must reproduce."""
     root = tmp_path_factory.mktemp("runs")
-    summary = pretrain(root, "reference", tiny_dataset, "parallel.dp=1", "tracking.mode=offline")
+    summary = pretrain(root, "reference", tiny_dataset, "parallel.workers=1", "tracking.mode=offline")
     return root / "reference", summary
 
 
@@ -58,21 +58,28 @@ def test_reference_run_writes_the_run_folder(reference):
 
 
 def test_two_fsdp_workers_match_one(reference, tiny_dataset, tmp_path):
-    pretrain(tmp_path, "dp2", tiny_dataset, "parallel.dp=2", "parallel.strategy=fsdp")
-    assert_same_curve(losses(reference[0]), losses(tmp_path / "dp2"))
+    pretrain(tmp_path, "fsdp2", tiny_dataset, "parallel.workers=2")  # dp_shard inferred: 2
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "fsdp2"))
 
 
-def test_crashed_run_resumes_under_another_layout(reference, tiny_dataset, tmp_path):
+def test_tensor_and_data_parallel_with_activation_checkpointing_match_one(reference, tiny_dataset, tmp_path):
+    # 4 workers on a 2-core machine: half a CPU each leaves room for the Ray Data readers.
+    pretrain(tmp_path, "dp2tp2", tiny_dataset, "parallel.workers=4", "parallel.tp=2",
+             "parallel.cpus_per_worker=0.5", "parallel.activation_checkpointing=full")
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "dp2tp2"))
+
+
+def test_crashed_tensor_parallel_run_resumes_on_one_worker(reference, tiny_dataset, tmp_path):
     with pytest.raises(ray.train.TrainingFailedError):
-        pretrain(tmp_path, "crash", tiny_dataset, "parallel.dp=2", "parallel.strategy=ddp",
+        pretrain(tmp_path, "crash", tiny_dataset, "parallel.workers=2", "parallel.tp=2",
                  "train.max_failures=0", "debug.fail_at_step=13", "debug.fail_rank=1")
-    # Same name, one worker and FSDP now: continues from the dp=2 DDP checkpoint at step 10.
-    pretrain(tmp_path, "crash", tiny_dataset, "parallel.dp=1", "parallel.strategy=fsdp")
+    # Same name, one worker now: continues from the tp=2 checkpoint at step 10, resharded by DCP.
+    pretrain(tmp_path, "crash", tiny_dataset, "parallel.workers=1")
     assert_same_curve(losses(reference[0]), losses(tmp_path / "crash"))
 
 
 def test_killed_worker_costs_only_steps_since_checkpoint(reference, tiny_dataset, tmp_path):
-    pretrain(tmp_path, "faulty", tiny_dataset, "parallel.dp=2", "parallel.strategy=ddp",
+    pretrain(tmp_path, "faulty", tiny_dataset, "parallel.workers=2", "parallel.dp_replicate=2",  # DDP
              "train.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1")
     assert (tmp_path / "faulty" / ".debug_failed_once").exists()
     assert_same_curve(losses(reference[0]), losses(tmp_path / "faulty"))

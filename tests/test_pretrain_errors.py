@@ -15,8 +15,10 @@ pytestmark = pytest.mark.ray
         (["model.n_kv_heads=3"], "'model.n_heads' 4 is not divisible by model.n_kv_heads 3"),
         (["model.max_seq_len=16"], "'model.max_seq_len' is 16 but the data's rows hold 32 tokens"),
         (["model.vocab_size=100"], "'model.vocab_size' is 100 but the data's tokenizer has 512"),
-        (["train.global_batch=6", "parallel.dp=4"], "'train.global_batch' 6 is not divisible by parallel.dp"),
-        (["parallel.dp=64", "train.global_batch=64"], "need 64 CPUs but the cluster has"),
+        (["train.global_batch=6", "parallel.workers=4"], "'train.global_batch' 6 is not divisible by data-parallel"),
+        (["parallel.workers=64", "train.global_batch=64"], "need 64 CPUs but the cluster has"),
+        (["parallel.workers=4", "parallel.tp=4"], "model.n_kv_heads=2 is not divisible by parallel.tp=4"),
+        (["parallel.workers=3", "parallel.dp_shard=2"], "'parallel.workers' 3 differs from dp_replicate"),
     ],
 )
 def test_bad_training_config(capsys, ray_session, tiny_dataset, tmp_path, overrides, fragment):

@@ -15,6 +15,7 @@ from raytrain.config import Config
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import tokenizer_hash
 from raytrain.errors import ConfigError, DataError
+from raytrain.parallel.tensor_parallel import tp_errors
 from raytrain.runtime import init_ray
 from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from raytrain.train.loop import train_worker
@@ -48,7 +49,11 @@ def check_training_config(config: Config) -> PreparedDataset:
     per_step = parallel.dp * train.micro_batches
     if train.global_batch % per_step:
         raise ConfigError(f"config key 'train.global_batch' {train.global_batch} is not divisible by "
-                          f"parallel.dp × train.micro_batches = {per_step}; make it a multiple of {per_step}")
+                          f"data-parallel degree {parallel.dp} × train.micro_batches {train.micro_batches} = "
+                          f"{per_step}; make it a multiple of {per_step}")
+    problems = tp_errors(model, parallel.tp)
+    if problems:
+        raise ConfigError("; ".join(problems) + "; choose a parallel.tp that divides them")
     if dataset.split("train").num_rows == 0:
         raise DataError(f"'{train.data}' has no train rows")
     if train.init_from:
@@ -62,14 +67,14 @@ def check_training_config(config: Config) -> PreparedDataset:
 def check_placement(config: Config, use_gpu: bool) -> None:
     resources = ray.cluster_resources()
     parallel = config.parallel
-    need_cpus = parallel.dp * parallel.cpus_per_worker
+    need_cpus = parallel.workers * parallel.cpus_per_worker
     if need_cpus > resources.get("CPU", 0):
-        raise ConfigError(f"parallel.dp={parallel.dp} workers × parallel.cpus_per_worker="
+        raise ConfigError(f"parallel.workers={parallel.workers} × parallel.cpus_per_worker="
                           f"{parallel.cpus_per_worker} need {need_cpus:g} CPUs but the cluster has "
-                          f"{resources.get('CPU', 0):g}; lower parallel.dp or parallel.cpus_per_worker")
-    if use_gpu and parallel.dp > resources.get("GPU", 0):
-        raise ConfigError(f"parallel.dp={parallel.dp} workers need {parallel.dp} GPUs but the cluster has "
-                          f"{resources.get('GPU', 0):g}; lower parallel.dp")
+                          f"{resources.get('CPU', 0):g}; lower parallel.workers or parallel.cpus_per_worker")
+    if use_gpu and parallel.workers > resources.get("GPU", 0):
+        raise ConfigError(f"parallel.workers={parallel.workers} need {parallel.workers} GPUs but the cluster has "
+                          f"{resources.get('GPU', 0):g}; lower parallel.workers")
 
 
 def run_pretrain(config: Config) -> dict:
@@ -78,17 +83,18 @@ def run_pretrain(config: Config) -> dict:
     init_ray(config.runtime)
     use_gpu = config.parallel.use_gpu
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.parallel.dp
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.parallel.workers
     check_placement(config, use_gpu)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
-    log.info("pretrain: %s, %d worker(s), %d steps of %d sequences × %d tokens → %s",
-             config.model.__class__.__name__, config.parallel.dp, config.train.steps,
+    parallel = config.parallel
+    log.info("pretrain: %d worker(s) (dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences × %d tokens "
+             "→ %s", parallel.workers, parallel.dp_replicate, parallel.shard, parallel.tp, config.train.steps,
              config.train.global_batch, dataset.seq_len, run_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=config.parallel.dp, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=config.parallel.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.parallel.cpus_per_worker}),
         run_config=RunConfig(
             name=CHECKPOINTS,

@@ -27,7 +27,8 @@ from raytrain.data.stream import BatchOrder, stream_batches
 from raytrain.evaluate import loss_and_perplexity, validation_sums
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
-from raytrain.parallel.data_parallel import apply_data_parallel, gradient_sync
+from raytrain.parallel.grad_norm import clip_grad_norm
+from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
 from raytrain.runtime import configure_ray_data
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line
@@ -62,7 +63,8 @@ class Worker:
         configure_ray_data(dataclasses.replace(config.runtime, progress=False))
         self.dataset = PreparedDataset.open(self.train.data)
         self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
-        self.local_batch = self.order.local_batch(self.world)
+        self.layout = build_layout(config.parallel, self.world, self.device)
+        self.local_batch = self.order.local_batch(self.layout.dp)
         special = self.dataset.manifest["tokenizer"]["special_tokens"]
         self.objective = Objective(self.train.objective, seed=self.train.seed,
                                    global_batch=self.train.global_batch,
@@ -72,8 +74,7 @@ class Worker:
         self.model = Transformer(config.model)
         self.model.init_weights(self.train.seed)
         self.model.to(self.device)
-        self.module = apply_data_parallel(self.model, config.parallel.strategy, self.world, self.device, self.bf16,
-                                          config.parallel.compile)
+        self.module = parallelize(self.model, config.parallel, self.layout, self.device, self.bf16)
         self.optimizer = build_optimizer(self.model, self.train)
         self.start_step = self._restore()
         self.has_val = self.dataset.split("val").num_rows > 0
@@ -103,7 +104,7 @@ class Worker:
 
     def run(self) -> None:
         steps = self.train.steps
-        stream = stream_batches(self.dataset, self.order, consumer=self.rank, num_consumers=self.world,
+        stream = stream_batches(self.dataset, self.order, consumer=self.layout.dp_rank, num_consumers=self.layout.dp,
                                 start_step=self.start_step, num_steps=steps - self.start_step)
         interval = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count
         timer = {"compute": 0.0, "data": 0.0, "steps": 0}
@@ -137,28 +138,31 @@ class Worker:
 
     def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
         micro = rows.chunk(self.train.micro_batches)
-        pairs = [self.objective(m, step, self.rank * self.local_batch + i * len(micro[0]))
+        pairs = [self.objective(m, step, self.layout.dp_rank * self.local_batch + i * len(micro[0]))
                  for i, m in enumerate(micro)]
         counts = torch.stack([(t != -100).sum() for _, t in pairs]).sum().double()
-        global_count = all_reduce_sum(counts.clone())
+        global_count = self.dp_sum(counts)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.train)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (inputs, targets) in enumerate(pairs):
             with gradient_sync(self.module, i == len(pairs) - 1), self.autocast():
                 loss, _ = token_loss(self.module(inputs, causal=self.objective.causal), targets)
-            # Gradient averaging over ranks divides by world; this makes it a global token mean.
-            (loss * self.world / global_count).backward()
+            # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
+            (loss * self.layout.dp / global_count).backward()
             loss_sum += loss.detach().double()
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss_sum, counts])
 
+    def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (tensor-parallel ranks hold identical copies)."""
+        return all_reduce_sum(tensor.clone()) / self.layout.tp
+
     def _interval_metrics(self, step: int, interval: torch.Tensor, timer: dict) -> dict[str, float]:
-        totals = all_reduce_sum(interval.clone())
+        totals = self.dp_sum(interval)
         tokens_per_s = self.tokens_per_step * timer["steps"] / max(timer["compute"], 1e-9)
         per_worker = tokens_per_s / self.world
         return {
@@ -176,9 +180,9 @@ class Worker:
 
     def _validate(self) -> dict[str, float]:
         totals = validation_sums(self.module, self.dataset, self.objective, batches=self.train.val_batches,
-                                 global_batch=self.train.global_batch, consumer=self.rank,
-                                 num_consumers=self.world, device=self.device, autocast=self.autocast)
-        return loss_and_perplexity(all_reduce_sum(totals))
+                                 global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
+                                 num_consumers=self.layout.dp, device=self.device, autocast=self.autocast)
+        return loss_and_perplexity(self.dp_sum(totals))
 
     def _log(self, step: int, metrics: dict[str, float], started: float | None = None) -> None:
         if self.log is None:

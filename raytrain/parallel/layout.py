@@ -1,0 +1,82 @@
+"""Apply a parallel layout to the model, in torchtitan's order: TP → AC → compile → FSDP2/DDP.
+
+One DeviceMesh per worker, dims (dp_replicate, dp_shard, tp) with tp innermost, so on a
+real cluster the tensor-parallel group (the chattiest) stays inside a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from raytrain.config import ParallelConfig
+from raytrain.model.transformer import Transformer
+from raytrain.parallel.tensor_parallel import apply_tensor_parallel
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This worker's place in the mesh."""
+
+    mesh: DeviceMesh | None  # None for a single worker
+    dp_rank: int  # which slice of each global batch this worker reads
+    dp: int
+    tp: int
+
+
+def build_layout(parallel: ParallelConfig, world: int, device: torch.device) -> Layout:
+    if world == 1:
+        return Layout(None, 0, 1, 1)
+    shape = (parallel.dp_replicate, parallel.shard, parallel.tp)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    dp_rank = mesh["dp_replicate"].get_local_rank() * parallel.shard + mesh["dp_shard"].get_local_rank()
+    return Layout(mesh, dp_rank, parallel.dp, parallel.tp)
+
+
+def parallelize(model: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device,
+                bf16: bool) -> torch.nn.Module:
+    """Returns the module to call; `model` stays the one to read parameters and config from."""
+    if layout.tp > 1:
+        apply_tensor_parallel(model, layout.mesh["tp"])
+    if parallel.activation_checkpointing == "full":
+        for index, name in enumerate(list(model.layers)):
+            if index % parallel.ac_every == 0:
+                model.layers[name] = checkpoint_wrapper(model.layers[name])
+    if parallel.compile:
+        # Per block: one compiled graph that every layer reuses.
+        for block in model.layers.values():
+            block.compile()
+    if layout.dp == 1:
+        return model
+    if parallel.shard == 1 and layout.tp == 1:
+        # Pure replication: plain DDP over the replicate group.
+        group = layout.mesh["dp_replicate"].get_group()
+        return DistributedDataParallel(model, process_group=group,
+                                       device_ids=[device.index] if device.type == "cuda" else None)
+    # FSDP2 over the data-parallel dims (HSDP when both are > 1), composed with TP.
+    dp_mesh = layout.mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate > 1 else layout.mesh["dp_shard"]
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    return model
+
+
+def gradient_sync(module: torch.nn.Module, enabled: bool):
+    """Skip the gradient reduction on all but the last micro-batch of a step."""
+    import contextlib
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if isinstance(module, DistributedDataParallel) and not enabled:
+        return module.no_sync()
+    return contextlib.nullcontext()
