@@ -145,9 +145,13 @@ class TrainConfig:
 class ParallelConfig:
     """The layout of the Ray Train workers: a DeviceMesh of dp_replicate × dp_shard × tp."""
 
-    workers: int = 1  # Ray Train workers; must equal dp_replicate × dp_shard × tp
+    workers: int = 1  # Ray Train workers; must equal pp × dp_replicate × dp_shard × tp
+    pp: int = 1  # pipeline stages across ranks (outermost mesh dim)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_virtual_stages: int = 1  # stages per rank; interleaved_1f1b needs >= 2
+    pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: as even as possible
     dp_replicate: int = 1  # data-parallel replicas (with dp_shard > 1: HSDP)
-    dp_shard: int = -1  # FSDP2 shards; -1: inferred as workers / (dp_replicate × tp)
+    dp_shard: int = -1  # FSDP2 shards; -1: inferred as workers / (pp × dp_replicate × tp)
     tp: int = 1  # tensor parallel (DTensor), innermost so it stays inside a node
     activation_checkpointing: Literal["none", "full"] = "none"
     ac_every: int = 1  # with full: checkpoint every n-th block
@@ -156,23 +160,27 @@ class ParallelConfig:
     cpus_per_worker: float = 1.0
 
     def validate(self) -> None:
-        for key in ("workers", "dp_replicate", "tp", "ac_every"):
+        for key in ("workers", "pp", "pp_virtual_stages", "dp_replicate", "tp", "ac_every"):
             _check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        _check(interleaved == (self.pp_virtual_stages > 1), "parallel.pp_virtual_stages",
+               f"is {self.pp_virtual_stages} with pp_schedule {self.pp_schedule}; interleaved_1f1b needs >= 2 "
+               "virtual stages per rank, gpipe and 1f1b exactly 1")
         _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 to infer it")
         _check(self.cpus_per_worker > 0, "parallel.cpus_per_worker", "must be > 0")
-        fixed = self.dp_replicate * self.tp
+        fixed = self.pp * self.dp_replicate * self.tp
         if self.dp_shard == -1:
             _check(self.workers % fixed == 0, "parallel.workers",
-                   f"{self.workers} is not divisible by dp_replicate × tp = {fixed}; "
+                   f"{self.workers} is not divisible by pp × dp_replicate × tp = {fixed}; "
                    "make workers a multiple of it")
         else:
             _check(self.workers == fixed * self.dp_shard, "parallel.workers",
-                   f"{self.workers} differs from dp_replicate × dp_shard × tp = {fixed * self.dp_shard}; "
+                   f"{self.workers} differs from pp × dp_replicate × dp_shard × tp = {fixed * self.dp_shard}; "
                    "make them equal (or set dp_shard=-1)")
 
     @property
     def shard(self) -> int:
-        return self.dp_shard if self.dp_shard != -1 else self.workers // (self.dp_replicate * self.tp)
+        return self.dp_shard if self.dp_shard != -1 else self.workers // (self.pp * self.dp_replicate * self.tp)
 
     @property
     def dp(self) -> int:

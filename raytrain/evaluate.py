@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -12,22 +13,31 @@ from raytrain.train.objectives import Objective, token_loss
 
 
 @torch.no_grad()
-def validation_sums(module: torch.nn.Module, dataset: PreparedDataset, objective: Objective, *,
-                    batches: int, global_batch: int, consumer: int, num_consumers: int,
-                    device: torch.device, autocast) -> torch.Tensor:
-    """[loss sum, target count] of this consumer's share of the first `batches` val batches."""
+def validation_sums(dataset: PreparedDataset, objective: Objective, loss_sums, *, batches: int, global_batch: int,
+                    consumer: int, num_consumers: int, device: torch.device) -> torch.Tensor:
+    """[loss sum, target count] of this consumer's share of the first `batches` val batches.
+
+    loss_sums(inputs, targets) → (loss sum, count): a plain forward, or a pipeline schedule's.
+    """
     order = BatchOrder(dataset.split("val").num_rows, global_batch, seed=0, shuffle=False)
     local = order.local_batch(num_consumers)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    module.eval()
     for step, rows in stream_batches(dataset, order, split="val", consumer=consumer,
                                      num_consumers=num_consumers, num_steps=batches):
         inputs, targets = objective(torch.from_numpy(rows).long().to(device), step, consumer * local)
-        with autocast():
-            loss, count = token_loss(module(inputs, causal=objective.causal), targets)
-        totals += torch.stack([loss.double(), count.double()])
-    module.train()
+        loss, count = loss_sums(inputs, targets)
+        totals += torch.stack([torch.as_tensor(loss).double(), torch.as_tensor(count).double()])
     return totals
+
+
+def forward_loss_sums(module: torch.nn.Module, objective: Objective, autocast=contextlib.nullcontext):
+    """loss_sums for a model that runs whole in this process."""
+
+    def loss_sums(inputs: torch.Tensor, targets: torch.Tensor):
+        with autocast():
+            return token_loss(module(inputs, causal=objective.causal), targets)
+
+    return loss_sums
 
 
 def loss_and_perplexity(totals: torch.Tensor) -> dict[str, float]:

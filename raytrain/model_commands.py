@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from raytrain.config import RuntimeConfig
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from raytrain.errors import DataError
-from raytrain.evaluate import loss_and_perplexity, validation_sums
+from raytrain.evaluate import forward_loss_sums, loss_and_perplexity, validation_sums
 from raytrain.model.generate import generate as generate_tokens
 from raytrain.model.hf import load_hf, save_hf
 from raytrain.runtime import init_ray
@@ -30,9 +29,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     init_ray(RuntimeConfig(progress=False))
     objective = Objective(meta["objective"], seed=meta["seed"], global_batch=args.batch_size,
                           mask_fraction=0.15, mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
-    totals = validation_sums(model, dataset, objective, batches=args.batches, global_batch=args.batch_size,
-                             consumer=0, num_consumers=1, device=torch.device("cpu"),
-                             autocast=contextlib.nullcontext)
+    totals = validation_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
+                             global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
     result = loss_and_perplexity(totals)
     print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
           f"({int(totals[1])} tokens of {args.data})")

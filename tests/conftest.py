@@ -80,3 +80,35 @@ def tiny_dataset(ray_session, corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     )
     run_prepare_stage(config)
     return out
+
+
+# Pre-training runs shared by the training tests: every layout must reproduce `reference`.
+STEPS = 20
+
+
+def pretrain(root, name, dataset, *overrides):
+    from raytrain.train.launch import run_pretrain
+
+    config = load_config("tiny", [f"run.root='{root}'", f"run.name={name}", f"train.data='{dataset}'",
+                                  f"train.steps={STEPS}", *overrides])
+    return run_pretrain(config)
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= tol * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="session")
+def reference(ray_session, tiny_dataset, tmp_path_factory):
+    """The uninterrupted single-worker run every other layout must reproduce."""
+    root = tmp_path_factory.mktemp("runs")
+    summary = pretrain(root, "reference", tiny_dataset, "parallel.workers=1", "tracking.mode=offline",
+                       "train.micro_batches=2")
+    return root / "reference", summary

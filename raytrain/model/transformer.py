@@ -151,7 +151,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens [batch, length] → logits [batch, length, vocab].
+        """tokens [batch, length] (or hidden states [batch, length, d_model]) → logits [batch, length, vocab].
 
         positions [batch, length] and a boolean mask [batch, 1, length, keys] serve batched
         generation with left padding; training passes neither. last_only: logits of the last
@@ -163,11 +163,15 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        h = self.embed_tokens(tokens)
+        # A pipeline stage may lack the embedding (it receives hidden states) or the head
+        # (it passes hidden states on); the full model has both.
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         for block in self.layers.values():
             h = block(h, cos, sin, causal, mask, cache)
         if cache is not None:
             cache.length += length
+        if self.lm_head is None:
+            return h
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h))

@@ -8,12 +8,16 @@ of different meshes. Norms are computed per mesh (one reduction each) and then c
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Clip to a global L2 norm; returns the norm before clipping (a plain tensor)."""
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to a global L2 norm; returns the norm before clipping (a plain tensor).
+
+    pp_group: pipeline stages hold disjoint parameters, so their squared norms add up.
+    """
     params = [p for p in parameters if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
@@ -25,7 +29,10 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total_square = torch.stack(squares).sum() if squares else torch.zeros(())
+    if pp_group is not None:
+        dist.all_reduce(total_square, group=pp_group)
+    total = total_square.sqrt()
     # A Python float scales a DTensor on any mesh (a tensor coefficient would need the same mesh).
     coefficient = min(1.0, max_norm / (float(total) + 1e-6))
     if coefficient < 1.0:

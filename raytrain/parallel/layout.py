@@ -1,11 +1,12 @@
-"""Apply a parallel layout to the model, in torchtitan's order: TP → AC → compile → FSDP2/DDP.
+"""Apply a parallel layout to the model, in torchtitan's order: pipeline split → TP → AC → compile → FSDP2.
 
-One DeviceMesh per worker, dims (dp_replicate, dp_shard, tp) with tp innermost, so on a
-real cluster the tensor-parallel group (the chattiest) stays inside a node.
+One DeviceMesh per worker with dims (pp, dp_replicate, dp_shard, tp): pp outermost, tp
+innermost, so on a real cluster the tensor-parallel group (the chattiest) stays inside a node.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from raytrain.config import ParallelConfig
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.tensor_parallel import apply_tensor_parallel
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass(frozen=True)
@@ -29,51 +30,55 @@ class Layout:
     dp_rank: int  # which slice of each global batch this worker reads
     dp: int
     tp: int
+    pp: int
+    pp_rank: int
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group() if self.pp > 1 else None
 
 
 def build_layout(parallel: ParallelConfig, world: int, device: torch.device) -> Layout:
     if world == 1:
-        return Layout(None, 0, 1, 1)
-    shape = (parallel.dp_replicate, parallel.shard, parallel.tp)
+        return Layout(None, 0, 1, 1, 1, 0)
+    shape = (parallel.pp, parallel.dp_replicate, parallel.shard, parallel.tp)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     dp_rank = mesh["dp_replicate"].get_local_rank() * parallel.shard + mesh["dp_shard"].get_local_rank()
-    return Layout(mesh, dp_rank, parallel.dp, parallel.tp)
+    return Layout(mesh, dp_rank, parallel.dp, parallel.tp, parallel.pp, mesh["pp"].get_local_rank())
 
 
-def parallelize(model: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device,
+def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device,
                 bf16: bool) -> torch.nn.Module:
-    """Returns the module to call; `model` stays the one to read parameters and config from."""
+    """Parallelize one model part (the whole model, or a pipeline stage); returns the module to call."""
     if layout.tp > 1:
-        apply_tensor_parallel(model, layout.mesh["tp"])
+        apply_tensor_parallel(part, layout.mesh["tp"])
     if parallel.activation_checkpointing == "full":
-        for index, name in enumerate(list(model.layers)):
-            if index % parallel.ac_every == 0:
-                model.layers[name] = checkpoint_wrapper(model.layers[name])
+        for name in list(part.layers):
+            if int(name) % parallel.ac_every == 0:
+                part.layers[name] = checkpoint_wrapper(part.layers[name])
     if parallel.compile:
         # Per block: one compiled graph that every layer reuses.
-        for block in model.layers.values():
+        for block in part.layers.values():
             block.compile()
     if layout.dp == 1:
-        return model
-    if parallel.shard == 1 and layout.tp == 1:
+        return part
+    if parallel.shard == 1 and layout.tp == 1 and layout.pp == 1:
         # Pure replication: plain DDP over the replicate group.
         group = layout.mesh["dp_replicate"].get_group()
-        return DistributedDataParallel(model, process_group=group,
+        return DistributedDataParallel(part, process_group=group,
                                        device_ids=[device.index] if device.type == "cuda" else None)
-    # FSDP2 over the data-parallel dims (HSDP when both are > 1), composed with TP.
+    # FSDP2 over the data-parallel dims (HSDP when both are > 1), composed with TP and PP.
     dp_mesh = layout.mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate > 1 else layout.mesh["dp_shard"]
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
-    for block in model.layers.values():
+    for block in part.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    return model
+    fully_shard(part, mesh=dp_mesh, mp_policy=policy)
+    return part
 
 
 def gradient_sync(module: torch.nn.Module, enabled: bool):
     """Skip the gradient reduction on all but the last micro-batch of a step."""
-    import contextlib
-
     if isinstance(module, FSDPModule):
         module.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()

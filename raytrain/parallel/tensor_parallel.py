@@ -31,7 +31,8 @@ def tp_errors(config: TransformerConfig, tp: int) -> list[str]:
     errors = []
     for key in ("n_heads", "n_kv_heads"):
         if getattr(config, key) % tp:
-            errors.append(f"model.{key}={getattr(config, key)} is not divisible by parallel.tp={tp}")
+            errors.append(f"model.{key}={getattr(config, key)} is not divisible by parallel.tp={tp}; "
+                          "choose a tp that divides it")
     if config.hidden_dim % tp:
         errors.append(f"the MLP width {config.hidden_dim} is not divisible by parallel.tp={tp}")
     if tp > 1 and config.tie_embeddings:
@@ -42,9 +43,13 @@ def tp_errors(config: TransformerConfig, tp: int) -> list[str]:
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Split the model, or the pipeline stage, in place (a stage may lack embedding or head)."""
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, BLOCK_PLAN)
-    parallelize_module(model, tp_mesh, {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    })
+    root_plan = {}
+    if model.embed_tokens is not None:
+        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
+    if model.lm_head is not None:
+        root_plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)

@@ -28,19 +28,35 @@ META_FILE = "raytrain.json"
 FORMAT = "raytrain.checkpoint/1"
 
 
-def save_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer, meta: dict,
+# Optimizer state keyed by parameter name: the same keys under every layout and pipeline split.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _training_state(parts: list[torch.nn.Module], optimizers: list) -> tuple[dict, list[set[str]]]:
+    """This rank's share of model and optimizer state, and which model keys each part owns."""
+    model_state, optim_state, owned = {}, {}, []
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        part_model, part_optim = get_state_dict(part, optimizer, options=FLAT)
+        model_state.update(part_model)
+        optim_state.update(part_optim)
+        owned.append(set(part_model))
+    return {"model": model_state, "optim": optim_state}, owned
+
+
+def save_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list, meta: dict,
                              write_meta: bool) -> None:
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    state, _ = _training_state(parts, optimizers)
+    dcp.save(state, checkpoint_id=str(folder))
     if write_meta:
         write_checkpoint_meta(folder, meta)
 
 
-def load_training_checkpoint(folder: Path, model: torch.nn.Module, optimizer) -> dict:
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list) -> dict:
+    state, owned = _training_state(parts, optimizers)
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for part, optimizer, keys in zip(parts, optimizers, owned, strict=True):
+        set_state_dict(part, optimizer, model_state_dict={k: state["model"][k] for k in keys},
+                       optim_state_dict=state["optim"], options=FLAT)
     return read_checkpoint_meta(folder)
 
 

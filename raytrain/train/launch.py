@@ -15,6 +15,7 @@ from raytrain.config import Config
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import tokenizer_hash
 from raytrain.errors import ConfigError, DataError
+from raytrain.parallel.pipeline import pipeline_errors
 from raytrain.parallel.tensor_parallel import tp_errors
 from raytrain.runtime import init_ray
 from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
@@ -51,9 +52,13 @@ def check_training_config(config: Config) -> PreparedDataset:
         raise ConfigError(f"config key 'train.global_batch' {train.global_batch} is not divisible by "
                           f"data-parallel degree {parallel.dp} × train.micro_batches {train.micro_batches} = "
                           f"{per_step}; make it a multiple of {per_step}")
-    problems = tp_errors(model, parallel.tp)
+    problems = tp_errors(model, parallel.tp) + pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages,
+                                                               parallel.pp_layers)
+    if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
+        problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp={parallel.pp} "
+                        f"for the {parallel.pp_schedule} schedule")
     if problems:
-        raise ConfigError("; ".join(problems) + "; choose a parallel.tp that divides them")
+        raise ConfigError("; ".join(problems))
     if dataset.split("train").num_rows == 0:
         raise DataError(f"'{train.data}' has no train rows")
     if train.init_from:
@@ -88,9 +93,9 @@ def run_pretrain(config: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     parallel = config.parallel
-    log.info("pretrain: %d worker(s) (dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences × %d tokens "
-             "→ %s", parallel.workers, parallel.dp_replicate, parallel.shard, parallel.tp, config.train.steps,
-             config.train.global_batch, dataset.seq_len, run_dir)
+    log.info("pretrain: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences "
+             "× %d tokens → %s", parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard, parallel.tp,
+             config.train.steps, config.train.global_batch, dataset.seq_len, run_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},

@@ -24,11 +24,12 @@ import torch.distributed as dist
 from raytrain.config import Config, config_from_dict
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
-from raytrain.evaluate import loss_and_perplexity, validation_sums
+from raytrain.evaluate import forward_loss_sums, loss_and_perplexity, validation_sums
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
+from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
 from raytrain.runtime import configure_ray_data
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line
@@ -71,11 +72,7 @@ class Worker:
                                    mask_fraction=self.train.mask_fraction, mask_id=special["mask"])
         self.bf16 = self.train.precision == "bf16"
 
-        self.model = Transformer(config.model)
-        self.model.init_weights(self.train.seed)
-        self.model.to(self.device)
-        self.module = parallelize(self.model, config.parallel, self.layout, self.device, self.bf16)
-        self.optimizer = build_optimizer(self.model, self.train)
+        self._build_model()
         self.start_step = self._restore()
         self.has_val = self.dataset.split("val").num_rows > 0
         self.tokens_per_step = self.train.global_batch * self.dataset.seq_len
@@ -84,17 +81,42 @@ class Worker:
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
             log.info(f"[raytrain] {self.world} worker(s) on {self.device.type}, "
-                     f"{self.model.num_params():,} parameters, MFU against {self.peak / 1e12:.2f} "
+                     f"{sum(p.num_params() for p in self.parts):,} parameters on rank 0, MFU against "
+                     f"{self.peak / 1e12:.2f} "
                      f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name)
+
+    def _build_model(self) -> None:
+        """The model parts this rank holds (the whole model, or its pipeline stages), parallelized."""
+        parallel, layout = self.config.parallel, self.layout
+        if layout.pp > 1:
+            stages = build_stage_parts(self.config.model, self.train.seed, layout.pp, layout.pp_rank,
+                                       parallel.pp_virtual_stages, parallel.pp_layers)
+        else:
+            model = Transformer(self.config.model)
+            model.init_weights(self.train.seed)
+            stages = [(0, model)]
+        self.parts = [part.to(self.device) for _, part in stages]
+        self.modules = [parallelize(part, parallel, layout, self.device, self.bf16) for part in self.parts]
+        self.optimizers = [build_optimizer(part, self.train) for part in self.parts]
+        n_stages = layout.pp * parallel.pp_virtual_stages
+        self.last_stage = any(index == n_stages - 1 for index, _ in stages)
+        self.schedule = None
+        if layout.pp > 1:
+            wrapped = [(index, CallWithCausal(module, self.objective.causal))
+                       for (index, _), module in zip(stages, self.modules, strict=True)]
+            self.schedule = build_schedule(parallel.pp_schedule, wrapped, n_stages, self.device, layout.pp_group,
+                                           self.train.micro_batches, self._pipeline_loss)
+        self.loss_scale = 1.0
 
     def _restore(self) -> int:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                return load_training_checkpoint(Path(folder), self.module, self.optimizer)["step"]
+                return load_training_checkpoint(Path(folder), self.modules, self.optimizers)["step"]
         if self.train.init_from:
-            load_weights(Path(self.train.init_from), self.module)
+            for module in self.modules:
+                load_weights(Path(self.train.init_from), module)
         return 0
 
     def autocast(self):
@@ -137,28 +159,75 @@ class Worker:
             self.log.close()
 
     def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns [loss sum, target count] where this rank computed the loss."""
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, self.train)
+        first_row = self.layout.dp_rank * self.local_batch
+        if self.schedule is not None:
+            sums = self._pipeline_step(step, rows, first_row)
+        else:
+            sums = self._accumulate_step(step, rows, first_row)
+        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        params = [p for part in self.parts for p in part.parameters()]
+        self.grad_norm = clip_grad_norm(params, max_norm, self.layout.pp_group)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    def _global_count(self, targets: list[torch.Tensor]) -> torch.Tensor:
+        """Target tokens in the whole global batch (every pp and tp rank holds the same targets)."""
+        counts = torch.stack([(t != -100).sum() for t in targets]).sum().double()
+        return all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
+
+    def _accumulate_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
+        (module,) = self.modules
         micro = rows.chunk(self.train.micro_batches)
-        pairs = [self.objective(m, step, self.layout.dp_rank * self.local_batch + i * len(micro[0]))
-                 for i, m in enumerate(micro)]
-        counts = torch.stack([(t != -100).sum() for _, t in pairs]).sum().double()
-        global_count = self.dp_sum(counts)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.train)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        pairs = [self.objective(m, step, first_row + i * len(micro[0])) for i, m in enumerate(micro)]
+        global_count = self._global_count([t for _, t in pairs])
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, (inputs, targets) in enumerate(pairs):
-            with gradient_sync(self.module, i == len(pairs) - 1), self.autocast():
-                loss, _ = token_loss(self.module(inputs, causal=self.objective.causal), targets)
+            with gradient_sync(module, i == len(pairs) - 1), self.autocast():
+                loss, count = token_loss(module(inputs, causal=self.objective.causal), targets)
             # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
             (loss * self.layout.dp / global_count).backward()
-            loss_sum += loss.detach().double()
-        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        self.grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss_sum, counts])
+            sums += torch.stack([loss.detach().double(), count.double()])
+        return sums
+
+    def _pipeline_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
+        inputs, targets = self.objective(rows, step, first_row)
+        self.loss_scale = float(self.layout.dp / self._global_count([targets]))
+        losses: list[torch.Tensor] = []
+        with self.autocast():
+            self.schedule.step(inputs, target=targets, losses=losses)
+        return torch.stack(self._pipeline_sums(losses, targets))
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss_fn: this micro-batch's share of the global token mean."""
+        return token_loss(logits, targets)[0] * self.loss_scale
+
+    def _pipeline_sums(self, losses: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, count) from the losses the schedule collected; zeros off the last stage.
+
+        Taken from the schedule's list rather than counted inside loss_fn, which the schedule
+        also calls on placeholder tensors while it infers shapes.
+        """
+        if not self.last_stage:
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            return zero, zero
+        loss_sum = torch.stack([loss.detach().double() for loss in losses]).sum() / self.loss_scale
+        return loss_sum, (targets != -100).sum().double()
+
+    def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.loss_scale = 1.0
+        losses: list[torch.Tensor] = []
+        with self.autocast():
+            self.schedule.eval(inputs, target=targets, losses=losses)
+        return self._pipeline_sums(losses, targets)
 
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over data-parallel ranks (tensor-parallel ranks hold identical copies)."""
+        """Sum [loss, count] over data-parallel ranks: only last-stage ranks hold them, tp ranks hold copies."""
         return all_reduce_sum(tensor.clone()) / self.layout.tp
 
     def _interval_metrics(self, step: int, interval: torch.Tensor, timer: dict) -> dict[str, float]:
@@ -179,9 +248,17 @@ class Worker:
         }
 
     def _validate(self) -> dict[str, float]:
-        totals = validation_sums(self.module, self.dataset, self.objective, batches=self.train.val_batches,
+        if self.schedule is not None:
+            loss_sums = self._pipeline_eval
+        else:
+            loss_sums = forward_loss_sums(self.modules[0], self.objective, self.autocast)
+        for module in self.modules:
+            module.eval()
+        totals = validation_sums(self.dataset, self.objective, loss_sums, batches=self.train.val_batches,
                                  global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
-                                 num_consumers=self.layout.dp, device=self.device, autocast=self.autocast)
+                                 num_consumers=self.layout.dp, device=self.device)
+        for module in self.modules:
+            module.train()
         return loss_and_perplexity(self.dp_sum(totals))
 
     def _log(self, step: int, metrics: dict[str, float], started: float | None = None) -> None:
@@ -206,7 +283,7 @@ class Worker:
             "world_size": self.world,
         }
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as folder:
-            save_training_checkpoint(Path(folder), self.module, self.optimizer, meta, self.rank == 0)
+            save_training_checkpoint(Path(folder), self.modules, self.optimizers, meta, self.rank == 0)
             ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:06d}")
