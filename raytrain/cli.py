@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_commands(commands) -> None:
     from raytrain import model_commands
 
+    plan = commands.add_parser("plan", help="dry-run a parallel layout: memory per rank, fit, step time")
+    plan.add_argument("--config", required=True, help="preset (llama-1b, llama-8b, llama-70b, …) or YAML file")
+    plan.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device (default 80)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    plan.set_defaults(action=model_commands.plan)
+
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")

@@ -1,4 +1,4 @@
-"""`raytrain eval`, `generate` and `convert`: single-process work on a checkpoint."""
+"""`raytrain eval`, `generate`, `convert` and `plan`: single-process work on a checkpoint or a config."""
 
 from __future__ import annotations
 
@@ -77,3 +77,16 @@ def convert_from_hf(args: argparse.Namespace) -> None:
     save_model(out, model, {"step": 0, "objective": "causal", "seed": 0, "source": str(args.hf_dir)})
     print(f"{args.hf_dir} → {out} ({model.num_params():,} parameters); start a run from it with "
           f"train.init_from={out}")
+
+
+def plan(args: argparse.Namespace) -> str:
+    from raytrain.config import load_config
+    from raytrain.parallel.plan import format_plan, plan_ranks
+    from raytrain.train.launch import check_layout
+
+    config = load_config(args.config, [*args.overrides, f"parallel.workers={args.world}"])
+    check_layout(config)
+    text = format_plan(config, args.world, plan_ranks(config, args.world), args.gpu_memory, args.peak_tflops,
+                       args.mfu)
+    print(text)
+    return text

@@ -176,6 +176,12 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.lm_head(self.norm(h))
 
+    @staticmethod
+    def block_parameter_shapes(config: TransformerConfig) -> list[torch.Tensor]:
+        """The parameters of one block, on the meta device (sizes for planning)."""
+        with torch.device("meta"):
+            return list(Block(config, 0).parameters())
+
     def num_params(self, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if embeddings else total - self.embed_tokens.weight.numel()

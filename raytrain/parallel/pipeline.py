@@ -53,14 +53,16 @@ class CallWithCausal(nn.Module):
 
 
 def build_stage_parts(config: TransformerConfig, seed: int, pp: int, pp_rank: int, virtual: int,
-                      explicit: list[int]) -> list[tuple[int, Transformer]]:
-    """(stage index, model part) for the stages this rank holds."""
+                      explicit: list[int], init: bool = True) -> list[tuple[int, Transformer]]:
+    """(stage index, model part) for the stages this rank holds; init=False leaves weights unset
+    (for the planner, which builds on the meta device)."""
     n_stages = pp * virtual
     ranges = stage_layers(config.n_layers, n_stages, explicit)
     parts = []
     for stage in range(pp_rank, n_stages, pp):
         part = Transformer(config)
-        part.init_weights(seed)
+        if init:
+            part.init_weights(seed)
         for name in list(part.layers):
             if int(name) not in ranges[stage]:
                 del part.layers[name]

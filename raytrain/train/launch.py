@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 
 def check_training_config(config: Config) -> PreparedDataset:
     """Everything that can be checked before a worker starts."""
-    train, model, parallel = config.train, config.model, config.parallel
+    train, model = config.train, config.model
     if not train.data:
         raise ConfigError("config key 'train.data' is empty; set it to a folder from `raytrain data prepare`")
     # Workers run in other folders: hand them absolute paths.
@@ -47,6 +47,20 @@ def check_training_config(config: Config) -> PreparedDataset:
         raise ConfigError(f"config key 'model.max_seq_len' is {model.max_seq_len} but the data's rows hold "
                           f"{dataset.seq_len} tokens; set model.max_seq_len >= {dataset.seq_len} or prepare "
                           "shorter rows")
+    check_layout(config)
+    if dataset.split("train").num_rows == 0:
+        raise DataError(f"'{train.data}' has no train rows")
+    if train.init_from:
+        meta = read_checkpoint_meta(Path(train.init_from))
+        if meta["model"] != vars(model):
+            raise ConfigError(f"train.init_from '{train.init_from}' holds model {meta['model']}, "
+                              f"which differs from the config's model section")
+    return dataset
+
+
+def check_layout(config: Config) -> None:
+    """The parallel layout fits the model and the batch (also used by `raytrain plan`)."""
+    train, model, parallel = config.train, config.model, config.parallel
     per_step = parallel.dp * train.micro_batches
     if train.global_batch % per_step:
         raise ConfigError(f"config key 'train.global_batch' {train.global_batch} is not divisible by "
@@ -59,14 +73,6 @@ def check_training_config(config: Config) -> PreparedDataset:
                         f"for the {parallel.pp_schedule} schedule")
     if problems:
         raise ConfigError("; ".join(problems))
-    if dataset.split("train").num_rows == 0:
-        raise DataError(f"'{train.data}' has no train rows")
-    if train.init_from:
-        meta = read_checkpoint_meta(Path(train.init_from))
-        if meta["model"] != vars(model):
-            raise ConfigError(f"train.init_from '{train.init_from}' holds model {meta['model']}, "
-                              f"which differs from the config's model section")
-    return dataset
 
 
 def check_placement(config: Config, use_gpu: bool) -> None:

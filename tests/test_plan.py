@@ -1,0 +1,42 @@
+"""`raytrain plan`: the real parallel plan applied on the meta device over a fake process group."""
+
+import re
+from argparse import Namespace
+
+import pytest
+
+from raytrain.errors import ConfigError
+from raytrain.model_commands import plan
+
+
+def run_plan(config: str, world: int, *overrides: str) -> str:
+    return plan(Namespace(config=config, world=world, gpu_memory=80.0, peak_tflops=989.0, mfu=0.4,
+                          overrides=list(overrides)))
+
+
+def replica_sum(text: str) -> tuple[str, str]:
+    line = next(x for x in text.splitlines() if x.startswith("parameters over the ranks of one replica"))
+    counted, total = re.search(r"once: ([\d,]+) \(model: ([\d,]+)\)", line).groups()
+    return counted, total
+
+
+def test_8b_preset_on_64_ranks_fits_and_counts_every_parameter():
+    text = run_plan("llama-8b", 64)
+    counted, total = replica_sum(text)
+    assert counted == total == "8,030,261,248"
+    assert "fits with 10% headroom" in text and "tokens/s" in text
+
+
+def test_3d_layout_counts_replicated_parameters_once():
+    # Norm weights are replicated over tp; embedding and head live on the first and last stage only.
+    text = run_plan("tiny", 8, "parallel.pp=2", "parallel.tp=2", "train.micro_batches=2", "train.global_batch=8")
+    counted, total = replica_sum(text)
+    assert counted == total
+    assert "pipeline bubble 33%" in text
+
+
+def test_a_layout_that_cannot_split_the_model():
+    with pytest.raises(ConfigError, match="model.n_kv_heads=2 is not divisible by parallel.tp=4"):
+        run_plan("tiny", 4, "parallel.tp=4")
+    with pytest.raises(ConfigError, match="fewer than pp × pp_virtual_stages = 8 stages"):
+        run_plan("tiny", 8, "parallel.pp=8", "train.micro_batches=8", "train.global_batch=8")
