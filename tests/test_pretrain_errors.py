@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ray
         (["train.global_batch=6", "parallel.workers=4"], "'train.global_batch' 6 is not divisible by data-parallel"),
         (["parallel.workers=64", "train.global_batch=64"], "need 64 CPUs but the cluster has"),
         (["parallel.workers=4", "parallel.tp=4"], "model.n_kv_heads=2 is not divisible by parallel.tp=4"),
-        (["parallel.workers=3", "parallel.dp_shard=2"], "'parallel.workers' 3 differs from dp_replicate"),
+        (["parallel.workers=3", "parallel.dp_shard=2"], "'parallel.workers' 3 differs from pp × dp_replicate"),
     ],
 )
 def test_bad_training_config(capsys, ray_session, tiny_dataset, tmp_path, overrides, fragment):

@@ -152,9 +152,14 @@ def stream_batches(
     num_consumers: int = 1,
     start_step: int = 0,
     num_steps: int,
-    read_cpus: float = 0.25,
+    read_cpus: float = 0.0,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order."""
+    """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order.
+
+    Read tasks reserve no CPU by default: the worker that consumes them already holds its CPUs,
+    and a reservation could starve them when workers (or a placement group not yet released
+    by the previous run) take every CPU of the cluster.
+    """
     import ray.data
 
     if not 0 <= consumer < num_consumers:
