@@ -1,1 +1,1 @@
-"""Parallelism applied to the model from outside: data parallel (FSDP2 / DDP)."""
+"""Parallelism applied to the model from outside: DeviceMesh layouts, TP, pipeline stages, FSDP2, planning."""
