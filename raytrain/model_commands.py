@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from raytrain.config import RuntimeConfig
+from raytrain.config import RuntimeConfig, TrainConfig
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from raytrain.errors import DataError
@@ -28,7 +28,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
                         "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
     objective = Objective(meta["objective"], seed=meta["seed"], global_batch=args.batch_size,
-                          mask_fraction=0.15, mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
+                          mask_fraction=meta["mask_fraction"],
+                          mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
     totals = validation_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
                              global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
     result = loss_and_perplexity(totals)
@@ -74,7 +75,8 @@ def convert_from_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "raytrain.json").exists():
         raise DataError(f"'{out}' already holds a checkpoint; choose another --out")
-    save_model(out, model, {"step": 0, "objective": "causal", "seed": 0, "source": str(args.hf_dir)})
+    save_model(out, model, {"step": 0, "objective": "causal", "mask_fraction": TrainConfig.mask_fraction, "seed": 0,
+                            "source": str(args.hf_dir)})
     print(f"{args.hf_dir} → {out} ({model.num_params():,} parameters); start a run from it with "
           f"train.init_from={out}")
 

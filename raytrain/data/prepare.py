@@ -93,8 +93,7 @@ class TokenShardDatasink(Datasink):
     def write(self, blocks, ctx) -> dict:
         pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
         counts: Counter[str] = Counter()
-        for block in blocks:
-            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+        for table in blocks:  # Arrow tables: TokenizeDocuments returns them
             tokens = table.column("tokens").combine_chunks()
             flat = tokens.values.to_numpy()
             offsets = tokens.offsets.to_numpy()

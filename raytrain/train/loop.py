@@ -33,7 +33,7 @@ from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_sta
 from raytrain.runtime import configure_ray_data
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line
-from raytrain.train.objectives import Objective, token_loss
+from raytrain.train.objectives import Objective, target_count, token_loss
 from raytrain.train.optim import build_optimizer, lr_at
 
 FAILED_ONCE_MARKER = ".debug_failed_once"
@@ -178,7 +178,7 @@ class Worker:
 
     def _global_count(self, targets: list[torch.Tensor]) -> torch.Tensor:
         """Target tokens in the whole global batch (every pp and tp rank holds the same targets)."""
-        counts = torch.stack([(t != -100).sum() for t in targets]).sum().double()
+        counts = torch.stack([target_count(t) for t in targets]).sum().double()
         return all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
 
     def _accumulate_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -217,7 +217,7 @@ class Worker:
             zero = torch.zeros((), dtype=torch.float64, device=self.device)
             return zero, zero
         loss_sum = torch.stack([loss.detach().double() for loss in losses]).sum() / self.loss_scale
-        return loss_sum, (targets != -100).sum().double()
+        return loss_sum, target_count(targets).double()
 
     def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor):
         self.loss_scale = 1.0
@@ -276,6 +276,7 @@ class Worker:
             "step": step,
             "model": vars(self.config.model),
             "objective": self.train.objective,
+            "mask_fraction": self.train.mask_fraction,
             "tokens_seen": step * self.tokens_per_step,
             "data": str(self.dataset.root),
             "tokenizer": self.dataset.manifest["tokenizer"],

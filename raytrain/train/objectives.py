@@ -30,11 +30,16 @@ def masked_lm(rows: torch.Tensor, *, seed: int, step: int, first_row: int, globa
     return inputs, targets
 
 
+def target_count(targets: torch.Tensor) -> torch.Tensor:
+    """How many positions carry a target (the rest are IGNORE)."""
+    return (targets != IGNORE).sum()
+
+
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropy over the targeted positions, number of them)."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, (targets != IGNORE).sum()
+    return loss, target_count(targets)
 
 
 class Objective:
