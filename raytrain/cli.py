@@ -86,6 +86,7 @@ def _add_model_commands(commands) -> None:
     plan = commands.add_parser("plan", help="dry-run a parallel layout: memory per rank, fit, step time")
     plan.add_argument("--config", required=True, help="preset (llama-1b, llama-8b, llama-70b, …) or YAML file")
     plan.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
+    plan.add_argument("--seq-len", type=int, help="tokens per training row (default: model.max_seq_len)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device (default 80)")
     plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")

@@ -153,6 +153,8 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas (with dp_shard > 1: HSDP)
     dp_shard: int = -1  # FSDP2 shards; -1: inferred as workers / (pp × dp_replicate × tp)
     tp: int = 1  # tensor parallel (DTensor), innermost so it stays inside a node
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream split over the sequence
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-split logits, never gathered
     activation_checkpointing: Literal["none", "full"] = "none"
     ac_every: int = 1  # with full: checkpoint every n-th block
     compile: bool = False  # torch.compile each transformer block
@@ -198,6 +200,7 @@ class TrackingConfig:
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
     fail_rank: int = 0
+    track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
 
 
 @dataclass

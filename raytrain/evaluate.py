@@ -30,11 +30,11 @@ def validation_sums(dataset: PreparedDataset, objective: Objective, loss_sums, *
     return totals
 
 
-def forward_loss_sums(module: torch.nn.Module, objective: Objective, autocast=contextlib.nullcontext):
-    """loss_sums for a model that runs whole in this process."""
+def forward_loss_sums(module: torch.nn.Module, objective: Objective, compute=contextlib.nullcontext):
+    """loss_sums for a model that is not pipelined; compute() is the context it runs in (autocast…)."""
 
     def loss_sums(inputs: torch.Tensor, targets: torch.Tensor):
-        with autocast():
+        with compute():
             return token_loss(module(inputs, causal=objective.causal), targets)
 
     return loss_sums

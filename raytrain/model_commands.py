@@ -87,8 +87,9 @@ def plan(args: argparse.Namespace) -> str:
     from raytrain.train.launch import check_layout
 
     config = load_config(args.config, [*args.overrides, f"parallel.workers={args.world}"])
-    check_layout(config)
-    text = format_plan(config, args.world, plan_ranks(config, args.world), args.gpu_memory, args.peak_tflops,
-                       args.mfu)
+    seq_len = args.seq_len or config.model.max_seq_len
+    check_layout(config, seq_len)
+    text = format_plan(config, args.world, seq_len, plan_ranks(config, args.world, seq_len), args.gpu_memory,
+                       args.peak_tflops, args.mfu)
     print(text)
     return text

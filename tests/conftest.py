@@ -94,9 +94,13 @@ def pretrain(root, name, dataset, *overrides):
     return run_pretrain(config)
 
 
-def losses(run_dir) -> dict[int, float]:
+def metric(run_dir, name: str) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    return {r["step"]: r[name] for r in records if name in r}
+
+
+def losses(run_dir) -> dict[int, float]:
+    return metric(run_dir, "train/loss")
 
 
 def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:
@@ -110,5 +114,5 @@ def reference(ray_session, tiny_dataset, tmp_path_factory):
     """The uninterrupted single-worker run every other layout must reproduce."""
     root = tmp_path_factory.mktemp("runs")
     summary = pretrain(root, "reference", tiny_dataset, "parallel.workers=1", "tracking.mode=offline",
-                       "train.micro_batches=2")
+                       "train.micro_batches=2", "debug.track_memory=true")
     return root / "reference", summary

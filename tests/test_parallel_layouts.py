@@ -3,12 +3,14 @@
 import pytest
 import ray.train
 import torch
-from conftest import assert_same_curve, losses, pretrain
+from conftest import assert_same_curve, losses, metric, pretrain
+
+from raytrain.config import load_config
+from raytrain.parallel.plan import plan_ranks
 
 pytestmark = pytest.mark.ray
 # Half a CPU per worker or less: 4-8 workers share the 4 logical CPUs with the Ray Data readers.
 LAYOUTS = {
-    "tp2": ["parallel.workers=2", "parallel.tp=2"],
     "pp2-gpipe": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=gpipe", "train.micro_batches=2"],
     "pp2-1f1b": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batches=2"],
     "pp2-interleaved": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
@@ -25,6 +27,21 @@ LAYOUTS = {
 def test_layout_matches_single_worker(reference, tiny_dataset, tmp_path, layout):
     pretrain(tmp_path, layout, tiny_dataset, *LAYOUTS[layout])
     assert_same_curve(losses(reference[0]), losses(tmp_path / layout))
+
+
+def planned_gib(world: int, *overrides: str) -> float:
+    config = load_config("tiny", [f"parallel.workers={world}", *overrides])
+    return max(rank.total_gib for rank in plan_ranks(config, world, seq_len=32))
+
+
+def test_tensor_parallel_matches_one_worker_and_the_planned_memory(reference, tiny_dataset, tmp_path):
+    # Sequence and loss parallel are on (the default); both runs count their live tensors.
+    pretrain(tmp_path, "tp2", tiny_dataset, "parallel.workers=2", "parallel.tp=2", "debug.track_memory=true")
+    assert_same_curve(losses(reference[0]), losses(tmp_path / "tp2"))
+    for run, planned in ((reference[0], planned_gib(1, "train.micro_batches=2")),
+                         (tmp_path / "tp2", planned_gib(2, "parallel.tp=2"))):
+        measured = max(metric(run, "mem/tensor_peak_gib").values())
+        assert abs(planned - measured) <= 0.25 * measured, (run.name, planned, measured)
 
 
 def test_pipeline_and_tensor_parallel_checkpoint_reshards(reference, tiny_dataset, tmp_path):

@@ -9,8 +9,8 @@ from raytrain.errors import ConfigError
 from raytrain.model_commands import plan
 
 
-def run_plan(config: str, world: int, *overrides: str) -> str:
-    return plan(Namespace(config=config, world=world, gpu_memory=80.0, peak_tflops=989.0, mfu=0.4,
+def run_plan(config: str, world: int, *overrides: str, seq_len: int | None = None) -> str:
+    return plan(Namespace(config=config, world=world, seq_len=seq_len, gpu_memory=80.0, peak_tflops=989.0, mfu=0.4,
                           overrides=list(overrides)))
 
 
@@ -40,3 +40,8 @@ def test_a_layout_that_cannot_split_the_model():
         run_plan("tiny", 4, "parallel.tp=4")
     with pytest.raises(ConfigError, match="fewer than pp × pp_virtual_stages = 8 stages"):
         run_plan("tiny", 8, "parallel.pp=8", "train.micro_batches=8", "train.global_batch=8")
+    with pytest.raises(ConfigError, match="set model.tie_embeddings=false"):
+        run_plan("tiny", 2, "parallel.pp=2", "train.micro_batches=2", "model.tie_embeddings=true")
+    with pytest.raises(ConfigError, match="sequence length 31 is not divisible by parallel.tp=2"):
+        run_plan("tiny", 2, "parallel.tp=2", seq_len=31)
+    run_plan("tiny", 2, "parallel.tp=2", "parallel.sequence_parallel=false", seq_len=31)

@@ -77,6 +77,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        # The tables may run past this length (a sequence-parallel stage sees only its slice of it).
+        cos, sin = cos[..., :length, :], sin[..., :length, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -160,7 +162,7 @@ class Transformer(nn.Module):
         length = tokens.shape[1]
         if positions is None:
             start = cache.length if cache is not None else 0
-            cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+            cos, sin = self.rope_cos[start:], self.rope_sin[start:]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         # A pipeline stage may lack the embedding (it receives hidden states) or the head

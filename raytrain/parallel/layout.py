@@ -51,7 +51,7 @@ def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, dev
                 bf16: bool) -> torch.nn.Module:
     """Parallelize one model part (the whole model, or a pipeline stage); returns the module to call."""
     if layout.tp > 1:
-        apply_tensor_parallel(part, layout.mesh["tp"])
+        apply_tensor_parallel(part, layout.mesh["tp"], parallel.sequence_parallel, parallel.loss_parallel)
     if parallel.activation_checkpointing == "full":
         for name in list(part.layers):
             if int(name) % parallel.ac_every == 0:

@@ -34,6 +34,9 @@ def pipeline_errors(config: TransformerConfig, pp: int, virtual: int, explicit: 
         return [f"parallel.pp_layers lists {len(explicit)} stages but pp × pp_virtual_stages = {stages}"]
     if explicit and (sum(explicit) != config.n_layers or min(explicit) < 0):
         return [f"parallel.pp_layers {explicit} must be counts >= 0 summing to model.n_layers={config.n_layers}"]
+    if pp > 1 and config.tie_embeddings:
+        return ["model.tie_embeddings needs the embedding and the output head on one rank, but parallel.pp > 1 "
+                "puts them on the first and the last stage; set model.tie_embeddings=false"]
     if not explicit and config.n_layers < stages:
         return [f"model.n_layers={config.n_layers} is fewer than pp × pp_virtual_stages = {stages} stages; "
                 "lower parallel.pp or parallel.pp_virtual_stages"]

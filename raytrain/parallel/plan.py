@@ -5,15 +5,20 @@ For each pipeline stage the model part is built on the meta device and the real 
 so the parameter shapes and placements are exactly those a run would have. Every rank's
 local parameter count then follows from DTensor's own sharding arithmetic.
 
-Memory per rank assumes the GPU recipe: fp32 master weights, fp32 gradients and two fp32
-AdamW states per local parameter; bf16 compute with FSDP gathering two blocks at a time; and
-bf16 activations counted per token and layer for this architecture:
-4·d (norm inputs/outputs, replicated under TP) + (3·d + 3·kv + 4·ffn)/tp (q, k, v before and
-after rotary, attention output, and the four SwiGLU tensors). A checkpointed layer keeps only
-its input (d). The last stage also holds fp32 logits and their gradient (8 bytes × vocab per
-token). Pipeline schedules keep several micro-batches in flight: all of them under GPipe,
-pp − stage under 1F1B (more under interleaving). The estimate leaves out the CUDA context,
-allocator fragmentation and communication buffers: a rank "fits" below 90% of device memory.
+Memory per rank: fp32 master weights, fp32 gradients and two fp32 AdamW states per local
+parameter; with FSDP, two blocks gathered at a time in the compute dtype. Activations are
+what autograd keeps per token and layer in this model, with a = 2 bytes under bf16, 4 under
+fp32 and the residual stream and norm statistics in fp32 (checked against a tracked run):
+each norm keeps its input, its normalised value and its output as the next matmul's input,
+(4 + 4 + a)·d; attention keeps q and k after rotary, v, its output and the output
+projection's input, a·(3·d + 2·kv)/tp; the SwiGLU MLP keeps four ffn-wide tensors, 4·a·ffn/tp.
+Sequence parallel splits the norms' input and normalised value by tp (the gathered matmul
+input stays whole). A checkpointed layer keeps only its input (4·d), plus one layer being
+recomputed. The last stage adds the final norm and 12 bytes × vocab per token for the
+cross-entropy (fp32 log-probabilities and two gradients of that size), split by tp under
+loss parallel. Pipeline schedules keep several micro-batches in flight: all under GPipe,
+pp − stage under 1F1B (more under interleaving). Left out: the CUDA context, allocator
+fragmentation and communication buffers, so a rank "fits" below 90% of device memory.
 """
 
 from __future__ import annotations
@@ -95,7 +100,9 @@ def _stage_params(config: Config, world: int, pp_rank: int) -> tuple[list[int], 
 
 def _owned(param: ParamLayout, coordinate: dict[str, int]) -> bool:
     """Within a replica, a parameter not split over dp_shard or tp counts on coordinate 0 of that dim."""
-    return all(coordinate[dim] == 0 for dim in ("dp_shard", "tp") if dim not in param.mesh_dims)
+    split = {dim for dim, placement in zip(param.mesh_dims, param.placements, strict=True)
+             if not placement.is_replicate()}  # Shard, or FSDP-over-TP's _StridedShard
+    return all(coordinate[dim] == 0 for dim in ("dp_shard", "tp") if dim not in split)
 
 
 def _local_numel(param: ParamLayout, coordinate: dict[str, int]) -> int:
@@ -122,23 +129,29 @@ def _in_flight(config: Config, pp_rank: int) -> int:
 def activation_bytes_per_token(config: Config, layers: int, last_stage: bool) -> float:
     model, parallel = config.model, config.parallel
     d, kv, ffn, tp = model.d_model, model.n_kv_heads * model.head_dim, model.hidden_dim, parallel.tp
-    full_layer = 2 * (4 * d + (3 * d + 3 * kv + 4 * ffn) / tp)
+    a = 2 if config.train.precision == "bf16" else 4
+    split_sequence = tp > 1 and parallel.sequence_parallel
+    norm = 8 * d / tp + a * d if split_sequence else (8 + a) * d
+    layer = 2 * norm + a * (3 * d + 2 * kv + 4 * ffn) / tp
     if parallel.activation_checkpointing == "full":
         checkpointed = math.ceil(layers / parallel.ac_every)
-        stored = checkpointed * 2 * d + (layers - checkpointed) * full_layer + full_layer  # + one recompute
+        stored = checkpointed * 4 * d / (tp if split_sequence else 1) + (layers - checkpointed + 1) * layer
     else:
-        stored = layers * full_layer
-    return stored + (8 * model.vocab_size if last_stage else 0)
+        stored = layers * layer
+    if last_stage:
+        split_loss = tp if tp > 1 and parallel.loss_parallel else 1
+        stored += norm + 12 * model.vocab_size / split_loss
+    return stored
 
 
-def plan_ranks(config: Config, world: int) -> list[RankPlan]:
+def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
     parallel = config.parallel
-    seq = config.model.max_seq_len
-    micro_tokens = config.train.global_batch // parallel.dp // config.train.micro_batches * seq
+    micro_tokens = config.train.global_batch // parallel.dp // config.train.micro_batches * seq_len
     n_stages = parallel.pp * parallel.pp_virtual_stages
     layer_ranges = stage_layers(config.model.n_layers, n_stages, parallel.pp_layers)
     block_params = sum(p.numel() for p in Transformer.block_parameter_shapes(config.model))
-    gather = 2 * 2 * block_params / parallel.tp if parallel.shard * parallel.dp_replicate > 1 else 0
+    compute_bytes = 2 if config.train.precision == "bf16" else 4
+    gather = 2 * compute_bytes * block_params / parallel.tp if parallel.shard * parallel.dp_replicate > 1 else 0
     plans = []
     for pp_rank in range(parallel.pp):
         stages, params = _stage_params(config, world, pp_rank)
@@ -165,11 +178,10 @@ def _unravel(rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(coordinate))
 
 
-def step_estimate(config: Config, world: int, peak_tflops: float, mfu: float) -> dict[str, float]:
+def step_estimate(config: Config, world: int, seq_len: int, peak_tflops: float, mfu: float) -> dict[str, float]:
     parallel = config.parallel
-    seq = config.model.max_seq_len
-    tokens = config.train.global_batch * seq
-    flops = train_flops_per_token(config.model, seq) * tokens
+    tokens = config.train.global_batch * seq_len
+    flops = train_flops_per_token(config.model, seq_len) * tokens
     if parallel.activation_checkpointing == "full":
         flops *= 1 + (1 / 3) / parallel.ac_every  # the recomputed forward of checkpointed layers
     ideal = flops / (world * peak_tflops * 1e12 * mfu)
@@ -179,24 +191,28 @@ def step_estimate(config: Config, world: int, peak_tflops: float, mfu: float) ->
     return {"step_s": seconds, "tokens_per_s": tokens / seconds, "bubble": bubble, "flops_per_step": flops}
 
 
-def format_plan(config: Config, world: int, plans: list[RankPlan], gpu_memory_gib: float, peak_tflops: float,
-                mfu: float) -> str:
+def format_plan(config: Config, world: int, seq_len: int, plans: list[RankPlan], gpu_memory_gib: float,
+                peak_tflops: float, mfu: float) -> str:
     model, parallel = config.model, config.parallel
     with torch.device("meta"):
         total = Transformer(model).num_params()
     replica = [p for p in plans if _unravel(p.rank, (parallel.pp, parallel.dp_replicate, parallel.shard,
                                                      parallel.tp))[1] == 0]
+    tp_options = [name for name, on in (("sequence", parallel.sequence_parallel), ("loss", parallel.loss_parallel))
+                  if on and parallel.tp > 1]
+    tp_mode = f"{' and '.join(tp_options)} parallel; " if tp_options else ""
     lines = [
         f"model: {total / 1e9:.2f} B parameters (d_model {model.d_model}, {model.n_layers} layers, "
         f"{model.n_heads}/{model.n_kv_heads} heads, ffn {model.hidden_dim}, vocab {model.vocab_size})",
         f"layout: {world} ranks = pp {parallel.pp} × dp_replicate {parallel.dp_replicate} × dp_shard "
         f"{parallel.shard} × tp {parallel.tp}; schedule {parallel.pp_schedule if parallel.pp > 1 else '-'}; "
-        f"AC {parallel.activation_checkpointing}; global batch {config.train.global_batch} × {model.max_seq_len} "
+        f"AC {parallel.activation_checkpointing}; {tp_mode}global batch {config.train.global_batch} × {seq_len} "
         f"tokens in {config.train.micro_batches} micro-batch(es)",
         "",
         f"{'ranks':>11} {'stages':>8} {'layers':>6} {'params':>13} {'params':>8} {'grads':>8} {'adam':>8} "
         f"{'fsdp buf':>8} {'activ.':>8} {'total':>8}  fits {gpu_memory_gib:g} GiB?",
     ]
+    unit, scale = ("G", 1) if max(p.total_gib for p in plans) >= 1 else ("M", 1024)  # small models in MiB
     groups: dict[tuple, list[int]] = {}
     for p in plans:
         key = (tuple(p.stages), p.layers, p.params, round(p.total_gib, 3))
@@ -208,10 +224,11 @@ def format_plan(config: Config, world: int, plans: list[RankPlan], gpu_memory_gi
             ranks) else f"{len(ranks)} ranks"
         fits = "yes" if p.total_gib <= HEADROOM * gpu_memory_gib else "NO"
         lines.append(
-            f"{span:>11} {','.join(map(str, p.stages)):>8} {p.layers:>6} {p.params:>13,} {p.param_gib:>7.2f}G "
-            f"{p.grad_gib:>7.2f}G {p.optimizer_gib:>7.2f}G {p.fsdp_buffer_gib:>7.2f}G {p.activation_gib:>7.2f}G "
-            f"{p.total_gib:>7.2f}G  {fits}")
-    estimate = step_estimate(config, world, peak_tflops, mfu)
+            f"{span:>11} {','.join(map(str, p.stages)):>8} {p.layers:>6} {p.params:>13,} "
+            + " ".join(f"{value * scale:>7.2f}{unit}" for value in (p.param_gib, p.grad_gib, p.optimizer_gib,
+                                                                   p.fsdp_buffer_gib, p.activation_gib, p.total_gib))
+            + f"  {fits}")
+    estimate = step_estimate(config, world, seq_len, peak_tflops, mfu)
     lines += [
         "",
         f"parameters over the ranks of one replica, replicated ones once: {sum(p.owned_params for p in replica):,} "

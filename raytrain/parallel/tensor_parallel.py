@@ -3,30 +3,59 @@
 Attention q/k/v and MLP gate/up are split by output columns (each rank holds whole heads),
 attention output and MLP down by input rows, so each block needs one all-reduce forward
 and one backward per sub-layer. The embedding is split by vocabulary rows and the output
-head by vocabulary columns (its logits gathered for the loss).
+head by vocabulary columns; a tied head shares the embedding's shards (both are Shard(0)).
+
+Sequence parallel (Megatron-SP): between the sub-layers the residual stream and the norms
+hold only this rank's slice of the sequence; each all-reduce becomes an all-gather before
+the sub-layer and a reduce-scatter after it (the same traffic), and the norms' activations
+shrink by tp. Loss parallel: the head's logits stay split over the vocabulary and the
+cross-entropy runs on the shards (under `loss_parallel()`), so no rank holds full logits.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from raytrain.model.config import TransformerConfig
 from raytrain.model.transformer import Transformer
 
-BLOCK_PLAN = {
+PROJECTIONS = {
     "self_attn.q_proj": ColwiseParallel(),
     "self_attn.k_proj": ColwiseParallel(),
     "self_attn.v_proj": ColwiseParallel(),
-    "self_attn.o_proj": RowwiseParallel(),
     "mlp.gate_proj": ColwiseParallel(),
     "mlp.up_proj": ColwiseParallel(),
-    "mlp.down_proj": RowwiseParallel(),
 }
+ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, causal, mask, cache): only x is laid out
 
 
-def tp_errors(config: TransformerConfig, tp: int) -> list[str]:
+def block_plan(sequence_parallel: bool) -> dict:
+    if not sequence_parallel:
+        return {**PROJECTIONS, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    rest = (None,) * (ATTENTION_ARGS - 1)
+    return {
+        **PROJECTIONS,
+        "input_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def tp_errors(config: TransformerConfig, tp: int, seq_len: int, sequence_parallel: bool) -> list[str]:
     """Why the model cannot be split over tp ranks (empty when it can)."""
     errors = []
     for key in ("n_heads", "n_kv_heads"):
@@ -35,21 +64,36 @@ def tp_errors(config: TransformerConfig, tp: int) -> list[str]:
                           "choose a tp that divides it")
     if config.hidden_dim % tp:
         errors.append(f"the MLP width {config.hidden_dim} is not divisible by parallel.tp={tp}")
-    if tp > 1 and config.tie_embeddings:
-        errors.append("model.tie_embeddings is not supported with parallel.tp > 1 yet; set it false")
     if config.vocab_size % tp:
         errors.append(f"model.vocab_size={config.vocab_size} is not divisible by parallel.tp={tp}")
+    if sequence_parallel and seq_len % tp:
+        errors.append(f"the data's sequence length {seq_len} is not divisible by parallel.tp={tp}, which "
+                      "parallel.sequence_parallel needs; set it false or prepare rows of a multiple of tp")
     return errors
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
+                          split_loss: bool) -> None:
     """Split the model, or the pipeline stage, in place (a stage may lack embedding or head)."""
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, BLOCK_PLAN)
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream between blocks
     root_plan = {}
     if model.embed_tokens is not None:
-        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
+        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
     if model.lm_head is not None:
-        root_plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+        if sequence_parallel:
+            root_plan["norm"] = SequenceParallel()
+        root_plan["lm_head"] = ColwiseParallel(input_layouts=stream,
+                                               output_layouts=Shard(-1) if split_loss else Replicate(),
+                                               use_local_output=not split_loss)
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
+    if model.config.tie_embeddings and model.embed_tokens is not None and model.lm_head is not None:
+        # parallelize_module gave each module its own DTensor: tie them again.
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def loss_context(enabled: bool):
+    """The context the cross-entropy's forward and backward must run in under loss parallel."""
+    return loss_parallel() if enabled else contextlib.nullcontext()

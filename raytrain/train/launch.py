@@ -47,7 +47,7 @@ def check_training_config(config: Config) -> PreparedDataset:
         raise ConfigError(f"config key 'model.max_seq_len' is {model.max_seq_len} but the data's rows hold "
                           f"{dataset.seq_len} tokens; set model.max_seq_len >= {dataset.seq_len} or prepare "
                           "shorter rows")
-    check_layout(config)
+    check_layout(config, dataset.seq_len)
     if dataset.split("train").num_rows == 0:
         raise DataError(f"'{train.data}' has no train rows")
     if train.init_from:
@@ -58,16 +58,16 @@ def check_training_config(config: Config) -> PreparedDataset:
     return dataset
 
 
-def check_layout(config: Config) -> None:
-    """The parallel layout fits the model and the batch (also used by `raytrain plan`)."""
+def check_layout(config: Config, seq_len: int) -> None:
+    """The parallel layout fits the model, the batch and the sequence length (also used by `raytrain plan`)."""
     train, model, parallel = config.train, config.model, config.parallel
     per_step = parallel.dp * train.micro_batches
     if train.global_batch % per_step:
         raise ConfigError(f"config key 'train.global_batch' {train.global_batch} is not divisible by "
                           f"data-parallel degree {parallel.dp} × train.micro_batches {train.micro_batches} = "
                           f"{per_step}; make it a multiple of {per_step}")
-    problems = tp_errors(model, parallel.tp) + pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages,
-                                                               parallel.pp_layers)
+    problems = tp_errors(model, parallel.tp, seq_len, parallel.sequence_parallel)
+    problems += pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages, parallel.pp_layers)
     if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
         problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp={parallel.pp} "
                         f"for the {parallel.pp_schedule} schedule")

@@ -30,9 +30,11 @@ from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
+from raytrain.parallel.tensor_parallel import loss_context
 from raytrain.runtime import configure_ray_data
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
-from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line
+from raytrain.train.memory import TensorMemory, training_tensors
+from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
 from raytrain.train.objectives import Objective, target_count, token_loss
 from raytrain.train.optim import build_optimizer, lr_at
 
@@ -71,6 +73,9 @@ class Worker:
                                    global_batch=self.train.global_batch,
                                    mask_fraction=self.train.mask_fraction, mask_id=special["mask"])
         self.bf16 = self.train.precision == "bf16"
+        # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
+        self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
+        self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel
 
         self._build_model()
         self.start_step = self._restore()
@@ -124,6 +129,12 @@ class Worker:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @contextlib.contextmanager
+    def compute(self):
+        """Where a pipeline schedule or an evaluation runs: bf16 autocast and loss parallel, when on."""
+        with self.autocast(), loss_context(self.split_loss):
+            yield
+
     def run(self) -> None:
         steps = self.train.steps
         stream = stream_batches(self.dataset, self.order, consumer=self.layout.dp_rank, num_consumers=self.layout.dp,
@@ -139,7 +150,8 @@ class Worker:
             tick = time.perf_counter()
             _, rows = next(stream)
             timer["data"] += time.perf_counter() - tick
-            interval += self._train_step(step, torch.from_numpy(rows).long().to(self.device))
+            with self._tracked_memory():
+                interval += self._train_step(step, torch.from_numpy(rows).long().to(self.device))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timer["compute"] += time.perf_counter() - tick
@@ -157,6 +169,12 @@ class Worker:
                 self._checkpoint(done, metrics)
         if self.log is not None:
             self.log.close()
+
+    def _tracked_memory(self):
+        if self.memory is None:
+            return contextlib.nullcontext()
+        self.memory.track(training_tensors(self.parts, self.optimizers))
+        return self.memory
 
     def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns [loss sum, target count] where this rank computed the loss."""
@@ -188,10 +206,11 @@ class Worker:
         global_count = self._global_count([t for _, t in pairs])
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, (inputs, targets) in enumerate(pairs):
-            with gradient_sync(module, i == len(pairs) - 1), self.autocast():
-                loss, count = token_loss(module(inputs, causal=self.objective.causal), targets)
-            # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
-            (loss * self.layout.dp / global_count).backward()
+            with gradient_sync(module, i == len(pairs) - 1), loss_context(self.split_loss):
+                with self.autocast():
+                    loss, count = token_loss(module(inputs, causal=self.objective.causal), targets)
+                # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
+                (loss * self.layout.dp / global_count).backward()
             sums += torch.stack([loss.detach().double(), count.double()])
         return sums
 
@@ -199,7 +218,7 @@ class Worker:
         inputs, targets = self.objective(rows, step, first_row)
         self.loss_scale = float(self.layout.dp / self._global_count([targets]))
         losses: list[torch.Tensor] = []
-        with self.autocast():
+        with self.compute():
             self.schedule.step(inputs, target=targets, losses=losses)
         return torch.stack(self._pipeline_sums(losses, targets))
 
@@ -222,7 +241,7 @@ class Worker:
     def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor):
         self.loss_scale = 1.0
         losses: list[torch.Tensor] = []
-        with self.autocast():
+        with self.compute():
             self.schedule.eval(inputs, target=targets, losses=losses)
         return self._pipeline_sums(losses, targets)
 
@@ -245,13 +264,14 @@ class Worker:
             "perf/step_time_s": timer["compute"] / max(1, timer["steps"]),
             "perf/data_wait_frac": timer["data"] / max(timer["compute"], 1e-9),
             "mem/peak_gib": peak_memory_gib(self.device),
+            **tensor_peak_gib(self.device, self.memory),
         }
 
     def _validate(self) -> dict[str, float]:
         if self.schedule is not None:
             loss_sums = self._pipeline_eval
         else:
-            loss_sums = forward_loss_sums(self.modules[0], self.objective, self.autocast)
+            loss_sums = forward_loss_sums(self.modules[0], self.objective, self.compute)
         for module in self.modules:
             module.eval()
         totals = validation_sums(self.dataset, self.objective, loss_sums, batches=self.train.val_batches,

@@ -21,6 +21,7 @@ METRICS = (
     "perf/step_time_s",
     "perf/data_wait_frac",
     "mem/peak_gib",
+    "mem/tensor_peak_gib",
     "val/loss",
     "val/ppl",
 )
@@ -57,11 +58,19 @@ def peak_flops(device: torch.device, configured_tflops: float) -> tuple[float, s
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """What the worker holds at most: the CUDA allocator's reserved bytes, or the process's peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_reserved(device) / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def tensor_peak_gib(device: torch.device, memory) -> dict[str, float]:
+    """The most tensor bytes alive at once (what `raytrain plan` estimates), where it is known."""
+    if device.type == "cuda":
+        return {"mem/tensor_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"mem/tensor_peak_gib": memory.peak / 2**30} if memory is not None else {}
 
 
 def wandb_mode(mode: str) -> str | None:

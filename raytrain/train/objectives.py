@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE = -100
 
@@ -36,9 +37,15 @@ def target_count(targets: torch.Tensor) -> torch.Tensor:
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy over the targeted positions, number of them)."""
+    """(sum of cross-entropy over the targeted positions, number of them).
+
+    Logits split over the vocabulary (loss parallel) give a replicated DTensor loss; its local
+    value is the whole loss, and gradients flow back through it.
+    """
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
+    if isinstance(loss, DTensor):
+        loss = loss.to_local()
     return loss, target_count(targets)
 
 
