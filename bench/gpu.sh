@@ -23,5 +23,6 @@ records = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 steady = [r for r in records if "train/loss" in r][1:]  # the first interval holds compilation
 print(f"llama-1b on one GPU, bf16 + compile: {statistics.median(r['perf/tokens_per_s'] for r in steady):,.0f} "
       f"tokens/s, MFU {statistics.median(r['perf/mfu'] for r in steady):.1%}, "
-      f"peak memory {max(r['mem/peak_gib'] for r in steady):.1f} GiB")
+      f"peak memory {max(r['mem/tensor_peak_gib'] for r in steady):.1f} GiB of tensors, "
+      f"{max(r['mem/peak_gib'] for r in steady):.1f} GiB reserved")
 PY

@@ -201,12 +201,15 @@ def format_plan(config: Config, world: int, seq_len: int, plans: list[RankPlan],
     tp_options = [name for name, on in (("sequence", parallel.sequence_parallel), ("loss", parallel.loss_parallel))
                   if on and parallel.tp > 1]
     tp_mode = f"{' and '.join(tp_options)} parallel; " if tp_options else ""
+    ac = parallel.activation_checkpointing
+    if ac == "full" and parallel.ac_every > 1:
+        ac = f"every {parallel.ac_every} blocks"
     lines = [
         f"model: {total / 1e9:.2f} B parameters (d_model {model.d_model}, {model.n_layers} layers, "
         f"{model.n_heads}/{model.n_kv_heads} heads, ffn {model.hidden_dim}, vocab {model.vocab_size})",
         f"layout: {world} ranks = pp {parallel.pp} × dp_replicate {parallel.dp_replicate} × dp_shard "
         f"{parallel.shard} × tp {parallel.tp}; schedule {parallel.pp_schedule if parallel.pp > 1 else '-'}; "
-        f"AC {parallel.activation_checkpointing}; {tp_mode}global batch {config.train.global_batch} × {seq_len} "
+        f"AC {ac}; {tp_mode}global batch {config.train.global_batch} × {seq_len} "
         f"tokens in {config.train.micro_batches} micro-batch(es)",
         "",
         f"{'ranks':>11} {'stages':>8} {'layers':>6} {'params':>13} {'params':>8} {'grads':>8} {'adam':>8} "
