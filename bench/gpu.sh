@@ -4,6 +4,7 @@
 # Fits in 10 minutes on one H200. Run from the repository root on a machine with a CUDA GPU:
 #   bash bench/gpu.sh            (TORCH="torch==2.13.0 --index-url <CUDA wheel index>" to pick the build)
 # One worker needs no sharding, so FSDP2 is not applied; `parallel.workers=N` on N GPUs adds it.
+# Without Ray on the machine (the device machines lent here): `python3 -m bench.gpu_step` times the same step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=disabled
@@ -15,7 +16,7 @@ RUN="${OUT:-runs}/gpu-bench"
 rm -rf "$RUN/llama-1b"
 .venv/bin/raytrain pretrain --config llama-1b --data "$RUN/data" --name llama-1b run.root="$RUN" \
   parallel.workers=1 parallel.use_gpu=true parallel.compile=true train.precision=bf16 \
-  model.vocab_size=32768 train.global_batch=8 train.steps=60 train.warmup_steps=10 train.log_every=10 \
+  model.vocab_size=32768 train.global_batch=16 train.steps=60 train.warmup_steps=10 train.log_every=10 \
   train.val_every=0 train.checkpoint_every=60 tracking.mode=disabled
 .venv/bin/python - "$RUN/llama-1b" <<'PY'
 import json, statistics, sys

@@ -13,11 +13,13 @@ from bench import data_prepare, parallel, training  # noqa: E402
 
 SECTIONS = [data_prepare, training, parallel]
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-GPU_NOTE = """## GPU (bench/gpu.sh)
+GPU_NOTE = """## GPU (bench/gpu.sh, bench/gpu_step.py)
 
-`bash bench/gpu.sh` trains the llama-1b preset (about 1.0 B parameters at vocab 32768) on one GPU with
-bf16 and torch.compile and prints tokens/s and MFU against the data-sheet peak (goal: ≥ 45% MFU on
-an H200). Not yet measured: no session so far has had a GPU machine."""
+`bash bench/gpu.sh` trains the llama-1b preset (about 1.0 B parameters at vocab 32768) with `raytrain pretrain`
+on one GPU, bf16 and torch.compile, and prints tokens/s and MFU against the data-sheet peak (goal: ≥ 45% MFU
+on an H200). `python3 -m bench.gpu_step` times the same step without Ray (the GPU machines lent to this
+project have PyTorch but not Ray) and compares the allocator's peak with `raytrain plan`'s estimate.
+Not yet measured: no session so far has had a GPU machine."""
 
 
 def main() -> None:

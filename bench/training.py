@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench.steps import WARMUP, step_rate
 from raytrain.config import load_config
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, read_rows
@@ -25,30 +26,9 @@ from raytrain.model.generate import generate
 from raytrain.model.hf import save_hf
 from raytrain.model.transformer import Transformer
 from raytrain.train.metrics import measure_peak_flops
-from raytrain.train.objectives import causal_lm, token_loss
-from raytrain.train.optim import build_optimizer
 
 THREADS = 2
 STEPS = 40
-WARMUP = 5
-
-
-def step_rate(model: torch.nn.Module, batches: list[torch.Tensor], logits_of, config) -> float:
-    """Tokens/s of forward + backward + AdamW, after warm-up steps."""
-    optimizer = build_optimizer(model, config.train)
-    tokens = batches[0][:, :-1].numel()
-    times = []
-    for i, rows in enumerate(batches):
-        start = time.perf_counter()
-        inputs, targets = causal_lm(rows)
-        loss, count = token_loss(logits_of(model, inputs), targets)
-        (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
 
 
 def hf_llama(model: Transformer, folder: Path):
