@@ -6,7 +6,8 @@ so the parameter shapes and placements are exactly those a run would have. Every
 local parameter count then follows from DTensor's own sharding arithmetic.
 
 Memory per rank: fp32 master weights, fp32 gradients and two fp32 AdamW states per local
-parameter; with FSDP, two blocks gathered at a time in the compute dtype. Activations are
+parameter; with FSDP, two blocks gathered at a time in the compute dtype (under pipelining
+all the rank's blocks: they stay gathered for the step's micro-batches). Activations are
 what autograd keeps per token and layer in this model, with a = 2 bytes under bf16, 4 under
 fp32 and the residual stream and norm statistics in fp32 (checked against a tracked run):
 each norm keeps its input, its normalised value and its output as the next matmul's input,
@@ -151,13 +152,15 @@ def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
     layer_ranges = stage_layers(config.model.n_layers, n_stages, parallel.pp_layers)
     block_params = sum(p.numel() for p in Transformer.block_parameter_shapes(config.model))
     compute_bytes = 2 if config.train.precision == "bf16" else 4
-    gather = 2 * compute_bytes * block_params / parallel.tp if parallel.shard * parallel.dp_replicate > 1 else 0
+    fsdp = parallel.shard * parallel.dp_replicate > 1
     plans = []
     for pp_rank in range(parallel.pp):
         stages, params = _stage_params(config, world, pp_rank)
         layers = sum(len(layer_ranges[s]) for s in stages)
         last = n_stages - 1 in stages
         activations = _in_flight(config, pp_rank) * micro_tokens * activation_bytes_per_token(config, layers, last)
+        gathered_blocks = (layers if parallel.pp > 1 else 2) if fsdp else 0
+        gather = gathered_blocks * compute_bytes * block_params / parallel.tp
         per_stage = world // parallel.pp
         for offset in range(per_stage):
             rank = pp_rank * per_stage + offset
