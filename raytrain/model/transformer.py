@@ -77,7 +77,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        # The tables may run past this length (a sequence-parallel stage sees only its slice of it).
+        # The tables start at this call's first position and may run longer: a sequence-parallel pipeline
+        # stage receives a slice of the sequence, whose whole length is known only here, after the gather.
         cos, sin = cos[..., :length, :], sin[..., :length, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
