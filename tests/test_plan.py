@@ -5,8 +5,10 @@ from argparse import Namespace
 
 import pytest
 
+from raytrain.config import load_config
 from raytrain.errors import ConfigError
 from raytrain.model_commands import plan
+from raytrain.parallel.plan import plan_ranks
 
 
 def run_plan(config: str, world: int, *overrides: str, seq_len: int | None = None) -> str:
@@ -33,6 +35,14 @@ def test_3d_layout_counts_replicated_parameters_once():
     counted, total = replica_sum(text)
     assert counted == total
     assert "pipeline bubble 33%" in text
+
+
+def test_replicated_layout_counts_each_parameter_on_every_replica():
+    text = run_plan("tiny", 2, "parallel.dp_replicate=2")  # plain DDP
+    counted, total = replica_sum(text)
+    assert counted == total == "94,496"
+    plans = plan_ranks(load_config("tiny", ["parallel.workers=2", "parallel.dp_replicate=2"]), 2, seq_len=32)
+    assert [p.params for p in plans] == [94_496, 94_496] and all(p.fsdp_buffer_gib == 0 for p in plans)
 
 
 def test_a_layout_that_cannot_split_the_model():

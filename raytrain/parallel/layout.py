@@ -47,6 +47,11 @@ def build_layout(parallel: ParallelConfig, world: int, device: torch.device) -> 
     return Layout(mesh, dp_rank, parallel.dp, parallel.tp, parallel.pp, mesh["pp"].get_local_rank())
 
 
+def plain_ddp(parallel: ParallelConfig) -> bool:
+    """Pure replication runs plain DDP over the replicate group; any other data parallelism runs FSDP2."""
+    return parallel.shard == 1 and parallel.tp == 1 and parallel.pp == 1
+
+
 def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device,
                 bf16: bool) -> torch.nn.Module:
     """Parallelize one model part (the whole model, or a pipeline stage); returns the module to call."""
@@ -62,8 +67,7 @@ def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, dev
             block.compile()
     if layout.dp == 1:
         return part
-    if parallel.shard == 1 and layout.tp == 1 and layout.pp == 1:
-        # Pure replication: plain DDP over the replicate group.
+    if plain_ddp(parallel):
         group = layout.mesh["dp_replicate"].get_group()
         return DistributedDataParallel(part, process_group=group,
                                        device_ids=[device.index] if device.type == "cuda" else None)

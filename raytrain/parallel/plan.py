@@ -35,7 +35,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from raytrain.config import Config
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
-from raytrain.parallel.layout import MESH_DIMS, build_layout, parallelize
+from raytrain.parallel.layout import MESH_DIMS, build_layout, parallelize, plain_ddp
 from raytrain.parallel.pipeline import build_stage_parts, stage_layers
 
 GIB = 2**30
@@ -86,7 +86,8 @@ def _stage_params(config: Config, world: int, pp_rank: int) -> tuple[list[int], 
                 stages = [(0, Transformer(config.model))]
         params = []
         for _, part in stages:
-            parallelize(part, parallel, layout, torch.device("cpu"), bf16=True)
+            if not plain_ddp(parallel):  # DDP leaves the parameters as they are (and cannot wrap meta ones)
+                parallelize(part, parallel, layout, torch.device("cpu"), bf16=True)
             for p in part.parameters():
                 if isinstance(p, DTensor):
                     mesh = p.device_mesh
@@ -152,7 +153,7 @@ def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
     layer_ranges = stage_layers(config.model.n_layers, n_stages, parallel.pp_layers)
     block_params = sum(p.numel() for p in Transformer.block_parameter_shapes(config.model))
     compute_bytes = 2 if config.train.precision == "bf16" else 4
-    fsdp = parallel.shard * parallel.dp_replicate > 1
+    fsdp = parallel.dp > 1 and not plain_ddp(parallel)
     plans = []
     for pp_rank in range(parallel.pp):
         stages, params = _stage_params(config, world, pp_rank)
