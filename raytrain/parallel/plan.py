@@ -128,10 +128,15 @@ def _in_flight(config: Config, pp_rank: int) -> int:
     return min(micro * virtual, parallel.pp - pp_rank + (virtual - 1) * parallel.pp)
 
 
+def compute_bytes(config: Config) -> int:
+    """Bytes per element of activations and of FSDP's gathered parameters."""
+    return 2 if config.train.precision == "bf16" else 4
+
+
 def activation_bytes_per_token(config: Config, layers: int, last_stage: bool) -> float:
     model, parallel = config.model, config.parallel
     d, kv, ffn, tp = model.d_model, model.n_kv_heads * model.head_dim, model.hidden_dim, parallel.tp
-    a = 2 if config.train.precision == "bf16" else 4
+    a = compute_bytes(config)
     split_sequence = tp > 1 and parallel.sequence_parallel
     norm = 8 * d / tp + a * d if split_sequence else (8 + a) * d
     layer = 2 * norm + a * (3 * d + 2 * kv + 4 * ffn) / tp
@@ -152,7 +157,6 @@ def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
     n_stages = parallel.pp * parallel.pp_virtual_stages
     layer_ranges = stage_layers(config.model.n_layers, n_stages, parallel.pp_layers)
     block_params = sum(p.numel() for p in Transformer.block_parameter_shapes(config.model))
-    compute_bytes = 2 if config.train.precision == "bf16" else 4
     fsdp = parallel.dp > 1 and not plain_ddp(parallel)
     plans = []
     for pp_rank in range(parallel.pp):
@@ -161,7 +165,7 @@ def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
         last = n_stages - 1 in stages
         activations = _in_flight(config, pp_rank) * micro_tokens * activation_bytes_per_token(config, layers, last)
         gathered_blocks = (layers if parallel.pp > 1 else 2) if fsdp else 0
-        gather = gathered_blocks * compute_bytes * block_params / parallel.tp
+        gather = gathered_blocks * compute_bytes(config) * block_params / parallel.tp
         per_stage = world // parallel.pp
         for offset in range(per_stage):
             rank = pp_rank * per_stage + offset
