@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -39,6 +41,8 @@ PRETRAIN_FLAGS = [
     ("--steps", "train.steps", {"type": int}),
     ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers"}),
 ]
+# A config override: `section.key=value` with a section of Config (run, data, train, ...).
+OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})(\.\w+)+=")
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -77,7 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--config")
     config.add_argument("overrides", nargs="*", metavar="key.sub=value")
     config.set_defaults(stage=lambda c: print(c.to_yaml(), end=""), flags=[])
+    _name_leaf_parsers(parser)
     return parser
+
+
+def _name_leaf_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser records itself, so `parse_args` can hand it the command's arguments."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subcommands:
+        for child in action.choices.values():
+            _name_leaf_parsers(child)
+    if not subcommands:
+        parser.set_defaults(parser=parser)
 
 
 def _add_model_commands(commands) -> None:
@@ -126,7 +141,7 @@ def _add_model_commands(commands) -> None:
 def _overrides(args: argparse.Namespace) -> list[str]:
     items = []
     for flag, key, _ in args.flags:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        value = getattr(args, _dest(flag))
         if value is None:
             continue
         if isinstance(value, list):
@@ -139,14 +154,33 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return items + args.overrides
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def _quote(value: str) -> str:
     # Keep paths and URIs strings when the override value is parsed as YAML.
     return "'" + value.replace("'", "''") + "'"
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`key=value` overrides may stand anywhere among a command's flags (argparse's intermixed parsing)."""
+    parser = build_parser()
+    command = parser.parse_known_args(argv)[0].parser  # which (sub)command; its own parser reads the rest
+    depth = len(command.prog.split()) - 1  # `raytrain data prepare` → 2 command words
+    args = command.parse_intermixed_args(argv[depth:])
+    for flag, _, options in getattr(args, "flags", []):
+        if options.get("nargs") == "+":  # `--input a b key=value`: the override is not an input
+            name = _dest(flag)
+            values = getattr(args, name) or []
+            setattr(args, name, [v for v in values if not OVERRIDE.match(v)] or None)
+            args.overrides += [v for v in values if OVERRIDE.match(v)]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if hasattr(args, "action"):
             args.action(args)

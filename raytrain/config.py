@@ -26,7 +26,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class RuntimeConfig:
     """How to reach Ray. Local defaults suit a small machine."""
 
-    address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
+    address: str | None = None  # None: $RAY_ADDRESS, else a running local cluster, else a new one; 'local': new
     num_cpus: int | None = None  # logical CPUs of a local Ray; None: max(4, 2 x cores)
     object_store_gib: float = 2.0  # object store of a local Ray
     log_level: Literal["debug", "info", "warning", "error"] = "warning"

@@ -1,20 +1,72 @@
-"""Connect to Ray, or start a local Ray sized for the machine it runs on."""
+"""Which Ray a command uses, and keeping Ray's own chatter off the terminal.
+
+The rule (README, "Ray: local or cluster"): `--address`/`runtime.address`, else `$RAY_ADDRESS`,
+else the local cluster a `ray start --head` recorded, if it still answers, else a new local Ray
+that lives as long as the command. One line says which.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import socket
+from dataclasses import dataclass
 
 import ray
 
 from raytrain.config import RuntimeConfig
+from raytrain.errors import ConfigError
 
 log = logging.getLogger("raytrain")
+DASHBOARD_PORT = 8265  # Ray's default; the first free port from here is taken
+# Ray-internal lines that only alarm a user at the default log level (runtime.log_level brings them back):
+# Ray Data and Ray Train create restartable actors whose constructor arguments sit in the object store.
+FORWARDED_NOISE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+                             r"object store and max_restarts > 0")
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Where a command's Ray comes from: `address` None means start a local one."""
+
+    address: str | None
+    source: str
 
 
 def local_num_cpus(config: RuntimeConfig) -> int:
     # More logical CPUs than cores: Ray Data tasks must find room beside busy workers.
     return config.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+
+
+def find_ray(config: RuntimeConfig) -> RayTarget:
+    """Apply the rule above; a recorded address that no longer answers is a stale file, not a cluster."""
+    if config.address:
+        return RayTarget(None if config.address == "local" else config.address, "runtime.address / --address")
+    if os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        return RayTarget(None if address == "local" else address, "$RAY_ADDRESS")
+    from ray._common.utils import get_ray_address_file
+
+    address_file = get_ray_address_file(None)  # honours $RAY_TMPDIR, as `ray start` does
+    try:
+        with open(address_file) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return RayTarget(None, "no running local cluster")
+    if recorded and gcs_answers(recorded):
+        return RayTarget(recorded, f"the running local cluster recorded in {address_file}")
+    return RayTarget(None, f"{address_file} names {recorded or 'nothing'}, where no Ray answers")
+
+
+def gcs_answers(address: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def init_ray(config: RuntimeConfig) -> None:
@@ -23,19 +75,104 @@ def init_ray(config: RuntimeConfig) -> None:
         configure_ray_data(config)
         return
     level = getattr(logging, config.log_level.upper())
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to Ray at %s", address)
-        ray.init(address=address, logging_level=level, log_to_driver=True)
+    target = find_ray(config)
+    if target.address is None:
+        start_local_ray(config, level)
+        log.info("Ray: started a local Ray for this command (%g CPUs; %s); dashboard %s",
+                 cluster_cpus(), target.source, dashboard_url())
     else:
+        try:
+            ray.init(address=target.address, logging_level=level, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot connect to Ray at {target.address} (from {target.source}): "
+                              f"{str(exc).splitlines()[0]}; check the address, or pass --address local "
+                              "to start a private local Ray") from exc
+        if config.num_cpus:
+            log.warning("runtime.num_cpus applies only to a Ray that raytrain starts; this one has %g CPUs",
+                        cluster_cpus())
+        log.info("Ray: connected to %s (%s), %g CPUs; dashboard %s", target.address, target.source,
+                 cluster_cpus(), dashboard_url() or "off")
+    if level > logging.INFO:
+        hide_forwarded_noise()
+    configure_ray_data(config)
+
+
+def start_local_ray(config: RuntimeConfig, level: int) -> None:
+    """A Ray of this process's own, with its dashboard on 127.0.0.1 (the State API that frees stopped runs'
+    placement groups needs it)."""
+    port = free_port(DASHBOARD_PORT)
+    api = f"http://127.0.0.1:{port}"
+    # Ray Train's placement-group cleaner finds "the" cluster's State API by guessing, which fails or picks
+    # another cluster when two Rays run on one host. The cluster's processes inherit this and ask ours.
+    with environ(RAY_API_SERVER_ADDRESS=api):
         ray.init(
+            address="local",
             num_cpus=local_num_cpus(config),
             object_store_memory=int(config.object_store_gib * 2**30),
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
             logging_level=level,
             configure_logging=True,
         )
-    configure_ray_data(config)
+
+
+def free_port(start: int) -> int:
+    for port in range(start, start + 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError(f"no free port in {start}..{start + 199} for the Ray dashboard")
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def dashboard_url() -> str | None:
+    """The connected cluster's dashboard (also the State API's address), if it runs one."""
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return (url if "://" in url else f"http://{url}") if url else None
+
+
+def hide_forwarded_noise() -> None:
+    """Drop FORWARDED_NOISE from the worker output Ray prints on the driver."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = dict(dispatcher.handlers)
+    printer = printers.get("ray_print_logs")
+    if printer is None or getattr(printer, "hides_noise", False):
+        return
+
+    def print_without_noise(batch: dict) -> None:
+        lines = [line for line in batch["lines"] if not FORWARDED_NOISE.search(line)]
+        if lines:
+            printer({**batch, "lines": lines})
+
+    print_without_noise.hides_noise = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_without_noise)
+
+
+def configure_worker_logging(config: RuntimeConfig) -> None:
+    """In a Train worker: raytrain's own lines, and other libraries' only from runtime.log_level up."""
+    logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
+    logging.getLogger("raytrain").setLevel(logging.INFO)
 
 
 def configure_ray_data(config: RuntimeConfig) -> None:
@@ -48,9 +185,12 @@ def configure_ray_data(config: RuntimeConfig) -> None:
     # Task errors reach the driver as themselves (a DataError keeps its one-line message);
     # Ray Data's own copies of the stack trace would only repeat what the CLI reports.
     context.raise_original_map_exception = True
-    logging.getLogger("ray.data").setLevel(
-        logging.INFO if config.progress else getattr(logging, config.log_level.upper())
-    )
+    level = getattr(logging, config.log_level.upper())
+    logging.getLogger("ray.data").setLevel(level)
+    # Progress when asked for (bars on a terminal, lines otherwise); without it, "Progress bars disabled" is
+    # no news: raytrain turned them off on purpose.
+    progress_level = logging.ERROR if level > logging.INFO else level
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if config.progress else progress_level)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

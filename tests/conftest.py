@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
+# The suite's Ray is private: its own temp dir (so no `ray start` address file is found and none of ours is
+# seen by others; short, as Ray's socket paths must fit in 107 bytes), never an address from the environment.
+SUITE_RAY_TMPDIR = tempfile.mkdtemp(prefix="raytrain-test-")
+os.environ["RAY_TMPDIR"] = SUITE_RAY_TMPDIR
+for _name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+    os.environ.pop(_name, None)
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -20,14 +27,24 @@ from raytrain.data.sources import stdlib_files  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session: more logical CPUs than cores, quiet."""
+    """One local Ray for the whole session: more logical CPUs than cores, quiet, its dashboard on a free port.
+    Yields its GCS address; state API calls name its dashboard (`ray_api`), never guess."""
     import ray
 
     from raytrain.runtime import init_ray
 
-    init_ray(load_config("tiny").runtime)
-    yield
+    init_ray(load_config("tiny", ["runtime.address=local"]).runtime)
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    shutil.rmtree(SUITE_RAY_TMPDIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_api(ray_session) -> str:
+    """The suite cluster's dashboard URL, for state API and job calls."""
+    from raytrain.runtime import dashboard_url
+
+    return dashboard_url()
 
 
 def make_corpus(root: Path) -> Path:

@@ -63,7 +63,8 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
 def load_weights(folder: Path, model: torch.nn.Module) -> dict:
     """Model weights only (to start a new run from a checkpoint), under any layout."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder))
+    # In one process (generate, eval, convert) say so, rather than have DCP warn that it assumes it.
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     return read_checkpoint_meta(folder)
 
@@ -108,5 +109,5 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict
 def save_model(folder: Path, model: Transformer, meta: dict) -> None:
     """A weights-only checkpoint written by this process (e.g. after importing HF weights)."""
     folder.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder), no_dist=True)
     write_checkpoint_meta(folder, {"model": vars(model.config), **meta})

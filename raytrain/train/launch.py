@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raytrain.config import Config
@@ -112,6 +112,8 @@ def run_pretrain(config: Config) -> dict:
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            # Ray Train's own lines (worker group started, every report and checkpoint) at runtime.log_level.
+            logging_config=LoggingConfig(log_level=config.runtime.log_level.upper()),
         ),
     )
     started = time.perf_counter()

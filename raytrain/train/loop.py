@@ -31,7 +31,7 @@ from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
 from raytrain.parallel.tensor_parallel import loss_context
-from raytrain.runtime import configure_ray_data
+from raytrain.runtime import configure_ray_data, configure_worker_logging
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
 from raytrain.train.memory import TensorMemory, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
@@ -63,6 +63,7 @@ class Worker:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(max(1, int(config.parallel.cpus_per_worker)))
+        configure_worker_logging(config.runtime)
         configure_ray_data(dataclasses.replace(config.runtime, progress=False))
         self.dataset = PreparedDataset.open(self.train.data)
         self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
@@ -89,7 +90,8 @@ class Worker:
                      f"{sum(p.num_params() for p in self.parts):,} parameters on rank 0, MFU against "
                      f"{self.peak / 1e12:.2f} "
                      f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}")
-            self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name)
+            self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
+                                  quiet=config.runtime.log_level not in ("debug", "info"))
 
     def _build_model(self) -> None:
         """The model parts this rank holds (the whole model, or its pipeline stages), parallelized."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("raytrain")
 # The one list of metric names: code, dashboards and tests use these.
 METRICS = (
     "train/loss",
@@ -84,7 +86,7 @@ def wandb_mode(mode: str) -> str | None:
 class MetricsLog:
     """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str):
+    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str, quiet: bool):
         self.path = run_dir / METRICS_FILE
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -95,8 +97,13 @@ class MetricsLog:
         if mode:
             import wandb
 
+            # Quiet: W&B's banner and end-of-run tables would drown the progress lines; one line says where.
             self.wandb = wandb.init(project=tracking.project, name=run_name, id=_wandb_id(run_dir),
-                                    resume="allow", dir=str(run_dir), config=config, mode=mode)
+                                    resume="allow", dir=str(run_dir), config=config, mode=mode,
+                                    settings=wandb.Settings(silent=quiet))
+            if quiet:
+                offline = f"offline in {Path(self.wandb.dir).parent} (`wandb sync` uploads it)"
+                log.info(f"[raytrain] W&B run {self.wandb.url if mode == 'online' else offline}")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
