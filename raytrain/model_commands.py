@@ -10,7 +10,7 @@ import torch
 
 from raytrain.config import RuntimeConfig, TrainConfig
 from raytrain.data.manifest import PreparedDataset
-from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
+from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids, write_hf_tokenizer_config
 from raytrain.errors import DataError
 from raytrain.evaluate import forward_loss_sums, loss_and_perplexity, validation_sums
 from raytrain.model.generate import generate as generate_tokens
@@ -65,8 +65,8 @@ def convert_to_hf(args: argparse.Namespace) -> None:
     tokenizer_dir = Path(meta["tokenizer"]["path"]) if "tokenizer" in meta else None
     if tokenizer_dir and (tokenizer_dir / TOKENIZER_FILE).is_file():
         # Model and tokenizer in one folder: AutoTokenizer and AutoModel both load it.
-        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(tokenizer_dir / file, out / file)
+        shutil.copy(tokenizer_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        write_hf_tokenizer_config(out)  # today's, with the chat template, also for older tokenizers
     print(f"{resolve_checkpoint(args.checkpoint)} → {out} (LlamaForCausalLM, safetensors)")
 
 

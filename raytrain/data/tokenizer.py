@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raytrain.data.chat import CHAT_TEMPLATE
 from raytrain.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,6 +48,12 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path, metadata: dict) -> None:
     """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / TOKENIZER_FILE))
+    write_hf_tokenizer_config(out)
+    (out / "raytrain_tokenizer.json").write_text(json.dumps(metadata, indent=2))
+
+
+def write_hf_tokenizer_config(out: Path) -> None:
+    """special_tokens_map.json and tokenizer_config.json, with the chat template, beside tokenizer.json."""
     special_map = {
         "bos_token": SPECIAL_TOKENS["bos"],
         "eos_token": SPECIAL_TOKENS["eos"],
@@ -60,11 +67,11 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path, metadata: dict) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1 << 30,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
         **special_map,
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2))
-    (out / "raytrain_tokenizer.json").write_text(json.dumps(metadata, indent=2))
 
 
 def tokenizer_file(folder: str | Path) -> Path:
