@@ -19,6 +19,9 @@ SOURCE_FLAGS = [
     ("--text-field", "data.source.text_field", {"help": "JSONL field / Parquet column with the text"}),
     ("--skip-bad-records", "data.source.skip_bad_records",
      {"action": "store_const", "const": True, "help": "skip and count malformed JSONL lines"}),
+    ("--other-files-as-text", "data.source.other_files_as_text",
+     {"action": "store_const", "const": True,
+      "help": "read files of other suffixes found in folders (LICENSE, .rst) as text instead of skipping them"}),
 ]
 TOKENIZER_FLAGS = [
     *SOURCE_FLAGS,

@@ -44,6 +44,7 @@ class SourceConfig:
     inputs: list[str] = field(default_factory=lambda: ["stdlib"])
     text_field: str = "text"  # JSONL field / Parquet column holding the document
     skip_bad_records: bool = False  # skip and count malformed JSONL lines instead of failing
+    other_files_as_text: bool = False  # read folder files of other suffixes (LICENSE, .rst) as text, not skip them
 
     def validate(self) -> None:
         _check(bool(self.inputs), "data.source.inputs", "give at least one input")

@@ -48,7 +48,7 @@ def ray_api(ray_session) -> str:
 
 
 def make_corpus(root: Path) -> Path:
-    """Every supported format, plus a non-UTF-8 file and an empty one."""
+    """Every supported format, plus a non-UTF-8 file, an empty one and files of other suffixes."""
     root.mkdir(parents=True, exist_ok=True)
     sources = stdlib_files()[:40]
     for i, path in enumerate(sources[:20]):
@@ -58,6 +58,10 @@ def make_corpus(root: Path) -> Path:
     (root / "notes" / "empty.md").write_text("")
     (root / "latin1.txt").write_bytes("café au lait, naïve façade\n".encode("latin-1"))
     (root / "blob.txt").write_bytes(bytes(range(256)) * 4)  # binary: decoded with replacement
+    (root / "LICENSE").write_text("Permission is hereby granted, free of charge, ...\n")  # skipped and counted
+    (root / "notes" / "todo.rst").write_text("TODO\n====\n")
+    (root / ".git").mkdir(exist_ok=True)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not a source at all
     with (root / "docs.jsonl").open("w") as f:
         for path in sources[20:30]:
             f.write(json.dumps({"text": Path(path).read_text(), "id": path}) + "\n")

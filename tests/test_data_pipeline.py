@@ -32,8 +32,9 @@ def test_manifest_counts_every_token_the_tokenizer_produces(corpus, tiny_tokeniz
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
 
     assert train["document_tokens"] + val["document_tokens"] == sum(map(len, encoded))
-    assert manifest["documents"] == {
-        "read": len(docs) + empty, "skipped": empty, "skipped_by_reason": {"empty": empty}
+    assert manifest["documents"] == {  # LICENSE and todo.rst are counted, not read
+        "read": len(docs) + empty + 2, "skipped": empty + 2,
+        "skipped_by_reason": {"empty": empty, "unsupported_suffix": 2},
     }
     assert manifest["bytes_replaced"] == replaced == 3 + 128 * 4
     assert val["documents"] == sum(is_val_document(d, 0, 0.1) for d in docs) > 0

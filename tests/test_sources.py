@@ -37,6 +37,21 @@ def test_unusable_inputs(tmp_path, make, message):
         resolve_sources([str(make(tmp_path))])
 
 
+def test_files_of_other_suffixes_are_counted_or_read_as_text(corpus, tmp_path, caplog):
+    kinds = {f.path.rsplit("/", 1)[-1]: f.kind for f in resolve_sources([str(corpus)])}
+    assert kinds["LICENSE"] == kinds["todo.rst"] == "other" and "HEAD" not in kinds
+    assert "2 file(s) skipped as not .txt/.md/.jsonl/.parquet" in caplog.text
+    assert "--other-files-as-text" in caplog.text
+    kinds = {f.path.rsplit("/", 1)[-1]: f.kind for f in resolve_sources([str(corpus)], other_files_as_text=True)}
+    assert kinds["LICENSE"] == kinds["todo.rst"] == "text"
+
+    for name in ("LICENSE", "COPYING", "GPL-3"):
+        (tmp_path / name).write_text("licence text")
+    with pytest.raises(DataError, match=r"no \.txt.*\(3 file\(s\) skipped .*--other-files-as-text"):
+        resolve_sources([str(tmp_path)])
+    assert len(resolve_sources([str(tmp_path)], other_files_as_text=True)) == 3
+
+
 def test_decode_counts_replaced_bytes():
     assert decode_utf8("ok ✓".encode()) == ("ok ✓", 0)
     text, replaced = decode_utf8(b"caf\xe9 \xff\xfe end")

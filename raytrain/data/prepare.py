@@ -145,7 +145,7 @@ def run_prepare_stage(config: Config) -> Path:
     out = Path(prep.out)
     tokenizer_dir = str(Path(prep.tokenizer).absolute())
     tokenizer_file(tokenizer_dir)
-    files = resolve_sources(config.data.source.inputs)
+    files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)
         start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 import sysconfig
@@ -24,13 +25,16 @@ import pyarrow.parquet as pq
 from raytrain.config import SourceConfig
 from raytrain.errors import DataError
 
-Kind = Literal["text", "jsonl", "parquet"]
+# "other": a file found in a folder or glob with none of the suffixes below (LICENSE, notes.rst), skipped and
+# counted unless data.source.other_files_as_text reads it as text.
+Kind = Literal["text", "jsonl", "parquet", "other"]
 KIND_BY_SUFFIX: dict[str, Kind] = {
     ".txt": "text",
     ".md": "text",
     ".jsonl": "jsonl",
     ".parquet": "parquet",
 }
+log = logging.getLogger("raytrain")
 STDLIB = "stdlib"
 # Folders of the standard library that hold tests or third-party code, not the library.
 STDLIB_EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -54,21 +58,36 @@ def stdlib_files() -> list[str]:
     return sorted(files)
 
 
-def resolve_sources(inputs: list[str]) -> list[SourceFile]:
-    """Expand inputs (files, folders, globs, URIs, `stdlib`) into files; fail on anything unusable."""
+def resolve_sources(inputs: list[str], other_files_as_text: bool = False) -> list[SourceFile]:
+    """Expand inputs (files, folders, globs, URIs, `stdlib`) into files; fail on anything unusable.
+
+    Files of other suffixes in a folder or glob are kept as kind "other" (skipped and counted), or read as
+    text with `other_files_as_text`; one warning says how many and names one.
+    """
+    other = "text" if other_files_as_text else "other"
     files: list[SourceFile] = []
     for item in inputs:
         if item == STDLIB:
             files += [SourceFile(p, "text") for p in stdlib_files()]
             continue
-        matches = _expand(item)
-        if not matches:
+        found = [SourceFile(path, KIND_BY_SUFFIX.get(_suffix(path), other)) for path in _expand(item)]
+        if not any(f.kind != "other" for f in found):
+            hint = f" ({_others_hint([f for f in found if f.kind == 'other'])})" if found else ""
             raise DataError(
-                f"input '{item}' has no .txt, .md, .jsonl or .parquet files; "
+                f"input '{item}' has no .txt, .md, .jsonl or .parquet files{hint}; "
                 "check the path or pass a glob such as 'dir/**/*.jsonl'"
             )
-        files += [SourceFile(path, KIND_BY_SUFFIX[_suffix(path)]) for path in matches]
-    return list(dict.fromkeys(files))
+        files += found
+    files = list(dict.fromkeys(files))
+    skipped = [f for f in files if f.kind == "other"]
+    if skipped:
+        log.warning("inputs: %s", _others_hint(skipped))
+    return files
+
+
+def _others_hint(others: list[SourceFile]) -> str:
+    return (f"{len(others)} file(s) skipped as not .txt/.md/.jsonl/.parquet, e.g. '{others[0].path}'; "
+            "pass --other-files-as-text to read them as text")
 
 
 def _suffix(path: str) -> str:
@@ -96,7 +115,8 @@ def _expand(item: str) -> list[str]:
     if info.type == pafs.FileType.File:
         if _suffix(path) not in KIND_BY_SUFFIX:
             raise DataError(
-                f"input '{item}' has an unsupported type; use .txt, .md, .jsonl or .parquet"
+                f"input '{item}' has an unsupported type; use .txt, .md, .jsonl or .parquet, or name its folder "
+                "with --other-files-as-text to read it as text"
             )
         return [scheme + path if scheme else path]
     listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
@@ -104,7 +124,7 @@ def _expand(item: str) -> list[str]:
         f.path
         for f in listing
         if f.type == pafs.FileType.File
-        and _suffix(f.path) in KIND_BY_SUFFIX
+        and not any(part.startswith(".") for part in f.path[len(base):].split("/"))  # .git, .DS_Store
         and (not wildcard or fnmatch.fnmatch(f.path, path))
     )
     return [scheme + p if scheme else p for p in found]
@@ -208,6 +228,8 @@ def iter_local_documents(files: list[SourceFile], text_field: str = "text") -> I
     The plain reference reader that tests and benchmarks compare the Ray Data path with.
     """
     for source in files:
+        if source.kind == "other":
+            continue
         fs, path = _filesystem(source.path)
         if source.kind == "parquet":
             for text in pq.read_table(path, columns=[text_field], filesystem=fs).column(0).to_pylist():
@@ -236,9 +258,11 @@ def read_documents(config: SourceConfig, files: list[SourceFile] | None = None):
     """A Ray Data dataset of documents from the configured inputs."""
     import ray.data
 
-    files = files if files is not None else resolve_sources(config.inputs)
-    by_kind = {kind: [f.path for f in files if f.kind == kind] for kind in ("text", "jsonl", "parquet")}
+    files = files if files is not None else resolve_sources(config.inputs, config.other_files_as_text)
+    by_kind = {kind: [f.path for f in files if f.kind == kind] for kind in ("text", "jsonl", "parquet", "other")}
     parts = []
+    if by_kind["other"]:  # not read: one skipped record each, so the counts say what was left out
+        parts.append(ray.data.from_arrow(_documents_table([("", 0, "unsupported_suffix")] * len(by_kind["other"]))))
     if by_kind["text"]:
         parts.append(
             ray.data.read_binary_files(by_kind["text"]).map_batches(

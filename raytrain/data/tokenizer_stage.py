@@ -23,7 +23,7 @@ def run_tokenizer_stage(config: Config) -> Path:
     if not tok_config.out:
         raise DataError("no output folder; pass --out DIR (or data.tokenizer.out=DIR)")
     out = Path(tok_config.out)
-    files = resolve_sources(config.data.source.inputs)
+    files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
     with atomic_output_dir(out, TOKENIZER_FILE, overwrite=tok_config.overwrite) as tmp:
         init_ray(config.runtime)
         counts: Counter[str] = Counter()
