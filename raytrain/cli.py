@@ -29,14 +29,22 @@ TOKENIZER_FLAGS = [
     ("--out", "data.tokenizer.out", {"metavar": "DIR"}),
     ("--overwrite", "data.tokenizer.overwrite", {"action": "store_const", "const": True}),
 ]
-PREPARE_FLAGS = [
-    *SOURCE_FLAGS,
+ROW_FLAGS = [  # token rows and their output folder, for every `raytrain data` command that writes them
     ("--tokenizer", "data.prepare.tokenizer", {"metavar": "DIR"}),
     ("--seq-len", "data.prepare.seq_len", {"type": int}),
     ("--out", "data.prepare.out", {"metavar": "DIR"}),
     ("--val-fraction", "data.prepare.val_fraction", {"type": float}),
     ("--seed", "data.prepare.seed", {"type": int}),
     ("--overwrite", "data.prepare.overwrite", {"action": "store_const", "const": True}),
+]
+PREPARE_FLAGS = [*SOURCE_FLAGS, *ROW_FLAGS]
+SFT_DATA_FLAGS = [
+    ("--input", "data.source.inputs", {"nargs": "+", "metavar": "SRC",
+                                       "help": "JSONL/Parquet records, folders, globs, URIs, or 'stdlib-qa'"}),
+    *ROW_FLAGS,
+    ("--prompt-field", "data.chat.prompt_field", {"help": "record field with the prompt (default: prompt)"}),
+    ("--response-field", "data.chat.response_field", {"help": "record field with the response (default: response)"}),
+    ("--messages-field", "data.chat.messages_field", {"help": "record field with [{role, content}] turns"}),
 ]
 PRETRAIN_FLAGS = [
     ("--data", "train.data", {"metavar": "DIR", "help": "prepared dataset folder"}),
@@ -46,6 +54,11 @@ PRETRAIN_FLAGS = [
 ]
 # A config override: `section.key=value` with a section of Config (run, data, train, ...).
 OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})(\.\w+)+=")
+SFT_FLAGS = [
+    ("--data", "train.data", {"metavar": "DIR", "help": "fine-tuning dataset folder (raytrain data sft)"}),
+    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the pre-trained model to start from"}),
+    *PRETRAIN_FLAGS[1:],
+]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -63,9 +76,10 @@ def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Call
 
 def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.prepare import run_prepare_stage
+    from raytrain.data.sft import run_sft_data_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
-    from raytrain.train.launch import run_pretrain
+    from raytrain.train.launch import run_pretrain, run_sft
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                  TOKENIZER_FLAGS, run_tokenizer_stage)
     _add_command(data_commands, "prepare", "tokenize, pack and shard a corpus with Ray Data",
                  PREPARE_FLAGS, run_prepare_stage)
+    _add_command(data_commands, "sft", "conversations → token rows with an answer loss mask (Ray Data)",
+                 SFT_DATA_FLAGS, run_sft_data_stage)
     _add_command(commands, "pretrain", "pre-train a model on Ray Train workers", PRETRAIN_FLAGS,
                  run_pretrain, default_config="demo")
+    _add_command(commands, "sft", "fine-tune on conversations: loss on the answer tokens only", SFT_FLAGS,
+                 run_sft, default_config="demo")
     _add_model_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
@@ -127,6 +145,8 @@ def _add_model_commands(commands) -> None:
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--chat", action="store_true", help="prompts are user turns; answer as the assistant")
+    generate.add_argument("--system", help="with --chat: a system turn before each prompt")
     generate.set_defaults(action=model_commands.generate)
 
     convert = commands.add_parser("convert", help="Hugging Face Llama checkpoints in and out")

@@ -99,10 +99,24 @@ class PrepareConfig:
 
 
 @dataclass
+class ChatDataConfig:
+    """Record fields of fine-tuning data (`raytrain data sft`): prompt and response, or a list of messages."""
+
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"  # [{role, content}, ...]; used when a record has it
+
+    def validate(self) -> None:
+        for name in ("prompt_field", "response_field", "messages_field"):
+            _check(bool(getattr(self, name)), f"data.chat.{name}", "must not be empty")
+
+
+@dataclass
 class DataConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
 @dataclass
@@ -111,7 +125,7 @@ class TrainConfig:
 
     data: str = ""  # a prepared dataset folder (raytrain data prepare)
     tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
-    objective: Literal["causal", "masked"] = "causal"
+    objective: Literal["causal", "masked", "sft"] = "causal"  # sft: set by `raytrain sft`
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
     steps: int = 100

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from raytrain.config import RuntimeConfig, TrainConfig
+from raytrain.data.chat import encode_prompt
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids, write_hf_tokenizer_config
 from raytrain.errors import DataError
@@ -27,14 +28,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         raise DataError(f"'{args.data}' was tokenized differently from the checkpoint's training data; "
                         "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
-    objective = Objective(meta["objective"], seed=meta["seed"], global_batch=args.batch_size,
+    # Fine-tuning data is scored on its answer tokens whatever the model's stage (the answer loss before SFT
+    # is the baseline); text data with the model's own objective (next token, or masked for a masked LM).
+    kind = "sft" if dataset.kind == "sft" else ("causal" if meta["objective"] == "sft" else meta["objective"])
+    objective = Objective(kind, seed=meta["seed"], global_batch=args.batch_size,
                           mask_fraction=meta["mask_fraction"],
                           mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
     totals = validation_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
                              global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
     result = loss_and_perplexity(totals)
+    what = "answer tokens" if kind == "sft" else "tokens"
     print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
-          f"({int(totals[1])} tokens of {args.data})")
+          f"({int(totals[1])} {what} of {args.data})")
     return result
 
 
@@ -49,12 +54,15 @@ def generate(args: argparse.Namespace) -> list[str]:
     model, meta = load_model(args.checkpoint)
     tokenizer = load_tokenizer(checkpoint_tokenizer(meta, args.tokenizer))
     special = special_token_ids(tokenizer)
-    prompts = [[special["bos"], *tokenizer.encode(p).ids] for p in args.prompt]
+    if args.chat:  # each prompt is a user turn; the model answers as the assistant
+        prompts = [encode_prompt(tokenizer, p, args.system) for p in args.prompt]
+    else:
+        prompts = [[special["bos"], *tokenizer.encode(p).ids] for p in args.prompt]
     outputs = generate_tokens(model, prompts, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = [tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
     for prompt, text in zip(args.prompt, texts, strict=True):
-        print(f"--- {prompt!r}\n{prompt}{text}")
+        print(f"--- user: {prompt}\nassistant: {text}" if args.chat else f"--- {prompt!r}\n{prompt}{text}")
     return texts
 
 

@@ -77,6 +77,16 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plain_tokenizer(tmp_path_factory) -> Path:
+    """A small tokenizer trained in this process, for tests that need no Ray."""
+    from raytrain.data.tokenizer import save_tokenizer, train_tokenizer
+
+    out = tmp_path_factory.mktemp("plain_tokenizer")
+    save_tokenizer(train_tokenizer([Path(p).read_text() for p in stdlib_files()[:30]], vocab_size=600), out, {})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(ray_session, corpus, tmp_path_factory) -> Path:
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
 
@@ -100,6 +110,17 @@ def tiny_dataset(ray_session, corpus, tiny_tokenizer, tmp_path_factory) -> Path:
         ],
     )
     run_prepare_stage(config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dataset(ray_session, tiny_tokenizer, tmp_path_factory) -> Path:
+    """`stdlib-qa` as fine-tuning rows of 64 tokens."""
+    from raytrain.data.sft import run_sft_data_stage
+
+    out = tmp_path_factory.mktemp("sft") / "dataset"
+    run_sft_data_stage(load_config("tiny", ["data.source.inputs=[stdlib-qa]", "data.prepare.seq_len=64",
+                                            f"data.prepare.tokenizer='{tiny_tokenizer}'", f"data.prepare.out='{out}'"]))
     return out
 
 

@@ -1,12 +1,9 @@
 """The chat format: our ids equal transformers' apply_chat_template; the loss mask; bad conversations."""
 
-from pathlib import Path
-
 import pytest
 
 from raytrain.data.chat import check_conversation, encode_conversation, encode_prompt
-from raytrain.data.sources import stdlib_files
-from raytrain.data.tokenizer import load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer
+from raytrain.data.tokenizer import load_tokenizer, special_token_ids
 from raytrain.errors import DataError
 
 CONVERSATIONS = [
@@ -21,11 +18,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    texts = [Path(path).read_text() for path in stdlib_files()[:30]]
-    out = tmp_path_factory.mktemp("chat_tok")
-    save_tokenizer(train_tokenizer(texts, vocab_size=600), out, {})
-    return out
+def tokenizer_dir(plain_tokenizer):
+    return plain_tokenizer
 
 
 def test_our_ids_are_what_transformers_renders_from_the_exported_template(tokenizer_dir):

@@ -57,6 +57,15 @@ class PreparedDataset:
         return cls(root, manifest)
 
     @property
+    def kind(self) -> str:
+        """What the rows are for: "pretrain" (packed documents) or "sft" (one conversation a row, loss_mask)."""
+        return self.manifest.get("kind", "pretrain")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("columns", ["tokens"]))
+
+    @property
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
 

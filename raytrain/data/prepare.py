@@ -25,7 +25,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.datasource import Datasink
 
 from raytrain import __version__
-from raytrain.config import Config
+from raytrain.config import Config, PrepareConfig
 from raytrain.data.manifest import FORMAT, MANIFEST_FILE, SPLITS
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.packing import TOKEN_DTYPE, is_val_document, pack_rows, rows_per_row_group
@@ -71,8 +71,9 @@ class TokenizeDocuments:
         )
 
 
-class TokenShardDatasink(Datasink):
-    """Packs each write task's documents into rows and writes one shard per split."""
+class ShardDatasink(Datasink):
+    """Write tasks of about `shard_bytes` each write shards into `out`; `results` holds what each returned
+    (its `task` index, counts, shards), in task order."""
 
     def __init__(self, out: Path, row_len: int, shard_bytes: int):
         self.out = out
@@ -89,6 +90,22 @@ class TokenShardDatasink(Datasink):
         # Shards go to the driver's folder, which is renamed into place there; tokenizing
         # still runs on every node.
         return False
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = sorted(write_result.write_returns, key=lambda r: r["task"])
+
+    def counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for result in self.results:
+            total.update(result["counts"])
+        return total
+
+    def shards(self, split: str) -> list[dict]:
+        return [r["shards"][split] for r in self.results if split in r["shards"]]
+
+
+class TokenShardDatasink(ShardDatasink):
+    """Packs each write task's documents into rows and writes one shard per split."""
 
     def write(self, blocks, ctx) -> dict:
         pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
@@ -116,41 +133,43 @@ class TokenShardDatasink(Datasink):
             result["remainders"][split] = remainder
             if len(rows):
                 name = f"{split}/shard-{ctx.task_idx:06d}.parquet"
-                write_shard(self.out / name, rows)
+                write_shard(self.out / name, {"tokens": rows})
                 result["shards"][split] = {"path": name, "rows": len(rows)}
         return result
 
-    def on_write_complete(self, write_result) -> None:
-        self.results = sorted(write_result.write_returns, key=lambda r: r["task"])
 
-
-def write_shard(path: Path, rows: np.ndarray) -> None:
-    row_len = rows.shape[1]
-    column = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_len)
+def write_shard(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """One Parquet shard of fixed-size rows: `tokens`, and for fine-tuning data its `loss_mask`."""
+    row_len = columns["tokens"].shape[1]
+    table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_len)
+                      for name, rows in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"tokens": column}),
-        path,
-        row_group_size=rows_per_row_group(row_len),
-        compression="zstd",
-    )
+    pq.write_table(table, path, row_group_size=rows_per_row_group(row_len), compression="zstd")
 
 
-def run_prepare_stage(config: Config) -> Path:
-    prep = config.data.prepare
+def row_output(prep: PrepareConfig) -> tuple[Path, str]:
+    """(output folder, absolute tokenizer folder) of a `raytrain data` command that writes token rows."""
     if not prep.out:
         raise DataError("no output folder; pass --out DIR (or data.prepare.out=DIR)")
     if not prep.tokenizer:
         raise DataError("no tokenizer; pass --tokenizer DIR (from `raytrain data tokenizer`)")
-    out = Path(prep.out)
     tokenizer_dir = str(Path(prep.tokenizer).absolute())
     tokenizer_file(tokenizer_dir)
+    return Path(prep.out), tokenizer_dir
+
+
+def tokenize_actor_count(prep: PrepareConfig) -> int:
+    return prep.tokenize_actors or min(MAX_TOKENIZE_ACTORS, max(1, cluster_cpus() // CPUS_PER_TOKENIZE_ACTOR))
+
+
+def run_prepare_stage(config: Config) -> Path:
+    prep = config.data.prepare
+    out, tokenizer_dir = row_output(prep)
     files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)
         start = time.perf_counter()
-        default_actors = min(MAX_TOKENIZE_ACTORS, max(1, cluster_cpus() // CPUS_PER_TOKENIZE_ACTOR))
-        actors = prep.tokenize_actors or default_actors
+        actors = tokenize_actor_count(prep)
         log.info("prepare: %d files, %d tokenizer actors → %s", len(files), actors, out)
         documents = read_documents(config.data.source, files)
         tokenized = documents.map_batches(
@@ -171,16 +190,14 @@ def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: 
             files: list, seconds: float) -> dict:
     prep = config.data.prepare
     row_len = prep.seq_len + 1
-    counts: Counter[str] = Counter()
-    for result in sink.results:
-        counts.update(result["counts"])
+    counts = sink.counts()
     splits = {}
     for split in SPLITS:
-        shards = [r["shards"][split] for r in sink.results if split in r["shards"]]
+        shards = sink.shards(split)
         tail_rows, dropped = pack_rows([r["remainders"][split] for r in sink.results], row_len)
         if len(tail_rows):
             name = f"{split}/shard-{len(sink.results):06d}.parquet"
-            write_shard(tmp / name, tail_rows)
+            write_shard(tmp / name, {"tokens": tail_rows})
             shards.append({"path": name, "rows": len(tail_rows)})
         rows = sum(s["rows"] for s in shards)
         splits[split] = {
@@ -204,11 +221,28 @@ def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: 
         )
     if prep.val_fraction > 0 and splits["val"]["rows"] == 0:
         log.warning("prepare: the val split holds no full row; raise --val-fraction for validation")
+    manifest = dataset_manifest(config, tokenizer_dir, seconds, {
+        "kind": "pretrain",
+        "files": len(files),
+        "documents": {"read": read, "skipped": sum(skipped.values()), "skipped_by_reason": skipped},
+        "bytes_replaced": counts["bytes_replaced"],
+        "splits": splits,
+        "tokens_per_s": round((splits["train"]["tokens"] + splits["val"]["tokens"]) / seconds),
+        "config": {"source": vars(config.data.source), "prepare": vars(prep)},
+    })
+    config.save(tmp / "config.yaml")
+    # Written last: its presence marks the dataset complete.
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def dataset_manifest(config: Config, tokenizer_dir: str, seconds: float, content: dict) -> dict:
+    """What every prepared dataset's manifest says (format, rows, tokenizer, provenance) around `content`."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    manifest = {
+    return {
         "format": FORMAT,
-        "seq_len": prep.seq_len,
-        "row_len": row_len,
+        "seq_len": config.data.prepare.seq_len,
+        "row_len": config.data.prepare.seq_len + 1,
         "dtype": np.dtype(TOKEN_DTYPE).name,
         "tokenizer": {
             "path": tokenizer_dir,
@@ -217,20 +251,11 @@ def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: 
             "special_tokens": special_token_ids(tokenizer),
         },
         "sources": config.data.source.inputs,
-        "files": len(files),
-        "documents": {"read": read, "skipped": sum(skipped.values()), "skipped_by_reason": skipped},
-        "bytes_replaced": counts["bytes_replaced"],
-        "splits": splits,
+        **content,
         "seconds": round(seconds, 2),
-        "tokens_per_s": round((splits["train"]["tokens"] + splits["val"]["tokens"]) / seconds),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "raytrain_version": __version__,
-        "config": {"source": vars(config.data.source), "prepare": vars(prep)},
     }
-    config.save(tmp / "config.yaml")
-    # Written last: its presence marks the dataset complete.
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return manifest
 
 
 def _log_summary(out: Path, manifest: dict) -> None:

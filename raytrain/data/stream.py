@@ -79,10 +79,13 @@ class BatchOrder:
         return self.global_batch // num_consumers
 
 
-def read_rows(shards: SplitShards, row_ids: np.ndarray, row_len: int) -> np.ndarray:
-    """Rows by global id, in the given order, reading only the row groups that hold them."""
+def read_rows(shards: SplitShards, row_ids: np.ndarray, row_len: int, columns: tuple[str, ...] = ("tokens",)
+              ) -> np.ndarray:
+    """Rows by global id, in the given order, reading only the row groups that hold them.
+
+    [n, row_len] for one column; [n, columns, row_len] for several (fine-tuning rows: tokens, loss_mask)."""
     shard_of, local = shards.locate(row_ids)
-    out = np.empty((len(row_ids), row_len), TOKEN_DTYPE)
+    out = np.empty((len(row_ids), len(columns), row_len), TOKEN_DTYPE)
     for shard in np.unique(shard_of):
         picks = np.flatnonzero(shard_of == shard)
         parquet = pq.ParquetFile(shards.paths[shard])
@@ -90,22 +93,24 @@ def read_rows(shards: SplitShards, row_ids: np.ndarray, row_len: int) -> np.ndar
         group_starts = np.cumsum([0, *group_rows])
         group_of = np.searchsorted(group_starts, local[picks], side="right") - 1
         groups = np.unique(group_of)
-        table = parquet.read_row_groups(groups.tolist(), columns=["tokens"])
-        rows = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(-1, row_len)
+        table = parquet.read_row_groups(groups.tolist(), columns=list(columns))
         # Where each chosen row group starts inside the rows just read.
         read_starts = np.cumsum([0, *(group_rows[g] for g in groups)])[:-1]
         at = read_starts[np.searchsorted(groups, group_of)] + (local[picks] - group_starts[group_of])
-        out[picks] = rows[at]
-    return out
+        for c, name in enumerate(columns):
+            out[picks, c] = table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, row_len)[at]
+    return out[:, 0] if len(columns) == 1 else out
 
 
 class GlobalBatchDatasource(Datasource):
     """One consumer's slices of global batches [start_step, start_step + num_steps)."""
 
     def __init__(self, shards: SplitShards, row_len: int, order: BatchOrder, consumer: int,
-                 num_consumers: int, start_step: int, num_steps: int):
+                 num_consumers: int, start_step: int, num_steps: int, columns: tuple[str, ...] = ("tokens",)):
         self.shards = shards
         self.row_len = row_len
+        self.columns = columns
+        self.values_per_row = row_len * len(columns)
         self.order = order
         self.consumer = consumer
         self.num_consumers = num_consumers
@@ -114,7 +119,7 @@ class GlobalBatchDatasource(Datasource):
         self.local_batch = order.local_batch(num_consumers)
 
     def estimate_inmemory_data_size(self) -> int:
-        return self.num_steps * self.local_batch * self.row_len * np.dtype(TOKEN_DTYPE).itemsize
+        return self.num_steps * self.local_batch * self.values_per_row * np.dtype(TOKEN_DTYPE).itemsize
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         steps_per_task = max(1, ROWS_PER_READ_TASK // self.local_batch)
@@ -125,7 +130,7 @@ class GlobalBatchDatasource(Datasource):
             rows = (last - first) * self.local_batch
             metadata = BlockMetadata(
                 num_rows=rows,
-                size_bytes=rows * self.row_len * np.dtype(TOKEN_DTYPE).itemsize,
+                size_bytes=rows * self.values_per_row * np.dtype(TOKEN_DTYPE).itemsize,
                 input_files=None,
                 exec_stats=None,
             )
@@ -137,8 +142,8 @@ class GlobalBatchDatasource(Datasource):
         ids = np.concatenate(
             [self.order.consumer_rows(s, self.consumer, self.num_consumers) for s in steps]
         )
-        rows = read_rows(self.shards, ids, self.row_len)
-        tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.row_len)
+        rows = read_rows(self.shards, ids, self.row_len, self.columns)
+        tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), self.values_per_row)
         step_column = np.repeat(np.arange(first, last, dtype=np.int64), self.local_batch)
         return [pa.table({"step": step_column, "tokens": tokens})]
 
@@ -154,7 +159,8 @@ def stream_batches(
     num_steps: int,
     read_cpus: float = 0.0,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order.
+    """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order; fine-tuning data
+    yields [local_batch, 2, seq_len + 1]: tokens and loss mask.
 
     Read tasks reserve no CPU by default: the worker that consumes them already holds its CPUs,
     and a reservation could starve them when workers (or a placement group not yet released
@@ -165,8 +171,10 @@ def stream_batches(
     if not 0 <= consumer < num_consumers:
         raise DataError(f"consumer {consumer} is outside 0..{num_consumers - 1}")
     source = GlobalBatchDatasource(
-        dataset.split(split), dataset.row_len, order, consumer, num_consumers, start_step, num_steps
+        dataset.split(split), dataset.row_len, order, consumer, num_consumers, start_step, num_steps,
+        dataset.columns,
     )
+    shape = (-1, dataset.row_len) if len(dataset.columns) == 1 else (-1, len(dataset.columns), dataset.row_len)
     ds = ray.data.read_datasource(source, num_cpus=read_cpus)
     ds.context.execution_options.preserve_order = True
     expected = start_step
@@ -176,7 +184,7 @@ def stream_batches(
         if steps[0] != expected or steps[-1] != expected:
             raise RuntimeError(f"data stream out of order: expected step {expected}, got {steps}")
         rows = batch.column("tokens").combine_chunks().flatten().to_numpy()
-        yield expected, rows.reshape(-1, dataset.row_len).copy()  # a writable array for torch
+        yield expected, rows.reshape(shape).copy()  # a writable array for torch
         expected += 1
     if expected != start_step + num_steps:
         raise RuntimeError(f"data stream ended at step {expected}, not {start_step + num_steps}")

@@ -8,7 +8,9 @@ any number of ranks loads under any other, and in a single process for eval and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,10 +65,18 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
 def load_weights(folder: Path, model: torch.nn.Module) -> dict:
     """Model weights only (to start a new run from a checkpoint), under any layout."""
     state = {"model": get_model_state_dict(model)}
-    # In one process (generate, eval, convert) say so, rather than have DCP warn that it assumes it.
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     return read_checkpoint_meta(folder)
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP in one process (generate, eval, convert) is intended: drop its warning that it assumes so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 def write_checkpoint_meta(folder: Path, meta: dict) -> None:
@@ -109,5 +119,6 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict
 def save_model(folder: Path, model: Transformer, meta: dict) -> None:
     """A weights-only checkpoint written by this process (e.g. after importing HF weights)."""
     folder.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder), no_dist=True)
+    with single_process_quiet():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
     write_checkpoint_meta(folder, {"model": vars(model.config), **meta})

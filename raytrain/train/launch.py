@@ -24,6 +24,10 @@ from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
 CHECKPOINTS = "checkpoints"
+# Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
+DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
+DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft"}
+STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
 
 
 def check_training_config(config: Config) -> PreparedDataset:
@@ -36,6 +40,10 @@ def check_training_config(config: Config) -> PreparedDataset:
     if train.init_from:
         train.init_from = str(resolve_checkpoint(train.init_from).absolute())
     dataset = PreparedDataset.open(train.data)
+    wanted = DATA_KIND[train.objective]
+    if dataset.kind != wanted:
+        raise DataError(f"'{train.data}' holds {dataset.kind} data (from `{DATA_COMMAND[dataset.kind]}`); "
+                        f"`raytrain {STAGE[train.objective]}` reads `{DATA_COMMAND[wanted]}` output")
     vocab = dataset.manifest["tokenizer"]["vocab_size"]
     if model.vocab_size < vocab:
         raise ConfigError(f"config key 'model.vocab_size' is {model.vocab_size} but the data's tokenizer has "
@@ -88,6 +96,15 @@ def check_placement(config: Config, use_gpu: bool) -> None:
                           f"{resources.get('GPU', 0):g}; lower parallel.workers")
 
 
+def run_sft(config: Config) -> dict:
+    """`raytrain sft`: the same loop on chat rows, loss on the answer tokens, from a pre-trained checkpoint."""
+    config.train.objective = "sft"
+    if not config.train.init_from:
+        raise ConfigError("fine-tuning starts from a model: pass --init runs/NAME (a pre-training run) or a "
+                          "checkpoint folder (train.init_from)")
+    return run_pretrain(config)
+
+
 def run_pretrain(config: Config) -> dict:
     dataset = check_training_config(config)
     run_dir = config.run.dir.absolute()
@@ -99,9 +116,10 @@ def run_pretrain(config: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     parallel = config.parallel
-    log.info("pretrain: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences "
-             "× %d tokens → %s", parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard, parallel.tp,
-             config.train.steps, config.train.global_batch, dataset.seq_len, run_dir)
+    log.info("%s: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences "
+             "× %d tokens → %s", STAGE[config.train.objective], parallel.workers, parallel.pp,
+             parallel.dp_replicate, parallel.shard, parallel.tp, config.train.steps, config.train.global_batch,
+             dataset.seq_len, run_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},

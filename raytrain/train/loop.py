@@ -70,9 +70,11 @@ class Worker:
         self.layout = build_layout(config.parallel, self.world, self.device)
         self.local_batch = self.order.local_batch(self.layout.dp)
         special = self.dataset.manifest["tokenizer"]["special_tokens"]
+        # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
         self.objective = Objective(self.train.objective, seed=self.train.seed,
                                    global_batch=self.train.global_batch,
-                                   mask_fraction=self.train.mask_fraction, mask_id=special["mask"])
+                                   mask_fraction=self.train.mask_fraction, mask_id=special["mask"],
+                                   trim_multiple=self.layout.tp if self.layout.pp == 1 else 0)
         self.bf16 = self.train.precision == "bf16"
         # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None

@@ -1,5 +1,7 @@
 """Training objectives: each turns token rows into (inputs, targets); the loss is shared.
 
+causal: next token; masked: masked LM; sft: next token on the answer tokens a loss mask marks.
+
 Targets of -100 are ignored. Any randomness (the masked-LM mask) is drawn for the whole
 global batch from (seed, step), then sliced, so it does not depend on the parallel layout.
 """
@@ -31,6 +33,24 @@ def masked_lm(rows: torch.Tensor, *, seed: int, step: int, first_row: int, globa
     return inputs, targets
 
 
+def supervised(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-tuning rows [b, 2, L] (tokens, loss mask): predict the next token where the mask marks it."""
+    tokens, trained = rows[:, 0], rows[:, 1].bool()
+    return tokens[:, :-1], tokens[:, 1:].masked_fill(~trained[:, 1:], IGNORE)
+
+
+def trim_padding(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad per batch: fine-tuning rows lose the positions after the last trained token of the longest example.
+
+    Nothing later can change an earlier position's causal loss, so the loss is the same. The inputs stay a
+    multiple of `multiple` long (sequence parallel splits them over tp ranks).
+    """
+    trained = rows[:, 1].any(dim=0).nonzero()
+    needed = int(trained[-1]) if len(trained) else 1  # inputs up to the last target's position
+    length = min(rows.shape[-1] - 1, -(-needed // multiple) * multiple)
+    return rows[..., : length + 1]
+
+
 def target_count(targets: torch.Tensor) -> torch.Tensor:
     """How many positions carry a target (the rest are IGNORE)."""
     return (targets != IGNORE).sum()
@@ -52,15 +72,19 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 class Objective:
     """The stage's way of turning a rank's rows into (inputs, targets), and its attention."""
 
-    def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int):
+    def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
+                 trim_multiple: int = 0):
         self.kind = kind
-        self.causal = kind == "causal"
+        self.causal = kind in ("causal", "sft")
         self.seed = seed
         self.global_batch = global_batch
         self.mask_fraction = mask_fraction
         self.mask_id = mask_id
+        self.trim_multiple = trim_multiple  # sft: trim padding to a multiple of this; 0 keeps full rows
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "sft":
+            return supervised(trim_padding(rows, self.trim_multiple) if self.trim_multiple else rows)
         if self.causal:
             return causal_lm(rows)
         return masked_lm(rows, seed=self.seed, step=step, first_row=first_row,

@@ -1,0 +1,116 @@
+"""`stdlib-qa`: question–answer conversations mined from the standard library's docstrings.
+
+Read with `ast` (nothing is imported). Question kinds, each recorded per example:
+  what_does   "What does `json.dumps(obj, *, skipkeys=False, ...)` do?"   → the docstring's summary
+  signature   "What are the parameters of `json.dumps`?"                  → the full signature
+  which       "Which function in `json` would you use to: <summary>"      → the qualified name
+  class       "What is `json.JSONDecoder`?"                               → the class docstring's summary
+  module      "What is the `json` module for?"                            → the module docstring's summary
+The split is by top-level package (`email.mime.text` goes with `email`), so validation questions come
+from modules never trained on.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from raytrain.data.packing import is_val_document
+from raytrain.data.sources import stdlib_files
+
+STDLIB_QA = "stdlib-qa"
+MIN_SUMMARY_CHARS = 24
+MAX_SUMMARY_CHARS = 320
+MAX_SIGNATURE_CHARS = 60
+WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class QAPair:
+    module: str
+    kind: str
+    question: str
+    answer: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+def summary(docstring: str | None) -> str | None:
+    """The first paragraph, on one line; None when it says too little."""
+    if not docstring:
+        return None
+    first = inspect.cleandoc(docstring).split("\n\n", 1)[0]
+    text = WHITESPACE.sub(" ", first).strip()
+    if len(text) < MIN_SUMMARY_CHARS or text.endswith(":"):
+        return None
+    if len(text) > MAX_SUMMARY_CHARS:  # cut at the last sentence end that fits
+        cut = text[:MAX_SUMMARY_CHARS].rfind(". ")
+        if cut < MIN_SUMMARY_CHARS:
+            return None
+        text = text[: cut + 1]
+    return text
+
+
+def module_name(path: str, root: str) -> str:
+    parts = list(Path(path).relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def short_signature(name: str, arguments: ast.arguments) -> str:
+    full = f"{name}({ast.unparse(arguments)})"
+    if len(full) <= MAX_SIGNATURE_CHARS:
+        return full
+    cut = full[:MAX_SIGNATURE_CHARS].rfind(", ")
+    return full[:cut] + ", ...)" if cut > len(name) else f"{name}(...)"
+
+
+def pairs_of_module(source: str, module: str) -> list[QAPair]:
+    tree = ast.parse(source)
+    pairs = []
+    about = summary(ast.get_docstring(tree))
+    if about:
+        pairs.append(QAPair(module, "module", f"What is the `{module}` module for?", about))
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) or node.name.startswith("_"):
+            continue
+        text = summary(ast.get_docstring(node))
+        if text is None:
+            continue
+        qualified = f"{module}.{node.name}"
+        if isinstance(node, ast.ClassDef):
+            pairs.append(QAPair(module, "class", f"What is `{qualified}`?", text))
+            continue
+        pairs += [
+            QAPair(module, "what_does", f"What does `{short_signature(qualified, node.args)}` do?", text),
+            QAPair(module, "signature", f"What are the parameters of `{qualified}`?",
+                   f"`{qualified}({ast.unparse(node.args)})`"),
+            QAPair(module, "which", f"Which function in `{module}` would you use to: {text}", f"`{qualified}`"),
+        ]
+    return pairs
+
+
+def stdlib_qa() -> list[QAPair]:
+    """Every pair, in a fixed order (modules sorted, definitions in source order)."""
+    root = sysconfig.get_paths()["stdlib"]
+    pairs = []
+    for path in stdlib_files():
+        module = module_name(path, root)
+        if any(part.startswith("_") for part in module.split(".")):
+            continue  # private modules document implementation details
+        try:
+            pairs += pairs_of_module(Path(path).read_text(encoding="utf-8"), module)
+        except (SyntaxError, UnicodeDecodeError):  # a few files are templates or other encodings
+            continue
+    return pairs
+
+
+def is_val_module(module: str, seed: int, val_fraction: float) -> bool:
+    """Split by top-level package, so a val question's whole package is unseen in training."""
+    return is_val_document(module.split(".")[0], seed, val_fraction)

@@ -1,0 +1,151 @@
+"""Fine-tuning data: stdlib-qa, records → conversations, rows with a loss mask, `raytrain data sft`."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytrain.config import ChatDataConfig, load_config
+from raytrain.data.chat import encode_conversation
+from raytrain.data.manifest import PreparedDataset
+from raytrain.data.sft import TokenizeConversations, fit_row, record_conversation
+from raytrain.data.stdlib_qa import is_val_module, pairs_of_module, stdlib_qa, summary
+from raytrain.data.tokenizer import load_tokenizer
+from raytrain.errors import DataError
+
+MODULE = '''"""Tools for tiny things, used in tests of the question miner."""
+
+def dumps(obj, *, skipkeys=False, ensure_ascii=True, check_circular=True, allow_nan=True, indent=None):
+    """Serialize ``obj`` to a JSON formatted ``str``.
+
+    More details that are not the summary.
+    """
+
+def _private(x):
+    """Never asked about, being private."""
+
+class Decoder:
+    """Simple JSON decoder for the few types it knows."""
+
+def undocumented(x):
+    pass
+'''
+
+
+def test_questions_of_several_kinds_from_one_module():
+    pairs = {(p.kind, p.question): p.answer for p in pairs_of_module(MODULE, "tiny")}
+    assert pairs[("module", "What is the `tiny` module for?")] == \
+        "Tools for tiny things, used in tests of the question miner."
+    assert pairs[("what_does", "What does `tiny.dumps(obj, *, skipkeys=False, ensure_ascii=True, ...)` do?")] == \
+        "Serialize ``obj`` to a JSON formatted ``str``."
+    assert pairs[("signature", "What are the parameters of `tiny.dumps`?")].startswith("`tiny.dumps(obj, *, skip")
+    assert pairs[("which", "Which function in `tiny` would you use to: Serialize ``obj`` to a JSON formatted "
+                           "``str``.")] == "`tiny.dumps`"
+    assert pairs[("class", "What is `tiny.Decoder`?")] == "Simple JSON decoder for the few types it knows."
+    assert len(pairs) == 5  # nothing from _private or undocumented
+    assert summary("Args:") is None and summary("short") is None
+
+
+def test_stdlib_qa_splits_by_package():
+    pairs = stdlib_qa()
+    assert len(pairs) > 3000 and len({p.kind for p in pairs}) == 5
+    val = {p.module.split(".")[0] for p in pairs if is_val_module(p.module, 0, 0.1)}
+    train = {p.module.split(".")[0] for p in pairs if not is_val_module(p.module, 0, 0.1)}
+    assert val and train and not val & train
+
+
+FIELDS = ChatDataConfig()
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"prompt": "q"}, "field 'response' is missing or empty"),
+    ({"prompt": " ", "response": "a"}, "field 'prompt' is missing or empty"),
+    ({"question": "q", "answer": "a"}, "(found: question, answer); set --prompt-field"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}, "out of order"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "ends with an assistant reply"),
+])
+def test_bad_records_name_file_line_and_fix(record, fragment):
+    with pytest.raises(DataError, match="qa.jsonl:3: ") as error:
+        record_conversation(record, "qa.jsonl:3", FIELDS)
+    assert fragment in str(error.value)
+
+
+def test_rows_keep_the_last_reply_and_cut_from_the_left():
+    a = 5  # <|assistant|>
+    ids = [4, 9, 9, 9, 1, a, 7, 7, 1]
+    trained = [False] * 6 + [True] * 3
+    assert fit_row(ids, trained, 16, a) == ("", 0)
+    assert fit_row(ids, trained, 6, a) == ("truncated", 3)  # the user turn loses 3 tokens
+    assert fit_row(ids, trained, 3, a) == ("reply_longer_than_row", -1)
+    assert fit_row(ids[:5], trained[:5], 16, a) == ("no_reply", -1)
+
+
+def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
+    tokenizer = load_tokenizer(plain_tokenizer)
+    turns = [{"role": "user", "content": "What is `json.dumps`?"}, {"role": "assistant", "content": "A function."}]
+    ids, trained = encode_conversation(tokenizer, turns)
+    batch = pa.table({"messages": [json.dumps(turns)], "where": ["x:1"], "val": pa.array([False])})
+    out = TokenizeConversations(str(plain_tokenizer), len(ids) + 4, 0, 0.0)(batch)
+    row = out.column("tokens").to_pylist()[0]
+    mask = out.column("loss_mask").to_pylist()[0]
+    assert row == ids + [2] * 4 and mask == [int(t) for t in trained] + [0] * 4
+    assert tokenizer.decode([t for t, m in zip(row, mask, strict=True) if m], skip_special_tokens=False) == \
+        "A function.<|eos|>"
+
+
+@pytest.mark.ray
+def test_data_sft_writes_rows_masks_and_counts(capsys, tmp_path, tiny_tokenizer):
+    from raytrain.cli import main
+    from raytrain.train.launch import check_training_config
+
+    long_prompt = "tell me " * 60
+    records = [
+        {"prompt": "What does `json.dumps` do?", "response": "It serializes an object to JSON."},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a module."},
+                      {"role": "assistant", "content": "json"}]},
+        {"prompt": long_prompt, "response": "Fits once the prompt is cut."},  # truncated from the left
+        {"prompt": "Long answer?", "response": "word " * 200},  # dropped: the reply alone is too long
+    ]
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.table({"question": ["Parquet prompt?"] * 3, "answer": ["Parquet answer."] * 3}),
+                   tmp_path / "qa.parquet")
+    out = tmp_path / "sft"
+
+    def data_sft(source, out, *extra):
+        return main(["data", "sft", "--config", "tiny", "--input", str(source), "--tokenizer", str(tiny_tokenizer),
+                     "--seq-len", "64", "--out", str(out), "--val-fraction", "0.0", *extra])
+
+    assert data_sft(source, out) == 0, capsys.readouterr().err
+    data = PreparedDataset.open(out)
+    examples = data.manifest["examples"]
+    assert data.kind == "sft" and examples == {"read": 4, "truncated": 1, "dropped": 1,
+                                               "dropped_by_reason": {"reply_longer_than_row": 1}}
+    table = pq.read_table(data.split("train").paths[0])
+    tokens = np.array(table.column("tokens").to_pylist())
+    mask = np.array(table.column("loss_mask").to_pylist(), bool)
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    answers = [tokenizer.decode(row[m].tolist(), skip_special_tokens=False) for row, m in zip(tokens, mask,
+                                                                                               strict=True)]
+    assert answers == ["It serializes an object to JSON.<|eos|>", "Hello.<|eos|>json<|eos|>",
+                       "Fits once the prompt is cut.<|eos|>"]
+    assert data.manifest["splits"]["train"]["trained_tokens"] == int(mask.sum())
+
+    # A bad record: one line naming file:line, and no output folder left behind.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(records[0]) + "\n" + json.dumps({"prompt": "q", "response": ""}) + "\n")
+    code = data_sft(bad, tmp_path / "bad")
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad}:2: field 'response' is missing or empty" in err
+    assert not (tmp_path / "bad").exists()
+    # Other field names, from Parquet.
+    assert data_sft(tmp_path / "qa.parquet", tmp_path / "pq", "--prompt-field", "question",
+                    "--response-field", "answer") == 0
+    assert PreparedDataset.open(tmp_path / "pq").manifest["splits"]["train"]["rows"] == 3
+
+    # Fine-tuning data is refused by pre-training, before any worker starts.
+    with pytest.raises(DataError, match="holds sft data"):
+        check_training_config(load_config("tiny", [f"train.data='{out}'"]))
