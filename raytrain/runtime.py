@@ -187,10 +187,10 @@ def configure_ray_data(config: RuntimeConfig) -> None:
     context.raise_original_map_exception = True
     level = getattr(logging, config.log_level.upper())
     logging.getLogger("ray.data").setLevel(level)
-    # Progress when asked for (bars on a terminal, lines otherwise); without it, "Progress bars disabled" is
-    # no news: raytrain turned them off on purpose.
-    progress_level = logging.ERROR if level > logging.INFO else level
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if config.progress else progress_level)
+    # Progress bars on a terminal when asked for; elsewhere Ray Data would log ten-line progress dumps instead,
+    # kept for runtime.log_level=info. Without progress, "Progress bars disabled" is no news: raytrain chose it.
+    quiet = not config.progress and level > logging.INFO
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if quiet else level)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -5,6 +5,7 @@ import torch
 from conftest import assert_same_curve, losses, metric
 
 from raytrain.config import load_config
+from raytrain.errors import ConfigError, DataError
 from raytrain.model.transformer import Transformer
 from raytrain.train.objectives import IGNORE, Objective, supervised, token_loss, trim_padding
 
@@ -40,7 +41,8 @@ def test_padding_per_batch_keeps_the_loss():
 
 
 @pytest.mark.ray
-def test_sft_learns_answers_and_every_layout_matches_one_worker(reference, tiny_sft_dataset, tmp_path):
+def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_sft_dataset,
+                                                                           tiny_dataset, tmp_path):
     from raytrain.train.launch import run_sft
 
     def sft(name, *overrides):
@@ -58,3 +60,16 @@ def test_sft_learns_answers_and_every_layout_matches_one_worker(reference, tiny_
     assert_same_curve(one, losses(tmp_path / "fsdp2"))
     sft("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
     assert_same_curve(one, losses(tmp_path / "tp2"))
+    # A worker dies at step 13 (DDP): Ray Train restarts the group, which resumes from step 10 exactly.
+    sft("faulty", "parallel.workers=2", "parallel.dp_replicate=2", "train.max_failures=1", "debug.fail_at_step=13",
+        "debug.fail_rank=1")
+    assert (tmp_path / "faulty" / ".debug_failed_once").exists()
+    assert_same_curve(one, losses(tmp_path / "faulty"))
+
+    # Refused before any worker starts: a model that is not the checkpoint's, pre-training data, no --init.
+    with pytest.raises(ConfigError, match="holds model"):
+        sft("other", "model.d_model=64")
+    with pytest.raises(DataError, match="holds pretrain data .* `raytrain sft` reads `raytrain data sft`"):
+        run_sft(load_config("tiny", [f"train.data='{tiny_dataset}'", f"train.init_from='{reference[0]}'"]))
+    with pytest.raises(ConfigError, match="pass --init"):
+        run_sft(load_config("tiny", [f"train.data='{tiny_sft_dataset}'"]))

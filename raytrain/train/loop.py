@@ -143,7 +143,8 @@ class Worker:
         steps = self.train.steps
         stream = stream_batches(self.dataset, self.order, consumer=self.layout.dp_rank, num_consumers=self.layout.dp,
                                 start_step=self.start_step, num_steps=steps - self.start_step)
-        interval = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count
+        # loss sum, target count, input positions computed (fewer than rows × seq_len when padding is trimmed)
+        interval = torch.zeros(3, dtype=torch.float64, device=self.device)
         timer = {"compute": 0.0, "data": 0.0, "steps": 0}
         started = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -181,7 +182,7 @@ class Worker:
         return self.memory
 
     def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; returns [loss sum, target count] where this rank computed the loss."""
+        """One optimizer step; returns [loss sum, target count, positions] where this rank computed the loss."""
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, self.train)
@@ -208,14 +209,14 @@ class Worker:
         micro = rows.chunk(self.train.micro_batches)
         pairs = [self.objective(m, step, first_row + i * len(micro[0])) for i, m in enumerate(micro)]
         global_count = self._global_count([t for _, t in pairs])
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for i, (inputs, targets) in enumerate(pairs):
             with gradient_sync(module, i == len(pairs) - 1), loss_context(self.split_loss):
                 with self.autocast():
                     loss, count = token_loss(module(inputs, causal=self.objective.causal), targets)
                 # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
                 (loss * self.layout.dp / global_count).backward()
-            sums += torch.stack([loss.detach().double(), count.double()])
+            sums += torch.stack([loss.detach().double(), count.double(), count.new_tensor(inputs.numel()).double()])
         return sums
 
     def _pipeline_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -224,7 +225,8 @@ class Worker:
         losses: list[torch.Tensor] = []
         with self.compute():
             self.schedule.step(inputs, target=targets, losses=losses)
-        return torch.stack(self._pipeline_sums(losses, targets))
+        loss_sum, count = self._pipeline_sums(losses, targets)
+        return torch.stack([loss_sum, count, count.new_tensor(inputs.numel() if self.last_stage else 0)])
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn: this micro-batch's share of the global token mean."""
@@ -255,7 +257,7 @@ class Worker:
 
     def _interval_metrics(self, step: int, interval: torch.Tensor, timer: dict) -> dict[str, float]:
         totals = self.dp_sum(interval)
-        tokens_per_s = self.tokens_per_step * timer["steps"] / max(timer["compute"], 1e-9)
+        tokens_per_s = float(totals[2]) / max(timer["compute"], 1e-9)
         per_worker = tokens_per_s / self.world
         return {
             "train/loss": float(totals[0] / totals[1]),
