@@ -32,7 +32,7 @@ def baseline(inputs: list[str], tokenizer_dir: Path, out: Path) -> int:
     encoded = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     rows, _ = pack_rows([np.array([*e.ids, eos], np.int32) for e in encoded], SEQ_LEN + 1)
     out.mkdir(parents=True, exist_ok=True)
-    write_shard(out / "train.parquet", rows)
+    write_shard(out / "train.parquet", {"tokens": rows})
     return sum(len(e.ids) + 1 for e in encoded)
 
 

@@ -46,6 +46,16 @@ SFT_DATA_FLAGS = [
     ("--response-field", "data.chat.response_field", {"help": "record field with the response (default: response)"}),
     ("--messages-field", "data.chat.messages_field", {"help": "record field with [{role, content}] turns"}),
 ]
+PREFS_DATA_FLAGS = [
+    ("--input", "data.source.inputs", {"nargs": "+", "metavar": "SRC",
+                                       "help": "JSONL/Parquet records, folders, globs, URIs, or 'stdlib-prefs'"}),
+    *ROW_FLAGS,
+    ("--prompt-field", "data.chat.prompt_field", {"help": "record field with the prompt (default: prompt)"}),
+    ("--chosen-field", "data.chat.chosen_field", {"help": "the preferred response (default: chosen)"}),
+    ("--rejected-field", "data.chat.rejected_field", {"help": "the other response (default: rejected)"}),
+    ("--responses-field", "data.chat.responses_field", {"help": "a list of responses (default: responses)"}),
+    ("--ranking-field", "data.chat.ranking_field", {"help": "their indices, best first (default: ranking)"}),
+]
 PRETRAIN_FLAGS = [
     ("--data", "train.data", {"metavar": "DIR", "help": "prepared dataset folder"}),
     ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
@@ -75,8 +85,8 @@ def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Call
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
     from raytrain.data.prepare import run_prepare_stage
-    from raytrain.data.sft import run_sft_data_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
     from raytrain.train.launch import run_pretrain, run_sft
@@ -91,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                  PREPARE_FLAGS, run_prepare_stage)
     _add_command(data_commands, "sft", "conversations → token rows with an answer loss mask (Ray Data)",
                  SFT_DATA_FLAGS, run_sft_data_stage)
+    _add_command(data_commands, "prefs", "ranked responses → token rows for a reward model (Ray Data)",
+                 PREFS_DATA_FLAGS, run_prefs_data_stage)
     _add_command(commands, "pretrain", "pre-train a model on Ray Train workers", PRETRAIN_FLAGS,
                  run_pretrain, default_config="demo")
     _add_command(commands, "sft", "fine-tune on conversations: loss on the answer tokens only", SFT_FLAGS,

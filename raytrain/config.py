@@ -100,14 +100,20 @@ class PrepareConfig:
 
 @dataclass
 class ChatDataConfig:
-    """Record fields of fine-tuning data (`raytrain data sft`): prompt and response, or a list of messages."""
+    """Record fields of fine-tuning data: `raytrain data sft` reads a prompt and a response, or a list of
+    messages; `raytrain data prefs` a prompt with chosen and rejected, or responses and their ranking."""
 
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"  # [{role, content}, ...]; used when a record has it
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    responses_field: str = "responses"  # [text, ...] with ranking_field: their indices, best first
+    ranking_field: str = "ranking"
 
     def validate(self) -> None:
-        for name in ("prompt_field", "response_field", "messages_field"):
+        for name in ("prompt_field", "response_field", "messages_field", "chosen_field", "rejected_field",
+                     "responses_field", "ranking_field"):
             _check(bool(getattr(self, name)), f"data.chat.{name}", "must not be empty")
 
 

@@ -24,6 +24,9 @@ from raytrain.train.objectives import Objective
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     model, meta = load_model(args.checkpoint)
     dataset = PreparedDataset.open(args.data)
+    if dataset.kind not in ("pretrain", "sft"):
+        raise DataError(f"'{args.data}' holds {dataset.kind} data; a language model is evaluated on "
+                        "`raytrain data prepare` or `raytrain data sft` output")
     if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
         raise DataError(f"'{args.data}' was tokenized differently from the checkpoint's training data; "
                         "evaluate on data prepared with the same tokenizer")

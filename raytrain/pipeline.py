@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 from raytrain.config import Config
+from raytrain.data.chat_data import run_sft_data_stage
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.prepare import run_prepare_stage
-from raytrain.data.sft import run_sft_data_stage
 from raytrain.data.stdlib_qa import STDLIB_QA, is_val_module, stdlib_qa
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline

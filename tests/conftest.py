@@ -116,7 +116,7 @@ def tiny_dataset(ray_session, corpus, tiny_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft_dataset(ray_session, tiny_tokenizer, tmp_path_factory) -> Path:
     """`stdlib-qa` as fine-tuning rows of 64 tokens."""
-    from raytrain.data.sft import run_sft_data_stage
+    from raytrain.data.chat_data import run_sft_data_stage
 
     out = tmp_path_factory.mktemp("sft") / "dataset"
     run_sft_data_stage(load_config("tiny", ["data.source.inputs=[stdlib-qa]", "data.prepare.seq_len=64",

@@ -60,7 +60,7 @@ def test_read_rows_fetches_exact_rows_across_shards_and_row_groups(tmp_path):
     paths, start = [], 0
     for i, n in enumerate(sizes):
         rows = (np.arange(start, start + n)[:, None] * row_len + np.arange(row_len)).astype(np.int32)
-        write_shard(tmp_path / f"s{i}.parquet", rows)
+        write_shard(tmp_path / f"s{i}.parquet", {"tokens": rows, "loss_mask": (rows % 3 == 0).astype(np.uint8)})
         paths.append(str(tmp_path / f"s{i}.parquet"))
         start += n
     shards = SplitShards(tuple(paths), tuple(sizes), rows_per_row_group=16)
@@ -69,6 +69,10 @@ def test_read_rows_fetches_exact_rows_across_shards_and_row_groups(tmp_path):
     got = read_rows(shards, ids, row_len)
     assert np.array_equal(got[:, 0] // row_len, ids)
     assert np.array_equal(got[:, -1], ids * row_len + row_len - 1)
+    # Fine-tuning rows: several columns come stacked, [rows, columns, row_len].
+    both = read_rows(shards, ids, row_len, ("tokens", "loss_mask"))
+    assert both.shape == (len(ids), 2, row_len)
+    assert np.array_equal(both[:, 0], got) and np.array_equal(both[:, 1], got % 3 == 0)
 
 
 def test_masked_lm_mask_is_independent_of_layout():

@@ -139,8 +139,8 @@ class TokenShardDatasink(ShardDatasink):
 
 
 def write_shard(path: Path, columns: dict[str, np.ndarray]) -> None:
-    """One Parquet shard of fixed-size rows: `tokens`, and for fine-tuning data its `loss_mask`."""
-    row_len = columns["tokens"].shape[1]
+    """One Parquet shard of fixed-size rows: `tokens` (and `loss_mask`), or a prompt's ranked `response_i`."""
+    row_len = next(iter(columns.values())).shape[1]
     table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_len)
                       for name, rows in columns.items()})
     path.parent.mkdir(parents=True, exist_ok=True)

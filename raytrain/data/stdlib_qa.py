@@ -16,6 +16,7 @@ import ast
 import inspect
 import re
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from raytrain.data.packing import is_val_document
 from raytrain.data.sources import stdlib_files
 
 STDLIB_QA = "stdlib-qa"
+STDLIB_PREFS = "stdlib-prefs"
+SUMMARY_KINDS = ("what_does", "class", "module")  # answers that are prose, so wrong prose can compete
 MIN_SUMMARY_CHARS = 24
 MAX_SUMMARY_CHARS = 320
 MAX_SIGNATURE_CHARS = 60
@@ -46,7 +49,7 @@ def summary(docstring: str | None) -> str | None:
         return None
     first = inspect.cleandoc(docstring).split("\n\n", 1)[0]
     text = WHITESPACE.sub(" ", first).strip()
-    if len(text) < MIN_SUMMARY_CHARS or text.endswith(":"):
+    if len(text) < MIN_SUMMARY_CHARS or text.endswith(":") or ">>>" in text:  # no doctest sessions
         return None
     if len(text) > MAX_SUMMARY_CHARS:  # cut at the last sentence end that fits
         cut = text[:MAX_SUMMARY_CHARS].rfind(". ")
@@ -109,6 +112,50 @@ def stdlib_qa() -> list[QAPair]:
         except (SyntaxError, UnicodeDecodeError):  # a few files are templates or other encodings
             continue
     return pairs
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    module: str
+    kind: str  # how the rejected answer was made
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def rejected_answers(pair: QAPair, others: list[str]) -> dict[str, str]:
+    """Plausible wrong answers to `pair`, by kind: another definition's summary from the same module, the
+    answer cut short, its sentences shuffled."""
+    wrong = {}
+    others = [o for o in others if o != pair.answer]
+    if others:
+        wrong["other_definition"] = others[zlib.crc32(pair.question.encode()) % len(others)]
+    words = pair.answer.split()
+    if len(words) >= 6:
+        wrong["truncated"] = " ".join(words[: len(words) // 2])
+    sentences = SENTENCE_END.split(pair.answer)
+    if len(sentences) >= 2:
+        wrong["shuffled"] = " ".join(sentences[1:] + sentences[:1])
+    return wrong
+
+
+def stdlib_prefs() -> list[PreferencePair]:
+    """One preference pair per summary question of `stdlib_qa`: chosen is the true answer, rejected one wrong
+    answer of a kind that rotates over the question's applicable kinds."""
+    pairs = [p for p in stdlib_qa() if p.kind in SUMMARY_KINDS]
+    by_module: dict[str, list[str]] = {}
+    for p in pairs:
+        by_module.setdefault(p.module, []).append(p.answer)
+    result = []
+    for p in pairs:
+        wrong = rejected_answers(p, by_module[p.module])
+        if wrong:
+            kind = sorted(wrong)[zlib.crc32(p.question.encode()) % len(wrong)]
+            result.append(PreferencePair(p.module, kind, p.question, p.answer, wrong[kind]))
+    return result
 
 
 def is_val_module(module: str, seed: int, val_fraction: float) -> bool:

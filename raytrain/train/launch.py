@@ -26,7 +26,7 @@ log = logging.getLogger("raytrain")
 CHECKPOINTS = "checkpoints"
 # Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
 DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
-DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft"}
+DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
 STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
 
 

@@ -1,4 +1,4 @@
-"""Fine-tuning data: stdlib-qa, records → conversations, rows with a loss mask, `raytrain data sft`."""
+"""Fine-tuning data: stdlib-qa/prefs, records → conversations, rows, `raytrain data sft` and `data prefs`."""
 
 import json
 
@@ -9,9 +9,9 @@ import pytest
 
 from raytrain.config import ChatDataConfig, load_config
 from raytrain.data.chat import encode_conversation
+from raytrain.data.chat_data import SFT, TokenizeExamples, fit_row, prefs_example, sft_example
 from raytrain.data.manifest import PreparedDataset
-from raytrain.data.sft import TokenizeConversations, fit_row, record_conversation
-from raytrain.data.stdlib_qa import is_val_module, pairs_of_module, stdlib_qa, summary
+from raytrain.data.stdlib_qa import is_val_module, pairs_of_module, rejected_answers, stdlib_prefs, stdlib_qa, summary
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 
@@ -56,6 +56,18 @@ def test_stdlib_qa_splits_by_package():
     assert val and train and not val & train
 
 
+def test_stdlib_prefs_rejects_plausible_wrong_answers_of_several_kinds():
+    pair = pairs_of_module(MODULE, "tiny")[1]  # what_does tiny.dumps
+    wrong = rejected_answers(pair, [pair.answer, "Simple JSON decoder for the few types it knows."])
+    assert wrong == {"other_definition": "Simple JSON decoder for the few types it knows.",
+                     "truncated": "Serialize ``obj`` to"}
+    two = pair.__class__("m", "class", "q", "First sentence here. Second one follows.")
+    assert rejected_answers(two, [])["shuffled"] == "Second one follows. First sentence here."
+    prefs = stdlib_prefs()
+    assert len(prefs) > 1500 and {p.kind for p in prefs} == {"other_definition", "truncated", "shuffled"}
+    assert all(p.chosen != p.rejected for p in prefs)
+
+
 FIELDS = ChatDataConfig()
 
 
@@ -68,8 +80,28 @@ FIELDS = ChatDataConfig()
 ])
 def test_bad_records_name_file_line_and_fix(record, fragment):
     with pytest.raises(DataError, match="qa.jsonl:3: ") as error:
-        record_conversation(record, "qa.jsonl:3", FIELDS)
+        sft_example(record, "qa.jsonl:3", FIELDS)
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"prompt": "q", "chosen": "a"}, "field 'rejected' is missing or empty"),
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "two responses are identical"),
+    ({"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 2]}, "is not a permutation"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranking": [1, 1]}, "is not a permutation"),
+    ({"prompt": "q", "responses": ["a", ""], "ranking": [1, 0]}, "response 1 in 'responses' is empty"),
+    ({"responses": ["a", "b"], "ranking": [1, 0]}, "field 'prompt' is missing or empty"),
+])
+def test_bad_preference_records_name_file_line_and_fix(record, fragment):
+    with pytest.raises(DataError, match="prefs.jsonl:9: ") as error:
+        prefs_example(record, "prefs.jsonl:9", FIELDS)
+    assert fragment in str(error.value)
+
+
+def test_rankings_order_responses_best_first():
+    ranked = prefs_example({"prompt": "q", "responses": ["ok", "best", "worst"], "ranking": [1, 0, 2]}, "x", FIELDS)
+    assert [c[1]["content"] for c in ranked] == ["best", "ok", "worst"]
+    assert all(c[0] == {"role": "user", "content": "q"} for c in ranked)
 
 
 def test_rows_keep_the_last_reply_and_cut_from_the_left():
@@ -86,8 +118,8 @@ def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
     tokenizer = load_tokenizer(plain_tokenizer)
     turns = [{"role": "user", "content": "What is `json.dumps`?"}, {"role": "assistant", "content": "A function."}]
     ids, trained = encode_conversation(tokenizer, turns)
-    batch = pa.table({"messages": [json.dumps(turns)], "where": ["x:1"], "val": pa.array([False])})
-    out = TokenizeConversations(str(plain_tokenizer), len(ids) + 4, 0, 0.0)(batch)
+    batch = pa.table({"conversations": [json.dumps([turns])], "val": pa.array([False]), "kind": [""]})
+    out = TokenizeExamples(str(plain_tokenizer), SFT.kind, len(ids) + 4, 1, 0, 0.0)(batch)
     row = out.column("tokens").to_pylist()[0]
     mask = out.column("loss_mask").to_pylist()[0]
     assert row == ids + [2] * 4 and mask == [int(t) for t in trained] + [0] * 4
@@ -123,7 +155,7 @@ def test_data_sft_writes_rows_masks_and_counts(capsys, tmp_path, tiny_tokenizer)
     data = PreparedDataset.open(out)
     examples = data.manifest["examples"]
     assert data.kind == "sft" and examples == {"read": 4, "truncated": 1, "dropped": 1,
-                                               "dropped_by_reason": {"reply_longer_than_row": 1}}
+                                               "dropped_by_reason": {"reply_longer_than_row": 1}, "by_kind": {}}
     table = pq.read_table(data.split("train").paths[0])
     tokens = np.array(table.column("tokens").to_pylist())
     mask = np.array(table.column("loss_mask").to_pylist(), bool)
@@ -149,3 +181,40 @@ def test_data_sft_writes_rows_masks_and_counts(capsys, tmp_path, tiny_tokenizer)
     # Fine-tuning data is refused by pre-training, before any worker starts.
     with pytest.raises(DataError, match="holds sft data"):
         check_training_config(load_config("tiny", [f"train.data='{out}'"]))
+
+
+@pytest.mark.ray
+def test_data_prefs_ranks_responses_best_first_and_counts_pairs(capsys, tmp_path, tiny_tokenizer):
+    from raytrain.cli import main
+
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps({"prompt": "Which module parses JSON?", "chosen": "json", "rejected": "csv"}) + "\n"
+                      + json.dumps({"prompt": "Sort a list?", "responses": ["sort it by hand", "sorted(xs)", "no"],
+                                    "ranking": [1, 0, 2]}) + "\n")
+    out = tmp_path / "prefs"
+    args = ["data", "prefs", "--config", "tiny", "--input", str(source), "stdlib-prefs", "--tokenizer",
+            str(tiny_tokenizer), "--seq-len", "64", "--out", str(out), "--val-fraction", "0.1"]
+    assert main(args) == 0, capsys.readouterr().err
+    data = PreparedDataset.open(out)
+    manifest = data.manifest
+    assert data.kind == "prefs" and data.columns == ("response_0", "response_1", "response_2")
+    kept = manifest["examples"]["read"] - manifest["examples"]["dropped"]
+    assert set(manifest["examples"]["by_kind"]) == {"other_definition", "truncated", "shuffled"}
+    assert sum(manifest["examples"]["by_kind"].values()) == kept - 2  # the file's two examples have no kind
+    splits = manifest["splits"]
+    assert splits["train"]["pairs"] + splits["val"]["pairs"] == kept - 2 + 1 + 3  # a ranking of 3 gives 3 pairs
+
+    # Every row holds a prompt's responses best first; an unused slot is all padding.
+    tokenizer = load_tokenizer(tiny_tokenizer)
+
+    def reply(tokens):
+        text = [t for t in tokens if t != 2]  # <|pad|>
+        return tokenizer.decode(text, skip_special_tokens=False).split("<|assistant|>")[-1] if text else None
+
+    tables = [pq.read_table(path) for split in ("train", "val") for path in data.split(split).paths]
+    ranked = [[reply(t.column(c)[i].as_py()) for c in data.columns] for t in tables for i in range(t.num_rows)]
+    assert ["json<|eos|>", "csv<|eos|>", None] in ranked
+    assert ["sorted(xs)<|eos|>", "sort it by hand<|eos|>", "no<|eos|>"] in ranked
+
+    assert main([*args[:5], "stdlib-qa", *args[7:-4], "--out", str(tmp_path / "wrong")]) == 2
+    assert "'stdlib-qa' is sft data; use `raytrain data sft`" in capsys.readouterr().err
