@@ -62,16 +62,22 @@ class RayHead:
                 continue
         return found
 
+    def wait_gone(self, timeout_s: float) -> bool:
+        """Whether every process of this temp dir is gone within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return not self.pids()
+
     def stop(self, grace_s: float = 3.0) -> None:
         """SIGTERM, then SIGKILL what is left; the address file stays behind, as after a crash."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + grace_s
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        assert not self.pids(), f"Ray processes of {self.tmpdir} survived SIGKILL"
+            if self.wait_gone(grace_s):
+                return
+        raise AssertionError(f"Ray processes of {self.tmpdir} survived SIGKILL")
 
     def remove(self) -> None:
         self.stop()

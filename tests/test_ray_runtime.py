@@ -101,7 +101,7 @@ def test_a_running_local_cluster_is_joined_and_a_stale_address_file_ignored(corp
         assert alone.returncode == 0, alone.stderr
         assert "Ray: started a local Ray for this command" in alone.stderr
         assert f"{head.address_file} names {address}, where no Ray answers" in alone.stderr
-        assert not head.pids(), "the command's own Ray must stop with it"
+        assert head.wait_gone(10), "the command's own Ray must stop with it"
     finally:
         head.remove()
     assert os.environ["RAY_TMPDIR"] != head.tmpdir  # the suite never looked at that cluster's files

@@ -13,6 +13,7 @@ from modules never trained on.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import sysconfig
@@ -99,7 +100,8 @@ def pairs_of_module(source: str, module: str) -> list[QAPair]:
     return pairs
 
 
-def stdlib_qa() -> list[QAPair]:
+@functools.cache  # parsing ~700 files takes seconds; the demo and prefs ask again
+def stdlib_qa() -> tuple[QAPair, ...]:
     """Every pair, in a fixed order (modules sorted, definitions in source order)."""
     root = sysconfig.get_paths()["stdlib"]
     pairs = []
@@ -111,7 +113,7 @@ def stdlib_qa() -> list[QAPair]:
             pairs += pairs_of_module(Path(path).read_text(encoding="utf-8"), module)
         except (SyntaxError, UnicodeDecodeError):  # a few files are templates or other encodings
             continue
-    return pairs
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
