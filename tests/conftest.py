@@ -25,6 +25,11 @@ from raytrain.config import load_config  # noqa: E402
 from raytrain.data.sources import stdlib_files  # noqa: E402
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's Ray temp dir goes with the session, whether or not a test started Ray."""
+    shutil.rmtree(SUITE_RAY_TMPDIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session: more logical CPUs than cores, quiet, its dashboard on a free port.
@@ -36,7 +41,6 @@ def ray_session():
     init_ray(load_config("tiny", ["runtime.address=local"]).runtime)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-    shutil.rmtree(SUITE_RAY_TMPDIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
