@@ -97,18 +97,17 @@ def prefs_example(record: dict, where: str, fields: ChatDataConfig) -> list[Conv
 @dataclass(frozen=True)
 class Builtin:
     name: str
-    examples: Callable[[int, float], list[tuple[list[Conversation], str, bool, str]]]  # seed, val_fraction
+    examples: Callable[[int, float], list[tuple[list[Conversation], bool, str]]]  # seed, val_fraction
 
 
 def stdlib_qa_examples(seed: int, val_fraction: float):
-    return [([[user_turn(p.question), reply(p.answer)]], f"{STDLIB_QA}:{p.module}",
-             is_val_module(p.module, seed, val_fraction), p.kind) for p in stdlib_qa()]
+    return [([[user_turn(p.question), reply(p.answer)]], is_val_module(p.module, seed, val_fraction), p.kind)
+            for p in stdlib_qa()]
 
 
 def stdlib_prefs_examples(seed: int, val_fraction: float):
     return [([[user_turn(p.prompt), reply(p.chosen)], [user_turn(p.prompt), reply(p.rejected)]],
-             f"{STDLIB_PREFS}:{p.module}", is_val_module(p.module, seed, val_fraction), p.kind)
-            for p in stdlib_prefs()]
+             is_val_module(p.module, seed, val_fraction), p.kind) for p in stdlib_prefs()]
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,13 @@ PREFS = ChatData("prefs", prefs_example, Builtin(STDLIB_PREFS, stdlib_prefs_exam
 BUILTINS = {SFT.builtin.name: SFT, PREFS.builtin.name: PREFS}
 
 
-def _examples_table(rows: list[tuple[list[Conversation], str, bool | None, str]]) -> pa.Table:
+def _examples_table(rows: list[tuple[list[Conversation], bool | None, str]]) -> pa.Table:
+    """One example a row: its conversations (JSON), how many, its split if fixed (None: by hash), its kind."""
     return pa.table({
-        "conversations": pa.array([json.dumps(c, ensure_ascii=False) for c, _, _, _ in rows], pa.large_string()),
-        "responses": pa.array([len(c) for c, _, _, _ in rows], pa.int32()),
-        "where": pa.array([w for _, w, _, _ in rows], pa.string()),
-        "val": pa.array([v for _, _, v, _ in rows], pa.bool_()),  # None: decided by hash
-        "kind": pa.array([k for _, _, _, k in rows], pa.string()),
+        "conversations": pa.array([json.dumps(c, ensure_ascii=False) for c, _, _ in rows], pa.large_string()),
+        "responses": pa.array([len(c) for c, _, _ in rows], pa.int32()),
+        "val": pa.array([v for _, v, _ in rows], pa.bool_()),
+        "kind": pa.array([k for _, _, k in rows], pa.string()),
     })
 
 
@@ -160,7 +159,7 @@ class _ParseJsonlRecords:
                     raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); fix the line") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-                rows.append((self.data.parse(record, where, self.fields), where, None, ""))
+                rows.append((self.data.parse(record, where, self.fields), None, ""))
         return _examples_table(rows)
 
 
@@ -170,13 +169,13 @@ class _ParseParquetRecords:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records, paths = batch.drop_columns(["path"]).to_pylist(), batch.column("path").to_pylist()
-        rows = [(self.data.parse(r, f"{p}, record {json.dumps(r, default=str)[:60]}…", self.fields), p, None, "")
+        rows = [(self.data.parse(r, f"{p}, record {json.dumps(r, default=str)[:60]}…", self.fields), None, "")
                 for r, p in zip(records, paths, strict=True)]
         return _examples_table(rows)
 
 
 def read_examples(data: ChatData, inputs: list[str], fields: ChatDataConfig, seed: int, val_fraction: float):
-    """A Ray Data dataset of examples (`conversations` JSON, `responses`, `where`, `val`, `kind`)."""
+    """A Ray Data dataset of examples (`_examples_table` rows), every record checked."""
     import ray.data
 
     parts = []
