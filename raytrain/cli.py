@@ -69,6 +69,12 @@ SFT_FLAGS = [
     ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the pre-trained model to start from"}),
     *PRETRAIN_FLAGS[1:],
 ]
+REWARD_FLAGS = [
+    ("--data", "train.data", {"metavar": "DIR", "help": "preference dataset folder (raytrain data prefs)"}),
+    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the model whose trunk starts the reward model "
+                                                                 "(an SFT run)"}),
+    *PRETRAIN_FLAGS[1:],
+]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
-    from raytrain.train.launch import run_pretrain, run_sft
+    from raytrain.train.launch import run_pretrain, run_reward, run_sft
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                  run_pretrain, default_config="demo")
     _add_command(commands, "sft", "fine-tune on conversations: loss on the answer tokens only", SFT_FLAGS,
                  run_sft, default_config="demo")
+    _add_command(commands, "reward", "train a reward model on ranked responses (Bradley–Terry)", REWARD_FLAGS,
+                 run_reward, default_config="demo")
     _add_model_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
@@ -141,10 +149,11 @@ def _add_model_commands(commands) -> None:
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value")
     plan.set_defaults(action=model_commands.plan)
 
-    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint; pairwise "
+                                                "accuracy of a reward model")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")
-    evaluate.add_argument("--batches", type=int, default=8)
+    evaluate.add_argument("--batches", type=int, default=8, help="val batches to read (0: the whole split once)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(action=model_commands.evaluate)
 
@@ -161,9 +170,18 @@ def _add_model_commands(commands) -> None:
     generate.add_argument("--system", help="with --chat: a system turn before each prompt")
     generate.set_defaults(action=model_commands.generate)
 
+    score = commands.add_parser("score", help="a reward model's score of responses to a prompt")
+    score.add_argument("--checkpoint", required=True, help="reward checkpoint or run folder")
+    score.add_argument("--prompt", required=True, help="the user turn")
+    score.add_argument("--response", action="append", required=True, help="an assistant reply; repeat to compare")
+    score.add_argument("--system", help="a system turn before the prompt")
+    score.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
+    score.set_defaults(action=model_commands.score)
+
     convert = commands.add_parser("convert", help="Hugging Face Llama checkpoints in and out")
     directions = convert.add_subparsers(dest="direction", required=True)
-    to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json")
+    to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json (LlamaForCausalLM; "
+                                                "LlamaForSequenceClassification for a reward model)")
     to_hf.add_argument("checkpoint")
     to_hf.add_argument("--out", required=True)
     to_hf.set_defaults(action=model_commands.convert_to_hf)

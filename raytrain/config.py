@@ -131,7 +131,7 @@ class TrainConfig:
 
     data: str = ""  # a prepared dataset folder (raytrain data prepare)
     tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
-    objective: Literal["causal", "masked", "sft"] = "causal"  # sft: set by `raytrain sft`
+    objective: Literal["causal", "masked", "sft", "reward"] = "causal"  # sft, reward: set by their commands
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
     steps: int = 100

@@ -1,54 +1,54 @@
-"""Validation loss and perplexity on a prepared dataset's val split."""
+"""Sums over a prepared split: validation metrics, and the reward model's score statistics."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 
+import numpy as np
 import torch
 
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
-from raytrain.train.objectives import Objective, token_loss
 
 
 @torch.no_grad()
-def validation_sums(dataset: PreparedDataset, objective: Objective, loss_sums, *, batches: int, global_batch: int,
-                    consumer: int, num_consumers: int, device: torch.device) -> torch.Tensor:
-    """[loss sum, target count] of this consumer's share of the first `batches` val batches.
+def split_sums(dataset: PreparedDataset, objective, sums_of, *, batches: int, global_batch: int, consumer: int,
+               num_consumers: int, device: torch.device, split: str = "val", blank: int | None = None) -> torch.Tensor:
+    """This consumer's share of the summed `sums_of(inputs, targets)` vectors over a split's first `batches`
+    batches, in file order.
 
-    loss_sums(inputs, targets) → (loss sum, count): a plain forward, or a pipeline schedule's.
+    sums_of: [loss sum, count, …] of a plain forward or a pipeline schedule's (validation), or any other
+    per-batch sums (the reward model's score statistics). batches=0 reads the whole split once: the last
+    batch wraps to the split's start, and those rows are filled with the token `blank` (every rank still
+    runs every batch, as sharded models need); the reward objective skips all-pad responses.
     """
-    order = BatchOrder(dataset.split("val").num_rows, global_batch, seed=0, shuffle=False)
+    rows = dataset.split(split).num_rows
+    order = BatchOrder(rows, global_batch, seed=0, shuffle=False)
     local = order.local_batch(num_consumers)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for step, rows in stream_batches(dataset, order, split="val", consumer=consumer,
-                                     num_consumers=num_consumers, num_steps=batches):
-        inputs, targets = objective(torch.from_numpy(rows).long().to(device), step, consumer * local)
-        loss, count = loss_sums(inputs, targets)
-        totals += torch.stack([torch.as_tensor(loss).double(), torch.as_tensor(count).double()])
+    totals = None
+    for step, batch in stream_batches(dataset, order, split=split, consumer=consumer, num_consumers=num_consumers,
+                                      num_steps=batches or -(-rows // global_batch)):
+        if not batches and blank is not None:
+            batch[step * global_batch + consumer * local + np.arange(local) >= rows] = blank
+        inputs, targets = objective(torch.from_numpy(batch).long().to(device), step, consumer * local)
+        sums = sums_of(inputs, targets).double()
+        totals = sums if totals is None else totals + sums
     return totals
 
 
-def forward_loss_sums(module: torch.nn.Module, objective: Objective, compute=contextlib.nullcontext):
-    """loss_sums for a model that is not pipelined; compute() is the context it runs in (autocast…)."""
+def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nullcontext):
+    """sums_of for a model that is not pipelined: [loss sum, count, …]; compute() is the context it runs in."""
 
-    def loss_sums(inputs: torch.Tensor, targets: torch.Tensor):
+    def sums_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with compute():
-            return token_loss(module(inputs, causal=objective.causal), targets)
+            loss, sums = objective.loss(module(inputs, causal=objective.causal), targets)
+        return torch.cat([loss.detach().double().reshape(1), sums])
 
-    return loss_sums
-
-
-def loss_and_perplexity(totals: torch.Tensor) -> dict[str, float]:
-    loss = float(totals[0] / totals[1].clamp(min=1))
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    return sums_of
 
 
 def unigram_baseline(dataset: PreparedDataset) -> float:
     """Cross-entropy (nats/token) on val of the train split's token frequencies: the bar to beat."""
-    import numpy as np
-
     from raytrain.data.stream import read_rows
 
     train, val = dataset.split("train"), dataset.split("val")

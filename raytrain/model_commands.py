@@ -9,40 +9,49 @@ from pathlib import Path
 import torch
 
 from raytrain.config import RuntimeConfig, TrainConfig
-from raytrain.data.chat import encode_prompt
+from raytrain.data.chat import encode_conversation, encode_prompt
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids, write_hf_tokenizer_config
 from raytrain.errors import DataError
-from raytrain.evaluate import forward_loss_sums, loss_and_perplexity, validation_sums
+from raytrain.evaluate import forward_loss_sums, split_sums
 from raytrain.model.generate import generate as generate_tokens
 from raytrain.model.hf import load_hf, save_hf
 from raytrain.runtime import init_ray
-from raytrain.train.checkpoint import load_model, resolve_checkpoint, save_model
-from raytrain.train.objectives import Objective
+from raytrain.train.checkpoint import load_model, model_head, resolve_checkpoint, save_model
+from raytrain.train.objectives import build_objective, final_positions, response_scores
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     model, meta = load_model(args.checkpoint)
     dataset = PreparedDataset.open(args.data)
-    if dataset.kind not in ("pretrain", "sft"):
-        raise DataError(f"'{args.data}' holds {dataset.kind} data; a language model is evaluated on "
-                        "`raytrain data prepare` or `raytrain data sft` output")
+    reward = model_head(meta) == "score"
+    if reward != (dataset.kind == "prefs"):
+        wanted = "`raytrain data prefs`" if reward else "`raytrain data prepare` or `raytrain data sft`"
+        raise DataError(f"'{args.data}' holds {dataset.kind} data; a {'reward' if reward else 'language'} model "
+                        f"is evaluated on {wanted} output")
     if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
         raise DataError(f"'{args.data}' was tokenized differently from the checkpoint's training data; "
                         "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
     # Fine-tuning data is scored on its answer tokens whatever the model's stage (the answer loss before SFT
     # is the baseline); text data with the model's own objective (next token, or masked for a masked LM).
-    kind = "sft" if dataset.kind == "sft" else ("causal" if meta["objective"] == "sft" else meta["objective"])
-    objective = Objective(kind, seed=meta["seed"], global_batch=args.batch_size,
-                          mask_fraction=meta["mask_fraction"],
-                          mask_id=dataset.manifest["tokenizer"]["special_tokens"]["mask"])
-    totals = validation_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
-                             global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
-    result = loss_and_perplexity(totals)
-    what = "answer tokens" if kind == "sft" else "tokens"
-    print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
-          f"({int(totals[1])} {what} of {args.data})")
+    kind = "reward" if reward else "sft" if dataset.kind == "sft" else (
+        "causal" if meta["objective"] == "sft" else meta["objective"])
+    objective = build_objective(kind, seed=meta["seed"], global_batch=args.batch_size,
+                                mask_fraction=meta["mask_fraction"],
+                                special=dataset.manifest["tokenizer"]["special_tokens"], multiple=1)
+    totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
+                        global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"),
+                        blank=objective.pad_id if reward else None)
+    result = objective.metrics(totals, "val")
+    if reward:
+        print(f"step {meta['step']}: pairwise accuracy {result['val/accuracy']:.3f}  val/loss "
+              f"{result['val/loss']:.4f}  margin {result['val/margin']:.3f}  ({int(totals[1])} ranked pairs of "
+              f"{args.data})")
+    else:
+        what = "answer tokens" if kind == "sft" else "tokens"
+        print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
+              f"({int(totals[1])} {what} of {args.data})")
     return result
 
 
@@ -53,9 +62,24 @@ def checkpoint_tokenizer(meta: dict, override: str | None) -> Path:
     return folder
 
 
-def generate(args: argparse.Namespace) -> list[str]:
+# Why a command refuses a checkpoint whose model has another head than it needs.
+WRONG_HEAD = {
+    "lm": "'{}' is a reward model: it scores text rather than writing it; use `raytrain score`, or generate "
+          "with the SFT model it started from",
+    "score": "'{}' is a language model; score with a reward model from `raytrain reward`",
+}
+
+
+def model_and_tokenizer(args: argparse.Namespace, head: str):
+    """(model, meta, tokenizer) of args.checkpoint, whose model must have `head`."""
     model, meta = load_model(args.checkpoint)
-    tokenizer = load_tokenizer(checkpoint_tokenizer(meta, args.tokenizer))
+    if model_head(meta) != head:
+        raise DataError(WRONG_HEAD[head].format(args.checkpoint))
+    return model, meta, load_tokenizer(checkpoint_tokenizer(meta, args.tokenizer))
+
+
+def generate(args: argparse.Namespace) -> list[str]:
+    model, _, tokenizer = model_and_tokenizer(args, "lm")
     special = special_token_ids(tokenizer)
     if args.chat:  # each prompt is a user turn; the model answers as the assistant
         prompts = [encode_prompt(tokenizer, p, args.system) for p in args.prompt]
@@ -69,6 +93,28 @@ def generate(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+@torch.no_grad()
+def score(args: argparse.Namespace) -> list[float]:
+    """A reward model's score of each response to one prompt, raw and normalised by its training-set stats."""
+    model, meta, tokenizer = model_and_tokenizer(args, "score")
+    pad = special_token_ids(tokenizer)["pad"]
+    prompt = [{"role": "system", "content": args.system}] if args.system else []
+    prompt.append({"role": "user", "content": args.prompt})
+    # As the training rows were made: the conversation, cut from the left when longer than the model's context.
+    rows = [encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": response}])[0]
+            [-model.config.max_seq_len:] for response in args.response]
+    tokens = torch.full((len(rows), max(map(len, rows))), pad)
+    for i, ids in enumerate(rows):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+    ends = final_positions(tokens, pad)
+    scores = response_scores(model(tokens), ends).tolist()
+    stats = meta.get("reward")
+    for response, value in zip(args.response, scores, strict=True):
+        normalised = f"  (normalised {(value - stats['mean']) / stats['std']:+.3f})" if stats else ""
+        print(f"{value:+.4f}{normalised}  {response}")
+    return scores
+
+
 def convert_to_hf(args: argparse.Namespace) -> None:
     model, meta = load_model(args.checkpoint)
     out = Path(args.out)
@@ -78,7 +124,8 @@ def convert_to_hf(args: argparse.Namespace) -> None:
         # Model and tokenizer in one folder: AutoTokenizer and AutoModel both load it.
         shutil.copy(tokenizer_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
         write_hf_tokenizer_config(out)  # today's, with the chat template, also for older tokenizers
-    print(f"{resolve_checkpoint(args.checkpoint)} → {out} (LlamaForCausalLM, safetensors)")
+    architecture = "LlamaForSequenceClassification, 1 label" if model.score is not None else "LlamaForCausalLM"
+    print(f"{resolve_checkpoint(args.checkpoint)} → {out} ({architecture}, safetensors)")
 
 
 def convert_from_hf(args: argparse.Namespace) -> None:

@@ -128,6 +128,18 @@ def tiny_sft_dataset(ray_session, tiny_tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_prefs_dataset(ray_session, tiny_tokenizer, tmp_path_factory) -> Path:
+    """`stdlib-prefs` as ranked-response rows of 64 tokens."""
+    from raytrain.data.chat_data import run_prefs_data_stage
+
+    out = tmp_path_factory.mktemp("prefs") / "dataset"
+    run_prefs_data_stage(load_config("tiny", ["data.source.inputs=[stdlib-prefs]", "data.prepare.seq_len=64",
+                                              f"data.prepare.tokenizer='{tiny_tokenizer}'",
+                                              f"data.prepare.out='{out}'"]))
+    return out
+
+
 # Pre-training runs shared by the training tests: every layout must reproduce `reference`.
 STEPS = 20
 
@@ -140,9 +152,12 @@ def pretrain(root, name, dataset, *overrides):
     return run_pretrain(config)
 
 
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def metric(run_dir, name: str) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[name] for r in records if name in r}
+    return {r["step"]: r[name] for r in records(run_dir) if name in r}
 
 
 def losses(run_dir) -> dict[int, float]:

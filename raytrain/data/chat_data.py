@@ -3,7 +3,8 @@
 Read (JSONL/Parquet records, or a built-in set) → check each record, naming `file:line` → tokenize in an
 actor pool → one shard per split and write task; the manifest is written last and the folder renamed into
 place when complete. Every conversation is rendered in the one chat format (`raytrain.data.chat`) into a
-row of seq_len + 1 tokens padded with <|pad|>. One that is too long loses tokens from the left while its
+row padded with <|pad|>: seq_len + 1 tokens for sft (inputs and shifted targets), seq_len for prefs (the
+sequence a reward model reads whole). One that is too long loses tokens from the left while its
 last reply survives (counted as truncated); otherwise the example is dropped (counted by reason). The split
 is by a hash of the example, or for the built-in sets by package, so their val questions come from modules
 never trained on.
@@ -301,7 +302,7 @@ def run_prefs_data_stage(config: Config) -> Path:
 def run_chat_data_stage(data: ChatData, config: Config) -> Path:
     prep = config.data.prepare
     out, tokenizer_dir = row_output(prep)
-    row_len, inputs = prep.seq_len + 1, config.data.source.inputs
+    row_len, inputs = prep.seq_len + (1 if data.kind == "sft" else 0), config.data.source.inputs
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)
         start = time.perf_counter()
@@ -340,7 +341,7 @@ def _finish(data: ChatData, tmp: Path, sink: ExampleShardDatasink, config: Confi
         raise DataError(f"no training example fits: {read} read, dropped {dropped or 'none'}; raise --seq-len or "
                         "add examples")
     content = {
-        "kind": data.kind, "columns": columns,
+        "kind": data.kind, "columns": columns, "row_len": sink.row_len,
         "examples": {"read": read, "truncated": counts["truncated"], "dropped": sum(dropped.values()),
                      "dropped_by_reason": dropped,
                      "by_kind": {k.removeprefix("kind_"): v for k, v in counts.items() if k.startswith("kind_")}},

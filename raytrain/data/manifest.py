@@ -71,7 +71,8 @@ class PreparedDataset:
 
     @property
     def row_len(self) -> int:
-        return self.manifest["seq_len"] + 1
+        """Tokens a row holds: seq_len + 1 (inputs and next-token targets), or seq_len for preference rows."""
+        return self.manifest.get("row_len", self.manifest["seq_len"] + 1)
 
     @property
     def tokenizer_sha256(self) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from raytrain.model.transformer import TransformerConfig
 
 
-def matmul_params(config: TransformerConfig) -> int:
+def matmul_params(config: TransformerConfig, head: str = "lm") -> int:
+    """head "lm" projects onto the vocabulary; a reward model's "score" head onto one number."""
     d, kv = config.d_model, config.n_kv_heads * config.head_dim
     attention = d * d * 2 + d * kv * 2
     mlp = 3 * d * config.hidden_dim
-    return config.n_layers * (attention + mlp) + d * config.vocab_size
+    return config.n_layers * (attention + mlp) + d * (config.vocab_size if head == "lm" else 1)
 
 
-def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-    return 6.0 * matmul_params(config) + 12.0 * config.n_layers * config.d_model * seq_len
+def train_flops_per_token(config: TransformerConfig, seq_len: int, head: str = "lm") -> float:
+    return 6.0 * matmul_params(config, head) + 12.0 * config.n_layers * config.d_model * seq_len

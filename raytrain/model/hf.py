@@ -1,4 +1,8 @@
-"""Hugging Face interop: our parameter names are LlamaForCausalLM's, less the `model.` prefix."""
+"""Hugging Face interop: our parameter names are LlamaForCausalLM's, less the `model.` prefix.
+
+A reward model (score head) is LlamaForSequenceClassification with one label: `score.weight` beside the
+trunk, read at the last token that is not <|pad|> (pad_token_id), as our reward objective reads it.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ from raytrain.model.transformer import Transformer, TransformerConfig
 HF_PREFIX = "model."
 
 
-def hf_config(config: TransformerConfig) -> dict:
+def hf_config(config: TransformerConfig, head: str = "lm") -> dict:
+    classifier = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                  "problem_type": "regression"} if head == "score" else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        **classifier,
+        "architectures": ["LlamaForSequenceClassification" if head == "score" else "LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
@@ -70,10 +77,11 @@ def save_hf(model: Transformer, out: Path) -> None:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        key = name if name.startswith("lm_head.") else HF_PREFIX + name
+        key = name if name.startswith(("lm_head.", "score.")) else HF_PREFIX + name
         tensors[key] = tensor.detach().contiguous().cpu()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+    head = "score" if model.score is not None else "lm"
+    (out / "config.json").write_text(json.dumps(hf_config(model.config, head), indent=2))
 
 
 def load_hf(folder: Path) -> Transformer:

@@ -114,16 +114,25 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+HEADS = ("lm", "score")
+
+
 class Transformer(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    """head "lm": next-token logits (LlamaForCausalLM); "score": one scalar per position, a reward model's
+    head (LlamaForSequenceClassification with one label, read at the last token)."""
+
+    def __init__(self, config: TransformerConfig, head: str = "lm"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head {head!r} is not one of {HEADS}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         # A dict keyed by layer number: a pipeline stage deletes layers and keeps the names.
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False) if head == "lm" else None
+        self.score = nn.Linear(config.d_model, 1, bias=False) if head == "score" else None
+        if config.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -154,7 +163,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens [batch, length] (or hidden states [batch, length, d_model]) → logits [batch, length, vocab].
+        """tokens [batch, length] (or hidden states [batch, length, d_model]) → logits [batch, length, vocab]
+        (scores [batch, length, 1] with the score head).
 
         positions [batch, length] and a boolean mask [batch, 1, length, keys] serve batched
         generation with left padding; training passes neither. last_only: logits of the last
@@ -173,11 +183,12 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, causal, mask, cache)
         if cache is not None:
             cache.length += length
-        if self.lm_head is None:
+        head = self.lm_head if self.lm_head is not None else self.score
+        if head is None:
             return h
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.norm(h))
+        return head(self.norm(h))
 
     @staticmethod
     def block_parameter_shapes(config: TransformerConfig) -> list[torch.Tensor]:

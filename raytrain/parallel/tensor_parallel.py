@@ -10,16 +10,19 @@ hold only this rank's slice of the sequence; each all-reduce becomes an all-gath
 the sub-layer and a reduce-scatter after it (the same traffic), and the norms' activations
 shrink by tp. Loss parallel: the head's logits stay split over the vocabulary and the
 cross-entropy runs on the shards (under `loss_parallel()`), so no rank holds full logits.
+A reward model's score head (one output) is replicated: every tp rank computes the same scores.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -42,7 +45,9 @@ ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, causal, mask, cache): only 
 
 def block_plan(sequence_parallel: bool) -> dict:
     if not sequence_parallel:
-        return {**PROJECTIONS, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+        # Norms replicated as DTensors: an optimizer cannot step a mix of DTensor and plain parameters.
+        return {**PROJECTIONS, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+                "input_layernorm": Replicated(Replicate()), "post_attention_layernorm": Replicated(Replicate())}
     rest = (None,) * (ATTENTION_ARGS - 1)
     return {
         **PROJECTIONS,
@@ -81,17 +86,44 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     root_plan = {}
     if model.embed_tokens is not None:
         root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if model.lm_head is not None or model.score is not None:
+        root_plan["norm"] = SequenceParallel() if sequence_parallel else Replicated(Replicate())
     if model.lm_head is not None:
-        if sequence_parallel:
-            root_plan["norm"] = SequenceParallel()
         root_plan["lm_head"] = ColwiseParallel(input_layouts=stream,
                                                output_layouts=Shard(-1) if split_loss else Replicate(),
                                                use_local_output=not split_loss)
+    if model.score is not None:
+        # Scores are read at each response's last token, wherever it lies: the head sees the whole sequence.
+        root_plan["score"] = Replicated(stream)
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
     if model.config.tie_embeddings and model.embed_tokens is not None and model.lm_head is not None:
         # parallelize_module gave each module its own DTensor: tie them again.
         model.lm_head.weight = model.embed_tokens.weight
+
+
+class Replicated(ParallelStyle):
+    """A module too small to split (the final norm and score head of a reward model): its weights replicated
+    DTensors (so the optimizer sees DTensors only), its input gathered from `input_layout`, its output a plain
+    tensor that every tp rank holds whole."""
+
+    def __init__(self, input_layout: Placement):
+        super().__init__()
+        self.input_layout = input_layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate(name, part, mesh):
+            for key, param in list(part.named_parameters(recurse=False)):
+                part.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+        def gather(part, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
+            return (x.redistribute(mesh, [Replicate()]), *inputs[1:])
+
+        return distribute_module(module, device_mesh, replicate, input_fn=gather,
+                                 output_fn=lambda part, output, mesh: output.to_local())
 
 
 def loss_context(enabled: bool):

@@ -30,6 +30,7 @@ META_FILE = "raytrain.json"
 FORMAT = "raytrain.checkpoint/1"
 
 
+NEW_HEAD = "score."  # the one part of a model that may start fresh (a reward model's head)
 # Optimizer state keyed by parameter name: the same keys under every layout and pipeline split.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -63,12 +64,27 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
 
 
 def load_weights(folder: Path, model: torch.nn.Module) -> dict:
-    """Model weights only (to start a new run from a checkpoint), under any layout."""
-    state = {"model": get_model_state_dict(model)}
+    """Model weights only (to start a new run from a checkpoint), under any layout.
+
+    A reward model started from a language model takes its trunk and keeps its own new score head.
+    """
+    wanted = get_model_state_dict(model)
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    stored = {key.removeprefix("model.") for key in saved}
+    missing = [key for key in wanted if key not in stored]
+    if any(not key.startswith(NEW_HEAD) for key in missing):
+        raise DataError(f"checkpoint '{folder}' lacks the model's weights {missing[:4]}; start from a checkpoint "
+                        "of this model family")
+    state = {"model": {key: value for key, value in wanted.items() if key in stored}}
     with single_process_quiet():
         dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not missing))
     return read_checkpoint_meta(folder)
+
+
+def model_head(meta: dict) -> str:
+    """The output layer of a checkpoint's model: a reward model's score head, else the language-model head."""
+    return "score" if meta.get("objective") == "reward" else "lm"
 
 
 @contextlib.contextmanager
@@ -111,7 +127,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict
     """Load a checkpoint's model in this process (no process group needed)."""
     folder = resolve_checkpoint(path)
     meta = read_checkpoint_meta(folder)
-    model = Transformer(TransformerConfig(**meta["model"]))
+    model = Transformer(TransformerConfig(**meta["model"]), head=model_head(meta))
     load_weights(folder, model)
     return model.to(device).eval(), meta
 

@@ -25,9 +25,9 @@ from raytrain.train.metrics import METRICS_FILE
 log = logging.getLogger("raytrain")
 CHECKPOINTS = "checkpoints"
 # Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
-DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
+DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs"}
 DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
-STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft"}
+STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward"}
 
 
 def check_training_config(config: Config) -> PreparedDataset:
@@ -76,6 +76,10 @@ def check_layout(config: Config, seq_len: int) -> None:
                           f"{per_step}; make it a multiple of {per_step}")
     problems = tp_errors(model, parallel.tp, seq_len, parallel.sequence_parallel)
     problems += pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages, parallel.pp_layers)
+    if parallel.pp > 1 and train.objective == "reward":
+        problems.append(f"a reward model cannot run under parallel.pp={parallel.pp}: its score is read at each "
+                        "response's last token, which a pipeline's last stage cannot gather from the batch it is "
+                        "handed; set parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
     if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
         problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp={parallel.pp} "
                         f"for the {parallel.pp_schedule} schedule")
@@ -98,10 +102,20 @@ def check_placement(config: Config, use_gpu: bool) -> None:
 
 def run_sft(config: Config) -> dict:
     """`raytrain sft`: the same loop on chat rows, loss on the answer tokens, from a pre-trained checkpoint."""
-    config.train.objective = "sft"
+    return _run_from_model(config, "sft", "fine-tuning", "a pre-training run")
+
+
+def run_reward(config: Config) -> dict:
+    """`raytrain reward`: the same loop on ranked responses, a score head and the Bradley–Terry loss, from an
+    SFT (or pre-trained) checkpoint."""
+    return _run_from_model(config, "reward", "a reward model", "an SFT run")
+
+
+def _run_from_model(config: Config, objective: str, what: str, typical: str) -> dict:
+    config.train.objective = objective
     if not config.train.init_from:
-        raise ConfigError("fine-tuning starts from a model: pass --init runs/NAME (a pre-training run) or a "
-                          "checkpoint folder (train.init_from)")
+        raise ConfigError(f"{what} starts from a model: pass --init runs/NAME ({typical}) or a checkpoint folder "
+                          "(train.init_from)")
     return run_pretrain(config)
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from raytrain.config import Config, config_from_dict
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
-from raytrain.evaluate import forward_loss_sums, loss_and_perplexity, validation_sums
+from raytrain.evaluate import forward_loss_sums, split_sums
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
@@ -35,7 +35,7 @@ from raytrain.runtime import configure_ray_data, configure_worker_logging
 from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
 from raytrain.train.memory import TensorMemory, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
-from raytrain.train.objectives import Objective, target_count, token_loss
+from raytrain.train.objectives import build_objective, score_statistics
 from raytrain.train.optim import build_optimizer, lr_at
 
 FAILED_ONCE_MARKER = ".debug_failed_once"
@@ -71,20 +71,19 @@ class Worker:
         self.local_batch = self.order.local_batch(self.layout.dp)
         special = self.dataset.manifest["tokenizer"]["special_tokens"]
         # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
-        self.objective = Objective(self.train.objective, seed=self.train.seed,
-                                   global_batch=self.train.global_batch,
-                                   mask_fraction=self.train.mask_fraction, mask_id=special["mask"],
-                                   trim_multiple=self.layout.tp if self.layout.pp == 1 else 0)
+        self.objective = build_objective(self.train.objective, seed=self.train.seed,
+                                         global_batch=self.train.global_batch, mask_fraction=self.train.mask_fraction,
+                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0)
         self.bf16 = self.train.precision == "bf16"
         # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
-        self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel
+        self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel and self.objective.head == "lm"
 
         self._build_model()
         self.start_step = self._restore()
         self.has_val = self.dataset.split("val").num_rows > 0
         self.tokens_per_step = self.train.global_batch * self.dataset.seq_len
-        self.flops_per_token = train_flops_per_token(config.model, self.dataset.seq_len)
+        self.flops_per_token = train_flops_per_token(config.model, self.dataset.seq_len, self.objective.head)
         self.log = None
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
@@ -102,7 +101,7 @@ class Worker:
             stages = build_stage_parts(self.config.model, self.train.seed, layout.pp, layout.pp_rank,
                                        parallel.pp_virtual_stages, parallel.pp_layers)
         else:
-            model = Transformer(self.config.model)
+            model = Transformer(self.config.model, head=self.objective.head)
             model.init_weights(self.train.seed)
             stages = [(0, model)]
         self.parts = [part.to(self.device) for _, part in stages]
@@ -143,8 +142,9 @@ class Worker:
         steps = self.train.steps
         stream = stream_batches(self.dataset, self.order, consumer=self.layout.dp_rank, num_consumers=self.layout.dp,
                                 start_step=self.start_step, num_steps=steps - self.start_step)
-        # loss sum, target count, input positions computed (fewer than rows × seq_len when padding is trimmed)
-        interval = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # the objective's [loss sum, count, …], then input positions computed (fewer than rows × seq_len when
+        # padding is trimmed)
+        interval = None
         timer = {"compute": 0.0, "data": 0.0, "steps": 0}
         started = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -156,7 +156,8 @@ class Worker:
             _, rows = next(stream)
             timer["data"] += time.perf_counter() - tick
             with self._tracked_memory():
-                interval += self._train_step(step, torch.from_numpy(rows).long().to(self.device))
+                sums = self._train_step(step, torch.from_numpy(rows).long().to(self.device))
+            interval = sums if interval is None else interval + sums
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timer["compute"] += time.perf_counter() - tick
@@ -168,7 +169,7 @@ class Worker:
                 if self.has_val and (last or (self.train.val_every and done % self.train.val_every == 0)):
                     metrics.update(self._validate())
                 self._log(done, metrics, started)
-                interval.zero_()
+                interval = None
                 timer = {"compute": 0.0, "data": 0.0, "steps": 0}
             if done % self.train.checkpoint_every == 0 or last:
                 self._checkpoint(done, metrics)
@@ -200,8 +201,9 @@ class Worker:
         return sums
 
     def _global_count(self, targets: list[torch.Tensor]) -> torch.Tensor:
-        """Target tokens in the whole global batch (every pp and tp rank holds the same targets)."""
-        counts = torch.stack([target_count(t) for t in targets]).sum().double()
+        """What the loss is a sum over (target tokens, or ranked pairs) in the whole global batch (every pp
+        and tp rank holds the same targets)."""
+        counts = torch.stack([self.objective.count(t) for t in targets]).sum().double()
         return all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
 
     def _accumulate_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -209,14 +211,15 @@ class Worker:
         micro = rows.chunk(self.train.micro_batches)
         pairs = [self.objective(m, step, first_row + i * len(micro[0])) for i, m in enumerate(micro)]
         global_count = self._global_count([t for _, t in pairs])
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = 0
         for i, (inputs, targets) in enumerate(pairs):
             with gradient_sync(module, i == len(pairs) - 1), loss_context(self.split_loss):
                 with self.autocast():
-                    loss, count = token_loss(module(inputs, causal=self.objective.causal), targets)
-                # Gradient averaging over data-parallel ranks divides by dp; this makes it a global token mean.
+                    loss, counted = self.objective.loss(module(inputs, causal=self.objective.causal), targets)
+                # Gradient averaging over data-parallel ranks divides by dp; this makes it a global mean.
                 (loss * self.layout.dp / global_count).backward()
-            sums += torch.stack([loss.detach().double(), count.double(), count.new_tensor(inputs.numel()).double()])
+            positions = counted.new_tensor([inputs.numel()])
+            sums = sums + torch.cat([loss.detach().double().reshape(1), counted, positions])
         return sums
 
     def _pipeline_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
@@ -230,7 +233,7 @@ class Worker:
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The schedule's loss_fn: this micro-batch's share of the global token mean."""
-        return token_loss(logits, targets)[0] * self.loss_scale
+        return self.objective.loss(logits, targets)[0] * self.loss_scale
 
     def _pipeline_sums(self, losses: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum, count) from the losses the schedule collected; zeros off the last stage.
@@ -242,25 +245,25 @@ class Worker:
             zero = torch.zeros((), dtype=torch.float64, device=self.device)
             return zero, zero
         loss_sum = torch.stack([loss.detach().double() for loss in losses]).sum() / self.loss_scale
-        return loss_sum, target_count(targets).double()
+        return loss_sum, self.objective.count(targets).double()
 
-    def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.loss_scale = 1.0
         losses: list[torch.Tensor] = []
         with self.compute():
             self.schedule.eval(inputs, target=targets, losses=losses)
-        return self._pipeline_sums(losses, targets)
+        return torch.stack(self._pipeline_sums(losses, targets))
 
     def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum [loss, count] over data-parallel ranks: only last-stage ranks hold them, tp ranks hold copies."""
+        """Sum the objective's sums over data-parallel ranks: only last-stage ranks hold them, tp ranks copies."""
         return all_reduce_sum(tensor.clone()) / self.layout.tp
 
     def _interval_metrics(self, step: int, interval: torch.Tensor, timer: dict) -> dict[str, float]:
         totals = self.dp_sum(interval)
-        tokens_per_s = float(totals[2]) / max(timer["compute"], 1e-9)
+        tokens_per_s = float(totals[-1]) / max(timer["compute"], 1e-9)
         per_worker = tokens_per_s / self.world
         return {
-            "train/loss": float(totals[0] / totals[1]),
+            **self.objective.metrics(totals[:-1], "train"),
             "train/lr": lr_at(step, self.train),
             "train/grad_norm": float(self.grad_norm),
             "train/tokens_seen": float((step + 1) * self.tokens_per_step),
@@ -275,17 +278,33 @@ class Worker:
 
     def _validate(self) -> dict[str, float]:
         if self.schedule is not None:
-            loss_sums = self._pipeline_eval
+            sums_of = self._pipeline_eval
         else:
-            loss_sums = forward_loss_sums(self.modules[0], self.objective, self.compute)
+            sums_of = forward_loss_sums(self.modules[0], self.objective, self.compute)
+        totals = self._split_sums(sums_of, "val", self.train.val_batches)
+        return self.objective.metrics(totals, "val")
+
+    def _split_sums(self, sums_of, split: str, batches: int) -> torch.Tensor:
+        """sums_of summed over a split's batches and the data-parallel ranks, in eval mode."""
         for module in self.modules:
             module.eval()
-        totals = validation_sums(self.dataset, self.objective, loss_sums, batches=self.train.val_batches,
-                                 global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
-                                 num_consumers=self.layout.dp, device=self.device)
+        totals = split_sums(self.dataset, self.objective, sums_of, split=split, batches=batches,
+                            global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
+                            num_consumers=self.layout.dp, device=self.device,
+                            blank=self.dataset.manifest["tokenizer"]["special_tokens"]["pad"])
         for module in self.modules:
             module.train()
-        return loss_and_perplexity(self.dp_sum(totals))
+        return self.dp_sum(totals)
+
+    def _score_statistics(self) -> dict[str, float]:
+        """A reward model's score mean and std over every response of the train split, for PPO to normalise."""
+        (module,) = self.modules
+
+        def sums_of(inputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+            with self.compute():
+                return self.objective.score_sums(module(inputs, causal=True), ends)
+
+        return score_statistics(self._split_sums(sums_of, "train", 0))
 
     def _log(self, step: int, metrics: dict[str, float], started: float | None = None) -> None:
         if self.log is None:
@@ -309,6 +328,8 @@ class Worker:
             "seed": self.train.seed,
             "world_size": self.world,
         }
+        if self.objective.head == "score":
+            meta["reward"] = self._score_statistics()
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as folder:
             save_training_checkpoint(Path(folder), self.modules, self.optimizers, meta, self.rank == 0)
             ray.train.report({"step": step, **metrics},

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("raytrain")
-# The one list of metric names: code, dashboards and tests use these.
-METRICS = (
+# The one list of metric names: code, dashboards and tests use these. Every stage logs LOOP_METRICS; a
+# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS.
+LOOP_METRICS = (
     "train/loss",
     "train/lr",
     "train/grad_norm",
@@ -25,8 +26,9 @@ METRICS = (
     "mem/peak_gib",
     "mem/tensor_peak_gib",
     "val/loss",
-    "val/ppl",
 )
+METRICS = (*LOOP_METRICS, "val/ppl")
+REWARD_METRICS = (*LOOP_METRICS, "rm/loss", "rm/accuracy", "rm/margin", "val/accuracy", "val/margin")
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}

@@ -1,12 +1,17 @@
-"""Training objectives: each turns token rows into (inputs, targets); the loss is shared.
+"""Training objectives: each turns a rank's rows into (inputs, targets), and outputs into a loss and its sums.
 
-causal: next token; masked: masked LM; sft: next token on the answer tokens a loss mask marks.
+causal: next token; masked: masked LM; sft: next token on the answer tokens a loss mask marks (all three
+share the token cross-entropy, targets of -100 ignored); reward: a scalar score per response, read at its
+final token, and the Bradley–Terry loss over every ranked pair of a prompt's responses.
 
-Targets of -100 are ignored. Any randomness (the masked-LM mask) is drawn for the whole
+A loss is a sum; the loop divides it by `count` summed over the whole global batch, so a step's gradient is
+the same under any data-parallel layout. Any randomness (the masked-LM mask) is drawn for the whole
 global batch from (seed, step), then sliced, so it does not depend on the parallel layout.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -70,7 +75,13 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
 
 
 class Objective:
-    """The stage's way of turning a rank's rows into (inputs, targets), and its attention."""
+    """A language-model stage's rows → (inputs, targets), its attention, and its token loss.
+
+    The loop sees only this interface (shared with PairwiseReward): `head` (the model's output layer),
+    `causal`, `__call__`, `count`, `loss` → (loss sum, [count, *sums]) and `metrics` of summed totals.
+    """
+
+    head = "lm"
 
     def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
                  trim_multiple: int = 0):
@@ -89,3 +100,107 @@ class Objective:
             return causal_lm(rows)
         return masked_lm(rows, seed=self.seed, step=step, first_row=first_row,
                          global_batch=self.global_batch, fraction=self.mask_fraction, mask_id=self.mask_id)
+
+    def count(self, targets: torch.Tensor) -> torch.Tensor:
+        return target_count(targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, count = token_loss(logits, targets)
+        return loss, count.double().reshape(1)
+
+    def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
+        """totals: [loss sum, target count] summed over batches and ranks."""
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        if split == "train":
+            return {"train/loss": loss}
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+
+def final_positions(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[..., L] token rows → index of each row's last non-pad token (its <|eos|>); -1 for an empty slot."""
+    index = torch.arange(responses.shape[-1], device=responses.device)
+    return torch.where(responses != pad_id, index, -1).amax(dim=-1)
+
+
+def response_scores(outputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Score-head outputs [b·K, L, 1] → [b, K]: each response's score at its final token (0 for empty slots)."""
+    per_position = outputs[..., 0].reshape(*ends.shape, -1)
+    return per_position.gather(-1, ends.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (ends >= 0)
+
+
+def ranked_pairs(ends: torch.Tensor) -> torch.Tensor:
+    """[b, K, K] boolean: (i, j) with i ranked above j (i < j, best first) and both responses present."""
+    present = ends >= 0
+    above = torch.ones(ends.shape[-1], ends.shape[-1], dtype=torch.bool, device=ends.device).triu(1)
+    return present.unsqueeze(-1) & present.unsqueeze(-2) & above
+
+
+def pairwise_loss(scores: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley–Terry: Σ over ranked pairs of −log σ(s_i − s_j) = softplus(s_j − s_i).
+
+    Returns (loss sum, [pairs, pairs ranked right (s_i > s_j), Σ margin s_i − s_j]).
+    """
+    margin = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [b, K, K]: s_i − s_j
+    weight = pairs.to(margin.dtype)
+    loss = (F.softplus(-margin) * weight).sum()
+    detached = margin.detach().double()
+    sums = torch.stack([pairs.sum().double(), ((detached > 0) & pairs).sum().double(), (detached * pairs).sum()])
+    return loss, sums
+
+
+class PairwiseReward:
+    """Reward model: rows [b, K, row_len] of a prompt's responses, best first (empty slots all <|pad|>).
+
+    Inputs are the responses flattened to [b·K, L], cut after the longest one (to a multiple of
+    `multiple`, which sequence parallelism needs); targets are each response's final position.
+    """
+
+    head = "score"
+    causal = True
+
+    def __init__(self, pad_id: int, multiple: int = 1):
+        self.pad_id = pad_id
+        self.multiple = max(1, multiple)
+
+    def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ends = final_positions(rows, self.pad_id)
+        length = -(-(int(ends.max()) + 1) // self.multiple) * self.multiple
+        if length > rows.shape[-1]:
+            rows = F.pad(rows, (0, length - rows.shape[-1]), value=self.pad_id)
+        return rows[..., :length].flatten(0, 1), ends
+
+    def count(self, ends: torch.Tensor) -> torch.Tensor:
+        return ranked_pairs(ends).sum()
+
+    def loss(self, outputs: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pairwise_loss(response_scores(outputs.float(), ends), ranked_pairs(ends))
+
+    def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
+        """totals: [loss sum, pairs, pairs ranked right, margin sum]; train → rm/*, val → val/*."""
+        pairs = float(totals[1].clamp(min=1))
+        values = {"loss": float(totals[0]) / pairs, "accuracy": float(totals[2]) / pairs,
+                  "margin": float(totals[3]) / pairs}
+        if split == "train":  # train/loss too: progress lines, summaries and sweeps read it for every stage
+            return {"train/loss": values["loss"], **{f"rm/{k}": v for k, v in values.items()}}
+        return {f"val/{k}": v for k, v in values.items()}
+
+    def score_sums(self, outputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """[responses, Σ score, Σ score²] over the present responses (an empty slot's score is 0)."""
+        scores = response_scores(outputs.float(), ends).detach().double()
+        return torch.stack([(ends >= 0).sum().double(), scores.sum(), scores.pow(2).sum()])
+
+
+def score_statistics(totals: torch.Tensor) -> dict[str, float]:
+    """Mean and standard deviation of the scores that score_sums summed (PPO normalises rewards with them)."""
+    n = float(totals[0])
+    mean = float(totals[1]) / n
+    return {"mean": mean, "std": math.sqrt(max(float(totals[2]) / n - mean**2, 0.0)), "responses": int(n)}
+
+
+def build_objective(kind: str, *, seed: int, global_batch: int, mask_fraction: float, special: dict[str, int],
+                    multiple: int) -> Objective | PairwiseReward:
+    """The objective of `train.objective`; `multiple`: inputs trimmed to a multiple of it (0: never trimmed)."""
+    if kind == "reward":
+        return PairwiseReward(special["pad"], multiple)
+    return Objective(kind, seed=seed, global_batch=global_batch, mask_fraction=mask_fraction,
+                     mask_id=special["mask"], trim_multiple=multiple)
