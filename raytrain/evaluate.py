@@ -13,23 +13,24 @@ from raytrain.data.stream import BatchOrder, stream_batches
 
 @torch.no_grad()
 def split_sums(dataset: PreparedDataset, objective, sums_of, *, batches: int, global_batch: int, consumer: int,
-               num_consumers: int, device: torch.device, split: str = "val", blank: int | None = None) -> torch.Tensor:
+               num_consumers: int, device: torch.device, split: str = "val") -> torch.Tensor:
     """This consumer's share of the summed `sums_of(inputs, targets)` vectors over a split's first `batches`
-    batches, in file order.
+    batches (0: all), in file order, each row read at most once.
 
     sums_of: [loss sum, count, …] of a plain forward or a pipeline schedule's (validation), or any other
-    per-batch sums (the reward model's score statistics). batches=0 reads the whole split once: the last
-    batch wraps to the split's start, and those rows are filled with the token `blank` (every rank still
-    runs every batch, as sharded models need); the reward objective skips all-pad responses.
+    per-batch sums (the reward model's score statistics). A last batch that runs past the split's end wraps
+    to its start; those rows are set to `objective.blank`, a row that contributes nothing (every rank still
+    runs every batch, as sharded models need). Pre-training rows have no such value (their splits are large).
     """
     rows = dataset.split(split).num_rows
     order = BatchOrder(rows, global_batch, seed=0, shuffle=False)
     local = order.local_batch(num_consumers)
+    whole = -(-rows // global_batch)
     totals = None
     for step, batch in stream_batches(dataset, order, split=split, consumer=consumer, num_consumers=num_consumers,
-                                      num_steps=batches or -(-rows // global_batch)):
-        if not batches and blank is not None:
-            batch[step * global_batch + consumer * local + np.arange(local) >= rows] = blank
+                                      num_steps=min(batches, whole) if batches else whole):
+        if objective.blank is not None:
+            batch[step * global_batch + consumer * local + np.arange(local) >= rows] = objective.blank
         inputs, targets = objective(torch.from_numpy(batch).long().to(device), step, consumer * local)
         sums = sums_of(inputs, targets).double()
         totals = sums if totals is None else totals + sums

@@ -41,8 +41,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
                                 mask_fraction=meta["mask_fraction"],
                                 special=dataset.manifest["tokenizer"]["special_tokens"], multiple=1)
     totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
-                        global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"),
-                        blank=objective.pad_id if reward else None)
+                        global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
     result = objective.metrics(totals, "val")
     if reward:
         print(f"step {meta['step']}: pairwise accuracy {result['val/accuracy']:.3f}  val/loss "
@@ -94,20 +93,24 @@ def generate(args: argparse.Namespace) -> list[str]:
 
 
 @torch.no_grad()
-def score(args: argparse.Namespace) -> list[float]:
-    """A reward model's score of each response to one prompt, raw and normalised by its training-set stats."""
-    model, meta, tokenizer = model_and_tokenizer(args, "score")
+def score_conversations(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[float]:
+    """A reward model's score of each conversation (its last turn the reply scored), tokenized as the training
+    rows were: in the chat format, cut from the left when longer than the model's context."""
     pad = special_token_ids(tokenizer)["pad"]
-    prompt = [{"role": "system", "content": args.system}] if args.system else []
-    prompt.append({"role": "user", "content": args.prompt})
-    # As the training rows were made: the conversation, cut from the left when longer than the model's context.
-    rows = [encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": response}])[0]
-            [-model.config.max_seq_len:] for response in args.response]
+    rows = [encode_conversation(tokenizer, turns)[0][-model.config.max_seq_len:] for turns in conversations]
     tokens = torch.full((len(rows), max(map(len, rows))), pad)
     for i, ids in enumerate(rows):
         tokens[i, : len(ids)] = torch.tensor(ids)
-    ends = final_positions(tokens, pad)
-    scores = response_scores(model(tokens), ends).tolist()
+    return response_scores(model(tokens), final_positions(tokens, pad)).tolist()
+
+
+def score(args: argparse.Namespace) -> list[float]:
+    """A reward model's score of each response to one prompt, raw and normalised by its training-set stats."""
+    model, meta, tokenizer = model_and_tokenizer(args, "score")
+    prompt = [{"role": "system", "content": args.system}] if args.system else []
+    prompt.append({"role": "user", "content": args.prompt})
+    scores = score_conversations(model, tokenizer, [[*prompt, {"role": "assistant", "content": response}]
+                                                    for response in args.response])
     stats = meta.get("reward")
     for response, value in zip(args.response, scores, strict=True):
         normalised = f"  (normalised {(value - stats['mean']) / stats['std']:+.3f})" if stats else ""

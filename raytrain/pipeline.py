@@ -7,28 +7,34 @@ import dataclasses
 import logging
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from raytrain.config import Config
-from raytrain.data.chat_data import run_sft_data_stage
+from raytrain.data.chat_data import reply, run_prefs_data_stage, run_sft_data_stage, user_turn
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.prepare import run_prepare_stage
-from raytrain.data.stdlib_qa import STDLIB_QA, is_val_module, stdlib_qa
+from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
+from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline
-from raytrain.model_commands import generate
-from raytrain.train.launch import run_pretrain, run_sft
+from raytrain.model_commands import generate, score, score_conversations
+from raytrain.train.checkpoint import load_model
+from raytrain.train.launch import run_pretrain, run_reward, run_sft
 
 log = logging.getLogger("raytrain")
-STAGES = 5
+STAGES = 7
 # Fine-tuning after pre-training: fewer steps, a gentler learning rate (the pre-training config's other keys hold).
 SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
+# The reward model from the fine-tuned model; one checkpoint at the end (each one scores the train split).
+REWARD_STEPS, REWARD_LR, REWARD_WARMUP = 200, 1e-3, 10
 
 
 def run_demo(config: Config) -> None:
     base = config.run.dir
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"
     sft_data_dir, sft_run = base / "sft-data", base / "sft"
+    prefs_data_dir, reward_run = base / "prefs-data", base / "reward"
     data = config.data
     config = dataclasses.replace(
         config,
@@ -51,22 +57,43 @@ def run_demo(config: Config) -> None:
     report_pretraining(pretrained, data_dir, train_run)
 
     log.info("demo [4/%d] fine-tuning data: %s", STAGES, STDLIB_QA)
-    run_sft_data_stage(dataclasses.replace(config, data=dataclasses.replace(
-        config.data, source=dataclasses.replace(config.data.source, inputs=[STDLIB_QA]),
-        prepare=dataclasses.replace(config.data.prepare, out=str(sft_data_dir)))))
+    run_sft_data_stage(chat_data_config(config, STDLIB_QA, sft_data_dir))
     log.info("demo [5/%d] supervised fine-tuning from the pre-trained model", STAGES)
-    shutil.rmtree(sft_run, ignore_errors=True)
-    tuned = run_sft(dataclasses.replace(
-        config, run=dataclasses.replace(config.run, name="sft"),
-        train=dataclasses.replace(config.train, data=str(sft_data_dir), init_from=str(train_run), steps=SFT_STEPS,
-                                  lr=SFT_LR, warmup_steps=SFT_WARMUP)))
+    tuned = run_sft(fresh_stage_config(config, sft_run, sft_data_dir, train_run, SFT_STEPS, SFT_LR, SFT_WARMUP))
     report_fine_tuning(tuned, sft_run, config.data.prepare.seed, config.data.prepare.val_fraction)
+
+    log.info("demo [6/%d] preference data: %s", STAGES, STDLIB_PREFS)
+    run_prefs_data_stage(chat_data_config(config, STDLIB_PREFS, prefs_data_dir))
+    log.info("demo [7/%d] reward model from the fine-tuned model", STAGES)
+    rewarded = run_reward(fresh_stage_config(config, reward_run, prefs_data_dir, sft_run, REWARD_STEPS,
+                                             REWARD_LR, REWARD_WARMUP))
+    report_reward_model(rewarded, reward_run, config.data.prepare.seed, config.data.prepare.val_fraction)
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
-    print(f"  datasets   {data_dir}/, {sft_data_dir}/  (manifest.json, train/ and val/ Parquet shards)")
-    print(f"  runs       {train_run}/, {sft_run}/  (metrics.jsonl, summary.json, checkpoints/, wandb/)")
+    print(f"  datasets   {data_dir}/, {sft_data_dir}/, {prefs_data_dir}/  (manifest.json, train/ and val/ "
+          "Parquet shards)")
+    print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/  (metrics.jsonl, summary.json, checkpoints/, "
+          "wandb/)")
     print(f"  next       raytrain generate --chat --checkpoint {sft_run} --prompt 'What does `os.path.join` do?'")
+    print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
+          "--response 'Join two or more pathname components.' --response 'Join two'")
+
+
+def chat_data_config(config: Config, source: str, out: Path) -> Config:
+    return dataclasses.replace(config, data=dataclasses.replace(
+        config.data, source=dataclasses.replace(config.data.source, inputs=[source]),
+        prepare=dataclasses.replace(config.data.prepare, out=str(out))))
+
+
+def fresh_stage_config(config: Config, run: Path, data: Path, init: Path, steps: int, lr: float,
+                       warmup: int) -> Config:
+    """A post-training stage's run: fresh (the demo does not resume), from `init`, one checkpoint at the end."""
+    shutil.rmtree(run, ignore_errors=True)
+    return dataclasses.replace(
+        config, run=dataclasses.replace(config.run, name=run.name),
+        train=dataclasses.replace(config.train, data=str(data), init_from=str(init), steps=steps, lr=lr,
+                                  warmup_steps=warmup, checkpoint_every=steps))
 
 
 def report_pretraining(summary: dict, data_dir: Path, run: Path) -> None:
@@ -91,3 +118,25 @@ def report_fine_tuning(summary: dict, run: Path, seed: int, val_fraction: float)
     print(f"a held-out question; reference answer: {held_out.answer}")
     generate(argparse.Namespace(checkpoint=str(run), prompt=[held_out.question], tokenizer=None, max_new_tokens=48,
                                 temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True, system=None))
+
+
+def report_reward_model(summary: dict, run: Path, seed: int, val_fraction: float) -> None:
+    before, after = summary["val_first"], summary["val_last"]
+    print(f"\nreward model: held-out pairwise accuracy {before['val/accuracy']:.3f} before → "
+          f"{after['val/accuracy']:.3f} after {summary['steps']} steps (mean margin {after['val/margin']:.2f}, "
+          f"loss {before['val/loss']:.3f} → {after['val/loss']:.3f}; prompts on modules never trained on), "
+          f"wall {summary['wall_s']:.0f}s")
+    model, meta = load_model(run)
+    tokenizer = load_tokenizer(meta["tokenizer"]["path"])
+    held_out = [p for p in stdlib_prefs() if is_val_module(p.module, seed, val_fraction)]
+    scores = score_conversations(model, tokenizer, [[user_turn(p.prompt), reply(answer)] for p in held_out
+                                                    for answer in (p.chosen, p.rejected)])
+    right = Counter(p.kind for p, chosen, rejected in zip(held_out, scores[::2], scores[1::2], strict=True)
+                    if chosen > rejected)
+    kinds = Counter(p.kind for p in held_out)
+    print("  by kind of wrong answer: " + ", ".join(
+        f"{kind.replace('_', ' ')} {right[kind] / n:.2f} ({n} pairs)" for kind, n in sorted(kinds.items())))
+    pair = next(p for p in held_out if p.kind == "truncated")
+    print("a held-out question, its true answer against the answer cut short:")
+    score(argparse.Namespace(checkpoint=str(run), prompt=pair.prompt, response=[pair.chosen, pair.rejected],
+                             system=None, tokenizer=None))

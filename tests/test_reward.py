@@ -158,6 +158,10 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
     assert "is a reward model" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", checkpoint, "--data", str(tiny_sft_dataset)]) == 2
     assert "a reward model is evaluated on `raytrain data prefs` output" in capsys.readouterr().err
+    assert main(["score", "--checkpoint", str(reference[0]), "--prompt", "x", "--response", "y"]) == 2
+    assert "is a language model; score with a reward model" in capsys.readouterr().err
+    assert main(["reward", "--config", "tiny", "--data", str(tiny_prefs_dataset), "--steps", "1"]) == 2
+    assert "a reward model starts from a model: pass --init" in capsys.readouterr().err
     assert main(["convert", "to-hf", checkpoint, "--out", str(tmp_path / "hf")]) == 0
     assert "LlamaForSequenceClassification" in (tmp_path / "hf" / "config.json").read_text()
 

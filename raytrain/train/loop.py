@@ -290,8 +290,7 @@ class Worker:
             module.eval()
         totals = split_sums(self.dataset, self.objective, sums_of, split=split, batches=batches,
                             global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
-                            num_consumers=self.layout.dp, device=self.device,
-                            blank=self.dataset.manifest["tokenizer"]["special_tokens"]["pad"])
+                            num_consumers=self.layout.dp, device=self.device)
         for module in self.modules:
             module.train()
         return self.dp_sum(totals)

@@ -131,6 +131,8 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
              f"data wait {metrics['perf/data_wait_frac']:.0%}", f"eta {_duration(eta)}"]
     if "val/loss" in metrics:
         parts.insert(2, f"val {metrics['val/loss']:.4f}")
+    if "val/accuracy" in metrics:  # a reward model's held-out pairwise accuracy
+        parts.insert(3, f"val acc {metrics['val/accuracy']:.3f}")
     return " | ".join(parts)
 
 

@@ -78,7 +78,8 @@ class Objective:
     """A language-model stage's rows → (inputs, targets), its attention, and its token loss.
 
     The loop sees only this interface (shared with PairwiseReward): `head` (the model's output layer),
-    `causal`, `__call__`, `count`, `loss` → (loss sum, [count, *sums]) and `metrics` of summed totals.
+    `causal`, `blank` (a row value that contributes nothing, or None), `__call__`, `count`,
+    `loss` → (loss sum, [count, *sums]) and `metrics` of summed totals.
     """
 
     head = "lm"
@@ -86,6 +87,7 @@ class Objective:
     def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
                  trim_multiple: int = 0):
         self.kind = kind
+        self.blank = 0 if kind == "sft" else None  # a row with no target: its loss mask all 0
         self.causal = kind in ("causal", "sft")
         self.seed = seed
         self.global_batch = global_batch
@@ -160,6 +162,7 @@ class PairwiseReward:
 
     def __init__(self, pad_id: int, multiple: int = 1):
         self.pad_id = pad_id
+        self.blank = pad_id  # a row of empty slots: no pair
         self.multiple = max(1, multiple)
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
