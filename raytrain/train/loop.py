@@ -1,9 +1,10 @@
 """The one per-worker training loop, run by every Ray Train worker.
 
 Gradient accumulation, clipping, the LR schedule, validation, checkpoints, metrics and the
-report cadence live here once; a stage contributes its data and its Objective.
-The loss is a sum over target tokens divided by the count over the whole global batch, so
-a step computes the same gradient under any data-parallel layout.
+report cadence live here once; a stage contributes its data and its objective (inputs and
+targets, the model head, the loss and its metrics). The loss is a sum (over target tokens, or
+ranked pairs) divided by its count over the whole global batch, so a step computes the same
+gradient under any data-parallel layout.
 """
 
 from __future__ import annotations
