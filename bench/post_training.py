@@ -54,7 +54,8 @@ def trl_step_time(trainer_class, config_class, model, dataset, tokenizer, out: P
 
     args = config_class(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-3,
                         lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=STEPS,
-                        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, **options)
+                        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                        gradient_checkpointing=False, **options)  # TRL's default is on; ours recomputes nothing
     trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=[StepTimes()]).train()
     return statistics.median(np.diff(ends[WARMUP - 1:]))
