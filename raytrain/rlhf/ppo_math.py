@@ -1,0 +1,162 @@
+"""PPO, GRPO and DPO math as pure functions on response tensors (no Ray, no model).
+
+Shapes: a batch of B responses right-padded to T tokens; `mask` [B, T] marks real response tokens
+(1) and padding after <|eos|> or the length cap (0). Per-token log-probs are those of the sampled
+tokens. Sums, not means, come back wherever the caller normalises over a global batch, as the one
+training loop does (a step's gradient is then the same under any data-parallel layout).
+
+The recipe follows OpenRLHF's defaults (veRL agrees where both have them): k1 KL in the reward,
+the reward-model score clipped and added at the last response token, GAE, whitened advantages,
+clipped policy and value losses; GRPO's group-normalised advantages with k3 KL in the loss; DPO.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from the sampled tokens, Δ = log π − log π_ref (Schulman, 2020):
+
+    k1 = Δ (unbiased, can be negative), k2 = Δ²/2, k3 = e^(−Δ) − 1 + Δ (unbiased and ≥ 0).
+    """
+    delta = logp - ref_logp
+    if kind == "k1":
+        return delta
+    if kind == "k2":
+        return delta.pow(2) / 2
+    if kind == "k3":
+        return torch.expm1(-delta) + delta
+    raise ValueError(f"KL estimator {kind!r} is not one of k1, k2, k3")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each response's last real token (0 for an empty response)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask.long()).amax(dim=1)
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                  score_clip: float) -> torch.Tensor:
+    """r_t = −β·KL_t on every response token, plus the score clipped to ±score_clip at the last one.
+
+    scores [B] (already normalised by the reward model's statistics), kl [B, T] → rewards [B, T], 0 on padding.
+    """
+    rewards = -kl_coef * kl * mask
+    last = last_token_index(mask)
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last] += scores.clamp(-score_clip, score_clip)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response (Schulman et al., 2016).
+
+    δ_t = r_t + γ·V_{t+1} − V_t with V after the last real token taken as 0 (the episode ends there);
+    A_t = δ_t + γλ·A_{t+1}; returns R_t = A_t + V_t. Padding gets A = R = 0.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean_std(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) standard deviation of x over the masked entries."""
+    mask = mask.to(x.dtype)
+    count = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / count
+    return mean, (((x - mean) * mask).pow(2).sum() / count).sqrt()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the batch's response tokens; 0 on padding."""
+    mean, std = masked_mean_std(x, mask)
+    return (x - mean) / (std + eps) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: Σ_t −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A), ρ = exp(log π − log π_old).
+
+    Returns token sums over the mask: (loss, tokens clipped, approximate KL between the sampling policy and π).
+    """
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+    loss = (-torch.minimum(unclipped, clipped) * mask).sum()
+    clipfrac = ((clipped < unclipped).to(logp.dtype) * mask).sum().detach()
+    # The tokens were sampled from π_old: k3 of KL(π_old‖π), (ρ − 1) − log ρ (Schulman's approx_kl).
+    approx_kl = (kl_estimate(old_logp, logp, "k3") * mask).sum().detach()
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Σ_t 0.5·max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, ±clip), over the mask."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    worst = torch.maximum((values - returns).pow(2), (clipped - returns).pow(2))
+    return (0.5 * worst * mask.to(values.dtype)).sum()
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over masked positions of the policy's entropy −Σ_v p_v log p_v."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return (-(log_probs.exp() * log_probs).sum(-1) * mask.to(log_probs.dtype)).sum()
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): keep the measured KL near `target` by adjusting β.
+
+    e = clip(KL / target − 1, −0.2, 0.2); β ← β·(1 + e·n / horizon), n the samples of the batch.
+    """
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, samples: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * samples / self.horizon
+        return self.value
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: rewards [P, G] of G samples per prompt → (R − mean_group) / (std_group + ε).
+
+    The sample standard deviation (G − 1 in the denominator), as DeepSeekMath's reference does; each
+    response's advantage applies to all its tokens.
+    """
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
+             ref_rejected_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al., 2023) on sequence log-probs [N]: Σ −log σ(β·((π_c − ref_c) − (π_r − ref_r))).
+
+    Returns sums (loss, pairs where the implicit reward ranks chosen first, implicit reward margin).
+    """
+    margin = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
+    loss = F.softplus(-margin).sum()
+    return loss, (margin > 0).sum().detach(), margin.sum().detach()
+
+
+def sequence_logp(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] per-token log-probs → [B] log-probability of each masked sequence."""
+    return (token_logp * mask.to(token_logp.dtype)).sum(dim=1)
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token under the logits that predicted it: logits [B, T, V], tokens [B, T]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
