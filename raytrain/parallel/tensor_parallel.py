@@ -45,7 +45,8 @@ ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, causal, mask, cache): only 
 
 def block_plan(sequence_parallel: bool) -> dict:
     if not sequence_parallel:
-        # Norms replicated as DTensors: an optimizer cannot step a mix of DTensor and plain parameters.
+        # Norms replicated as DTensors, so every parameter is one: an optimizer's foreach step fails on a
+        # group that mixes DTensors and plain tensors (a reward model's replicated head joins the split matrices).
         return {**PROJECTIONS, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel(),
                 "input_layernorm": Replicated(Replicate()), "post_attention_layernorm": Replicated(Replicate())}
     rest = (None,) * (ATTENTION_ARGS - 1)
