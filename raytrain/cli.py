@@ -165,7 +165,7 @@ def _add_model_commands(commands) -> None:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--top-p", type=float, default=0.95)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i samples with seed + i")
     generate.add_argument("--chat", action="store_true", help="prompts are user turns; answer as the assistant")
     generate.add_argument("--system", help="with --chat: a system turn before each prompt")
     generate.set_defaults(action=model_commands.generate)

@@ -70,6 +70,9 @@ def test_sampling_is_seeded_and_stops_on_eos(model):
     eos = greedy[0][3]
     stopped = generate(model, prompts, 20, eos_id=eos)
     assert stopped[0] == greedy[0][: greedy[0].index(eos) + 1]
+    # Each prompt samples from its own seed (seed + its index): batched equals one prompt at a time.
+    alone = [generate(model, [p], 20, temperature=0.9, top_k=50, top_p=0.9, seed=7 + i) for i, p in enumerate(prompts)]
+    assert first == [a[0] for a in alone]
     # top_k=1 is greedy whatever the temperature.
     assert generate(model, prompts, 8, temperature=1.5, top_k=1, seed=1) == generate(model, prompts, 8)
 

@@ -1,4 +1,8 @@
-"""Batched generation with a KV cache: left-padded prompts, greedy or sampled, stop on eos."""
+"""Batched generation with a KV cache: left-padded prompts, greedy or sampled, stop on eos.
+
+Sampling draws each prompt's tokens from its own generator, seeded `seed + i` for prompt i, so a prompt's
+sample does not depend on which other prompts share its batch (rollout actors may batch them any way).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from raytrain.model.transformer import KVCache, Transformer
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits [batch, vocab] → next token ids [batch]; temperature 0 is greedy."""
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [batch, vocab] → next token ids [batch], row i drawn with generators[i]; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -23,7 +27,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)])
 
 
 @torch.inference_mode()
@@ -39,7 +43,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[list[int]]:
-    """New tokens for each prompt (eos included when reached)."""
+    """New tokens for each prompt (eos included when reached); prompt i is sampled with seed + i."""
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     if longest + max_new_tokens > model.config.max_seq_len:
@@ -53,7 +57,7 @@ def generate(
     dtype = next(model.parameters()).dtype
     total = longest + max_new_tokens
     cache = KVCache(model.config, batch, total, device, dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     # Which keys each query may see, built once: causal, minus the padding; a pad query sees
     # itself only, so no row is all -inf.
@@ -67,7 +71,7 @@ def generate(
         end = start + step_tokens.shape[1]
         mask = allowed[:, None, start:end, :end]
         logits = model(step_tokens, positions=positions[:, start:end], mask=mask, cache=cache, last_only=True)
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generators)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         out[:, produced - 1] = next_ids
         if eos_id is not None:
