@@ -71,8 +71,8 @@ SFT_FLAGS = [
 ]
 REWARD_FLAGS = [
     ("--data", "train.data", {"metavar": "DIR", "help": "preference dataset folder (raytrain data prefs)"}),
-    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the model whose trunk starts the reward model "
-                                                                 "(an SFT run)"}),
+    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the model to start from (an SFT run); DPO's "
+                                                                 "reference too"}),
     *PRETRAIN_FLAGS[1:],
 ]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
-    from raytrain.train.launch import run_pretrain, run_reward, run_sft
+    from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                  run_sft, default_config="demo")
     _add_command(commands, "reward", "train a reward model on ranked responses (Bradley–Terry)", REWARD_FLAGS,
                  run_reward, default_config="demo")
+    _add_command(commands, "dpo", "direct preference optimisation of an SFT model on ranked responses",
+                 REWARD_FLAGS, run_dpo, default_config="demo")
     _add_model_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")

@@ -131,7 +131,7 @@ class TrainConfig:
 
     data: str = ""  # a prepared dataset folder (raytrain data prepare)
     tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
-    objective: Literal["causal", "masked", "sft", "reward"] = "causal"  # sft, reward: set by their commands
+    objective: Literal["causal", "masked", "sft", "reward", "dpo"] = "causal"  # sft, reward, dpo: by their commands
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
     steps: int = 100
@@ -153,12 +153,14 @@ class TrainConfig:
     max_failures: int = 1  # worker failures Ray Train recovers from by restarting
     init_from: str = ""  # a raytrain checkpoint (e.g. from `raytrain convert from-hf`) to start from
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
+    dpo_beta: float = 0.1  # DPO: strength of the implicit KL penalty to the reference (β)
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(0 < self.mask_fraction < 1, "train.mask_fraction", "must be in (0, 1)")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.dpo_beta > 0, "train.dpo_beta", "must be > 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 

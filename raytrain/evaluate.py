@@ -37,10 +37,21 @@ def split_sums(dataset: PreparedDataset, objective, sums_of, *, batches: int, gl
     return totals
 
 
-def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nullcontext):
+def with_reference(objective, reference: torch.nn.Module | None, inputs: torch.Tensor, targets,
+                   compute=contextlib.nullcontext):
+    """(inputs, targets), the targets completed with a frozen reference model's outputs when the objective asks."""
+    if reference is None:
+        return inputs, targets
+    with torch.no_grad(), compute():
+        return inputs, objective.with_reference(targets, reference(inputs, causal=objective.causal))
+
+
+def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nullcontext,
+                      reference: torch.nn.Module | None = None):
     """sums_of for a model that is not pipelined: [loss sum, count, …]; compute() is the context it runs in."""
 
     def sums_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        inputs, targets = with_reference(objective, reference, inputs, targets, compute)
         with compute():
             loss, sums = objective.loss(module(inputs, causal=objective.causal), targets)
         return torch.cat([loss.detach().double().reshape(1), sums])

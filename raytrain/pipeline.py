@@ -20,22 +20,24 @@ from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline
 from raytrain.model_commands import generate, score_conversations
 from raytrain.train.checkpoint import load_model
-from raytrain.train.launch import run_pretrain, run_reward, run_sft
+from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
 
 log = logging.getLogger("raytrain")
-STAGES = 7
+STAGES = 8
 # Fine-tuning after pre-training: fewer steps, a gentler learning rate (the pre-training config's other keys hold).
 SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 # The reward model from the fine-tuned model: a lower learning rate (at 1e-3 it learns the train pairs and no
 # better held-out ranking); one checkpoint at the end (each one scores the whole train split).
 REWARD_STEPS, REWARD_LR, REWARD_WARMUP = 250, 3e-4, 10
+# DPO from the fine-tuned model on the same preference rows, instead of a reward model and PPO.
+DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
 
 
 def run_demo(config: Config) -> None:
     base = config.run.dir
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"
     sft_data_dir, sft_run = base / "sft-data", base / "sft"
-    prefs_data_dir, reward_run = base / "prefs-data", base / "reward"
+    prefs_data_dir, reward_run, dpo_run = base / "prefs-data", base / "reward", base / "dpo"
     data = config.data
     config = dataclasses.replace(
         config,
@@ -69,13 +71,16 @@ def run_demo(config: Config) -> None:
     rewarded = run_reward(fresh_stage_config(config, reward_run, prefs_data_dir, sft_run, REWARD_STEPS,
                                              REWARD_LR, REWARD_WARMUP))
     report_reward_model(rewarded, reward_run, config.data.prepare.seed, config.data.prepare.val_fraction)
+    log.info("demo [8/%d] DPO from the fine-tuned model on the same preferences", STAGES)
+    optimised = run_dpo(fresh_stage_config(config, dpo_run, prefs_data_dir, sft_run, DPO_STEPS, DPO_LR, DPO_WARMUP))
+    report_dpo(optimised)
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
     print(f"  datasets   {data_dir}/, {sft_data_dir}/, {prefs_data_dir}/  (manifest.json, train/ and val/ "
           "Parquet shards)")
-    print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/  (metrics.jsonl, summary.json, checkpoints/, "
-          "wandb/)")
+    print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/, {dpo_run}/  (metrics.jsonl, summary.json, "
+          "checkpoints/, wandb/)")
     print(f"  next       raytrain generate --chat --checkpoint {sft_run} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
           "--response 'Join two or more pathname components.' --response 'Join two'")
@@ -143,3 +148,11 @@ def report_reward_model(summary: dict, run: Path, seed: int, val_fraction: float
         chosen, rejected = scores[2 * i], scores[2 * i + 1]
         print(f"    {kind:<16} {chosen:+.2f} vs {rejected:+.2f} {'right' if chosen > rejected else 'wrong'}  "
               f"{held_out[i].prompt[:56]}  wrong answer: {held_out[i].rejected[:48]!r}")
+
+
+def report_dpo(summary: dict) -> None:
+    before, after = summary["val_first"], summary["val_last"]
+    print(f"\nDPO: held-out DPO loss {before['val/loss']:.3f} (log 2: the model starts as its own reference) → "
+          f"{after['val/loss']:.3f} after {summary['steps']} steps; its implicit reward β·(log π − log π_ref) ranks "
+          f"the true answer first in {after['val/accuracy']:.1%} of held-out pairs (mean margin "
+          f"{after['val/margin']:.2f}), wall {summary['wall_s']:.0f}s")

@@ -25,9 +25,9 @@ from raytrain.train.metrics import METRICS_FILE
 log = logging.getLogger("raytrain")
 CHECKPOINTS = "checkpoints"
 # Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
-DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs"}
+DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs", "dpo": "prefs"}
 DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
-STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward"}
+STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo"}
 
 
 def check_training_config(config: Config) -> PreparedDataset:
@@ -76,10 +76,11 @@ def check_layout(config: Config, seq_len: int) -> None:
                           f"{per_step}; make it a multiple of {per_step}")
     problems = tp_errors(model, parallel.tp, seq_len, parallel.sequence_parallel)
     problems += pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages, parallel.pp_layers)
-    if parallel.pp > 1 and train.objective == "reward":
-        problems.append(f"a reward model cannot run under parallel.pp={parallel.pp}: its score is read at each "
-                        "response's last token, which a pipeline's last stage cannot gather from the batch it is "
-                        "handed; set parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
+    if parallel.pp > 1 and train.objective in ("reward", "dpo"):
+        problems.append(f"`raytrain {train.objective}` cannot run under parallel.pp={parallel.pp}: it compares whole "
+                        "responses (a score, or a log-probability, per response), which a pipeline's last stage "
+                        "cannot gather from the micro-batches it is handed; set parallel.pp=1 (use tp or dp_shard "
+                        "for a model that does not fit)")
     if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
         problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp={parallel.pp} "
                         f"for the {parallel.pp_schedule} schedule")
@@ -109,6 +110,13 @@ def run_reward(config: Config) -> dict:
     """`raytrain reward`: the same loop on ranked responses, a score head and the Bradley–Terry loss, from an
     SFT (or pre-trained) checkpoint."""
     return _run_from_model(config, "reward", "a reward model", "an SFT run")
+
+
+def run_dpo(config: Config) -> dict:
+    """`raytrain dpo`: the policy from an SFT checkpoint against a frozen copy of it, on preference rows."""
+    # Each response's log-probability needs whole logits: under tp they are gathered, not left vocabulary-split.
+    config.parallel.loss_parallel = False
+    return _run_from_model(config, "dpo", "DPO", "an SFT run")
 
 
 def _run_from_model(config: Config, objective: str, what: str, typical: str) -> dict:

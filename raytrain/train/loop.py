@@ -25,11 +25,11 @@ import torch.distributed as dist
 from raytrain.config import Config, config_from_dict
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
-from raytrain.evaluate import forward_loss_sums, split_sums
+from raytrain.evaluate import forward_loss_sums, split_sums, with_reference
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
-from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
+from raytrain.parallel.layout import build_layout, gradient_sync, parallelize, plain_ddp
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
 from raytrain.parallel.tensor_parallel import loss_context
 from raytrain.runtime import configure_ray_data, configure_worker_logging
@@ -74,13 +74,15 @@ class Worker:
         # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
         self.objective = build_objective(self.train.objective, seed=self.train.seed,
                                          global_batch=self.train.global_batch, mask_fraction=self.train.mask_fraction,
-                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0)
+                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0,
+                                         dpo_beta=self.train.dpo_beta)
         self.bf16 = self.train.precision == "bf16"
         # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
         self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel and self.objective.head == "lm"
 
         self._build_model()
+        self.reference = self._build_reference()
         self.start_step = self._restore()
         self.has_val = self.dataset.split("val").num_rows > 0
         self.tokens_per_step = self.train.global_batch * self.dataset.seq_len
@@ -117,6 +119,18 @@ class Worker:
             self.schedule = build_schedule(parallel.pp_schedule, wrapped, n_stages, self.device, layout.pp_group,
                                            self.train.micro_batches, self._pipeline_loss)
         self.loss_scale = 1.0
+
+    def _build_reference(self) -> torch.nn.Module | None:
+        """DPO's frozen reference: the starting model (train.init_from), in the policy's layout, never updated.
+        A restart loads it from there again, so it is not part of the checkpoints."""
+        if not self.objective.reference:
+            return None
+        model = Transformer(self.config.model).to(self.device)
+        # Sharded like the policy; under plain replication it stays a bare copy (DDP is for gradients).
+        module = model if plain_ddp(self.config.parallel) else parallelize(model, self.config.parallel, self.layout,
+                                                                           self.device, self.bf16)
+        load_weights(Path(self.train.init_from), module)
+        return module.requires_grad_(False).eval()
 
     def _restore(self) -> int:
         checkpoint = ray.train.get_checkpoint()
@@ -210,7 +224,8 @@ class Worker:
     def _accumulate_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
         (module,) = self.modules
         micro = rows.chunk(self.train.micro_batches)
-        pairs = [self.objective(m, step, first_row + i * len(micro[0])) for i, m in enumerate(micro)]
+        pairs = [with_reference(self.objective, self.reference, *self.objective(m, step, first_row + i * len(micro[0])),
+                                self.compute) for i, m in enumerate(micro)]
         global_count = self._global_count([t for _, t in pairs])
         sums = 0
         for i, (inputs, targets) in enumerate(pairs):
@@ -281,7 +296,7 @@ class Worker:
         if self.schedule is not None:
             sums_of = self._pipeline_eval
         else:
-            sums_of = forward_loss_sums(self.modules[0], self.objective, self.compute)
+            sums_of = forward_loss_sums(self.modules[0], self.objective, self.compute, self.reference)
         totals = self._split_sums(sums_of, "val", self.train.val_batches)
         return self.objective.metrics(totals, "val")
 

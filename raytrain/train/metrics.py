@@ -12,7 +12,7 @@ import torch
 
 log = logging.getLogger("raytrain")
 # The one list of metric names: code, dashboards and tests use these. Every stage logs LOOP_METRICS; a
-# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS.
+# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS, DPO DPO_METRICS.
 LOOP_METRICS = (
     "train/loss",
     "train/lr",
@@ -29,6 +29,7 @@ LOOP_METRICS = (
 )
 METRICS = (*LOOP_METRICS, "val/ppl")
 REWARD_METRICS = (*LOOP_METRICS, "rm/loss", "rm/accuracy", "rm/margin", "val/accuracy", "val/margin")
+DPO_METRICS = (*LOOP_METRICS, "dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "val/margin")
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}

@@ -2,7 +2,8 @@
 
 causal: next token; masked: masked LM; sft: next token on the answer tokens a loss mask marks (all three
 share the token cross-entropy, targets of -100 ignored); reward: a scalar score per response, read at its
-final token, and the Bradley–Terry loss over every ranked pair of a prompt's responses.
+final token, and the Bradley–Terry loss over every ranked pair of a prompt's responses; dpo: that loss on
+the policy's implicit reward against a frozen reference.
 
 A loss is a sum; the loop divides it by `count` summed over the whole global batch, so a step's gradient is
 the same under any data-parallel layout. Any randomness (the masked-LM mask) is drawn for the whole
@@ -78,11 +79,13 @@ class Objective:
     """A language-model stage's rows → (inputs, targets), its attention, and its token loss.
 
     The loop sees only this interface (shared with PairwiseReward): `head` (the model's output layer),
-    `causal`, `blank` (a row value that contributes nothing, or None), `__call__`, `count`,
-    `loss` → (loss sum, [count, *sums]) and `metrics` of summed totals.
+    `causal`, `blank` (a row value that contributes nothing, or None), `reference` (DPO's targets need a frozen
+    model's outputs, through `with_reference`), `__call__`, `count`, `loss` → (loss sum, [count, *sums]) and
+    `metrics` of summed totals.
     """
 
     head = "lm"
+    reference = False
 
     def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
                  trim_multiple: int = 0):
@@ -159,6 +162,8 @@ class PairwiseReward:
 
     head = "score"
     causal = True
+    prefix = "rm"  # of the training metrics
+    reference = False  # whether targets need a frozen reference model's outputs (with_reference)
 
     def __init__(self, pad_id: int, multiple: int = 1):
         self.pad_id = pad_id
@@ -167,30 +172,87 @@ class PairwiseReward:
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         ends = final_positions(rows, self.pad_id)
-        length = -(-(int(ends.max()) + 1) // self.multiple) * self.multiple
+        return self._responses(rows, self._round_up(int(ends.max()) + 1)), ends
+
+    def _round_up(self, length: int) -> int:
+        return -(-length // self.multiple) * self.multiple
+
+    def _responses(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """[b, K, R] → [b·K, length], padded when longer than R."""
         if length > rows.shape[-1]:
             rows = F.pad(rows, (0, length - rows.shape[-1]), value=self.pad_id)
-        return rows[..., :length].flatten(0, 1), ends
+        return rows[..., :length].flatten(0, 1)
 
-    def count(self, ends: torch.Tensor) -> torch.Tensor:
-        return ranked_pairs(ends).sum()
+    def count(self, targets) -> torch.Tensor:
+        return ranked_pairs(self.ends(targets)).sum()
+
+    @staticmethod
+    def ends(targets) -> torch.Tensor:
+        return targets
 
     def loss(self, outputs: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pairwise_loss(response_scores(outputs.float(), ends), ranked_pairs(ends))
 
     def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
-        """totals: [loss sum, pairs, pairs ranked right, margin sum]; train → rm/*, val → val/*."""
+        """totals: [loss sum, pairs, pairs ranked right, margin sum]; train → rm/* (dpo/*), val → val/*."""
         pairs = float(totals[1].clamp(min=1))
         values = {"loss": float(totals[0]) / pairs, "accuracy": float(totals[2]) / pairs,
                   "margin": float(totals[3]) / pairs}
         if split == "train":  # train/loss too: progress lines, summaries and sweeps read it for every stage
-            return {"train/loss": values["loss"], **{f"rm/{k}": v for k, v in values.items()}}
+            return {"train/loss": values["loss"], **{f"{self.prefix}/{k}": v for k, v in values.items()}}
         return {f"val/{k}": v for k, v in values.items()}
 
     def score_sums(self, outputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """[responses, Σ score, Σ score²] over the present responses (an empty slot's score is 0)."""
         scores = response_scores(outputs.float(), ends).detach().double()
         return torch.stack([(ends >= 0).sum().double(), scores.sum(), scores.pow(2).sum()])
+
+
+class DirectPreference(PairwiseReward):
+    """DPO (Rafailov et al., 2023) on the same preference rows, with the language-model head.
+
+    Each response's log-probability under the policy, log π, is summed over its reply tokens (after its last
+    <|assistant|>, through <|eos|>); a frozen reference (the starting model) gives log π_ref. The implicit reward
+    s = β·(log π − log π_ref) goes through the reward model's Bradley–Terry loss over the ranked pairs, which is
+    DPO's −log σ(β·((log π_i − log π_ref,i) − (log π_j − log π_ref,j))). Targets: (next tokens, IGNORE outside the
+    replies; final positions; and, once with_reference has run, the reference's log-probs [b, K]).
+    """
+
+    head = "lm"
+    prefix = "dpo"
+    reference = True
+
+    def __init__(self, pad_id: int, assistant_id: int, beta: float, multiple: int = 1):
+        super().__init__(pad_id, multiple)
+        self.assistant_id = assistant_id
+        self.beta = beta
+
+    def __call__(self, rows: torch.Tensor, step: int, first_row: int):
+        ends = final_positions(rows, self.pad_id)
+        # Inputs up to the position before the last <|eos|>, a multiple long, and one more token: the last target.
+        tokens = self._responses(rows, self._round_up(int(ends.max())) + 1)
+        index = torch.arange(tokens.shape[1], device=tokens.device)
+        prompt_end = torch.where(tokens == self.assistant_id, index, -1).amax(dim=1, keepdim=True)
+        reply = (index > prompt_end) & (tokens != self.pad_id)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(~reply[:, 1:], IGNORE)
+        return inputs, (targets, ends)
+
+    @staticmethod
+    def ends(targets) -> torch.Tensor:
+        return targets[1]
+
+    def sequence_logp(self, logits: torch.Tensor, targets) -> torch.Tensor:
+        """[b, K] log-probability of each response's reply tokens."""
+        tokens, ends = targets[0], targets[1]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), ignore_index=IGNORE, reduction="none")
+        return -nll.view(tokens.shape).sum(dim=1).view(ends.shape)
+
+    def with_reference(self, targets, reference_logits: torch.Tensor):
+        return (*targets[:2], self.sequence_logp(reference_logits, targets).detach())
+
+    def loss(self, logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        implicit_reward = self.beta * (self.sequence_logp(logits, targets) - targets[2])
+        return pairwise_loss(implicit_reward, ranked_pairs(targets[1]))
 
 
 def score_statistics(totals: torch.Tensor) -> dict[str, float]:
@@ -201,9 +263,11 @@ def score_statistics(totals: torch.Tensor) -> dict[str, float]:
 
 
 def build_objective(kind: str, *, seed: int, global_batch: int, mask_fraction: float, special: dict[str, int],
-                    multiple: int) -> Objective | PairwiseReward:
+                    multiple: int, dpo_beta: float = 0.1) -> Objective | PairwiseReward:
     """The objective of `train.objective`; `multiple`: inputs trimmed to a multiple of it (0: never trimmed)."""
     if kind == "reward":
         return PairwiseReward(special["pad"], multiple)
+    if kind == "dpo":
+        return DirectPreference(special["pad"], special["assistant"], dpo_beta, multiple)
     return Objective(kind, seed=seed, global_batch=global_batch, mask_fraction=mask_fraction,
                      mask_id=special["mask"], trim_multiple=multiple)

@@ -1,0 +1,79 @@
+"""DPO on the one loop: reply-token targets, the implicit reward against a frozen reference, layouts."""
+
+import math
+
+import pytest
+import torch
+from conftest import assert_same_curve, losses, metric, records
+
+from raytrain.config import load_config
+from raytrain.model.transformer import Transformer
+from raytrain.rlhf.ppo_math import dpo_loss, sequence_logp, token_logp
+from raytrain.train.metrics import DPO_METRICS
+from raytrain.train.objectives import IGNORE, DirectPreference
+
+PAD, ASSISTANT = 2, 5
+
+
+def prefs_rows() -> torch.Tensor:
+    """One prompt, two responses best first: user turn `4 10 1`, then `5` (assistant), the reply and eos `1`."""
+    return torch.tensor([[[4, 10, 1, 5, 20, 21, 1, PAD], [4, 10, 1, 5, 22, 1, PAD, PAD]]])
+
+
+def test_targets_are_the_reply_tokens_of_each_response():
+    inputs, (targets, ends) = DirectPreference(PAD, ASSISTANT, beta=0.1)(prefs_rows(), 0, 0)
+    assert ends.tolist() == [[6, 5]]
+    assert inputs.tolist() == [[4, 10, 1, 5, 20, 21], [4, 10, 1, 5, 22, 1]]  # up to the token before the last eos
+    assert targets.tolist() == [[IGNORE] * 3 + [20, 21, 1], [IGNORE] * 3 + [22, 1, IGNORE]]
+    inputs, _ = DirectPreference(PAD, ASSISTANT, beta=0.1, multiple=4)(prefs_rows(), 0, 0)
+    assert inputs.shape == (2, 8)  # a multiple of 4 long (sequence parallel), padded past the rows
+
+
+def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
+    config = load_config("tiny").model
+    policy, reference = Transformer(config), Transformer(config)
+    policy.init_weights(0)
+    reference.init_weights(1)
+    objective = DirectPreference(PAD, ASSISTANT, beta=0.5)
+    inputs, targets = objective(prefs_rows(), 0, 0)
+    with torch.no_grad():
+        policy_logits, reference_logits = policy(inputs), reference(inputs)
+    loss, (pairs, right, margin) = objective.loss(policy_logits, objective.with_reference(targets, reference_logits))
+
+    def reply_logp(logits):  # by hand: the sampled tokens' log-probs over the reply positions
+        mask = (targets[0] != IGNORE).float()
+        return sequence_logp(token_logp(logits, targets[0].clamp(min=0)), mask)
+
+    expected = dpo_loss(*reply_logp(policy_logits), *reply_logp(reference_logits), beta=0.5)
+    torch.testing.assert_close(loss, expected[0])
+    assert (pairs, right) == (1, expected[1]) and margin.item() == pytest.approx(expected[2].item())
+    same = objective.loss(policy_logits, objective.with_reference(targets, policy_logits))[0]
+    assert same.item() == pytest.approx(math.log(2))  # the policy is its own reference at the start
+
+
+@pytest.mark.ray
+def test_dpo_prefers_the_chosen_answers_and_every_layout_matches_one_worker(reference, tiny_prefs_dataset,
+                                                                           tmp_path):
+    from raytrain.errors import ConfigError
+    from raytrain.train.launch import run_dpo
+
+    def dpo(name, *overrides):
+        config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}",
+                                      f"train.data='{tiny_prefs_dataset}'", f"train.init_from='{reference[0]}'",
+                                      "train.steps=20", "train.lr=0.002", "train.dpo_beta=0.5", *overrides])
+        return run_dpo(config)
+
+    dpo("one", "parallel.workers=1")
+    one = losses(tmp_path / "one")
+    assert one[1] == pytest.approx(math.log(2), abs=1e-6)  # the first step starts from the reference itself
+    assert one[20] < one[1] - 0.05
+    val = metric(tmp_path / "one", "val/loss")
+    assert val[0] == pytest.approx(math.log(2), abs=1e-6) and val[20] < val[0]
+    untracked = {"mem/tensor_peak_gib"}
+    assert set(DPO_METRICS) - untracked <= set(records(tmp_path / "one")[-1])
+    dpo("fsdp2", "parallel.workers=2")
+    assert_same_curve(one, losses(tmp_path / "fsdp2"))
+    dpo("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
+    assert_same_curve(one, losses(tmp_path / "tp2"))
+    with pytest.raises(ConfigError, match="`raytrain dpo` cannot run under parallel.pp=2"):
+        dpo("pp", "parallel.workers=2", "parallel.pp=2")
