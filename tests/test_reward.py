@@ -166,7 +166,7 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
     assert "LlamaForSequenceClassification" in (tmp_path / "hf" / "config.json").read_text()
 
     # Refused before any worker starts: a pipeline, fine-tuning data, preference data given to sft.
-    with pytest.raises(ConfigError, match="a reward model cannot run under parallel.pp=2"):
+    with pytest.raises(ConfigError, match="`raytrain reward` cannot run under parallel.pp=2"):
         reward("pp", "parallel.workers=2", "parallel.pp=2")
     with pytest.raises(DataError, match="holds sft data .* `raytrain reward` reads `raytrain data prefs`"):
         reward("sft-data", f"train.data='{tiny_sft_dataset}'")
