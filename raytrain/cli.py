@@ -75,6 +75,19 @@ REWARD_FLAGS = [
                                                                  "reference too"}),
     *PRETRAIN_FLAGS[1:],
 ]
+PPO_FLAGS = [
+    ("--policy", "ppo.policy", {"metavar": "CKPT|RUN", "help": "the policy to start from (an SFT run); the KL "
+                                                              "reference too"}),
+    ("--reward", "ppo.reward", {"metavar": "CKPT|RUN|python:mod:fn",
+                                "help": "a reward model (`raytrain reward` run) or a Python function "
+                                        "(prompts, responses) -> list[float]"}),
+    ("--prompts", "ppo.prompts", {"metavar": "SRC", "help": "'stdlib-qa', or JSONL files/folders of 'prompt' or "
+                                                           "'messages' records"}),
+    ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
+    ("--iterations", "ppo.iterations", {"type": int, "help": "rollout → update iterations"}),
+    ("--algorithm", "ppo.algorithm", {"choices": ["ppo", "grpo"]}),
+    ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers of the learner"}),
+]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -95,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.pipeline import run_demo
+    from raytrain.rlhf.driver import run_ppo
     from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                  run_reward, default_config="demo")
     _add_command(commands, "dpo", "direct preference optimisation of an SFT model on ranked responses",
                  REWARD_FLAGS, run_dpo, default_config="demo")
+    _add_command(commands, "ppo", "align a policy with PPO or GRPO: rollouts and rewards from Ray actor pools",
+                 PPO_FLAGS, run_ppo, default_config="demo")
     _add_model_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")

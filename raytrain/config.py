@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from raytrain.errors import ConfigError
 from raytrain.model.config import TransformerConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+
+FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass
@@ -131,7 +135,8 @@ class TrainConfig:
 
     data: str = ""  # a prepared dataset folder (raytrain data prepare)
     tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
-    objective: Literal["causal", "masked", "sft", "reward", "dpo"] = "causal"  # sft, reward, dpo: by their commands
+    # sft, reward, dpo, ppo, grpo: set by their commands
+    objective: Literal["causal", "masked", "sft", "reward", "dpo", "ppo", "grpo"] = "causal"
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
     steps: int = 100
@@ -214,6 +219,64 @@ class ParallelConfig:
 
 
 @dataclass
+class PPOConfig:
+    """`raytrain ppo`: rollouts from a pool of Ray actors, scores from another, the learner on the one loop.
+
+    One iteration generates `samples_per_prompt` responses to each of `prompts_per_iteration` prompts, scores
+    them, then takes `epochs` × `minibatches` optimizer steps on them. train.log_every, val_every and
+    checkpoint_every count iterations here.
+    """
+
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    policy: str = ""  # checkpoint or run folder to start from (an SFT run); the KL reference too
+    reward: str = ""  # a reward checkpoint or run folder, or python:module:function
+    prompts: str = ""  # 'stdlib-qa', or JSONL files/folders of 'prompt' or 'messages' records
+    iterations: int = 20
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 1  # GRPO's group size G (> 1)
+    max_new_tokens: int = 32  # response length cap
+    drop_long_prompts: bool = False  # skip prompts with no room for max_new_tokens (else: an error)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 1
+    minibatches: int = 2  # optimizer steps per epoch over the rollout batch
+    kl_coef: float = 0.01  # β: KL to the reference, in the reward (ppo) or the loss (grpo)
+    kl_target: float = 0.0  # > 0: adaptive β keeps the sequence KL near this (Ziegler et al.)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip ε
+    value_clip: float = 0.5
+    value_coef: float = 0.1  # weight of the value loss beside the policy loss
+    entropy_coef: float = 0.0
+    score_clip: float = 10.0  # the normalised reward-model score is clipped to ±this
+    rollout_actors: int = 1
+    reward_actors: int = 1
+    actor_cpus: float = 0.5  # per actor; fractional allowed
+    actor_gpus: float = 0.0
+    actor_restarts: int = 3  # a dead actor is restarted and its call resubmitted this many times
+    val_prompts: int = 32  # held-out prompts scored (greedy) every train.val_every iterations
+    samples_logged: int = 4  # (prompt, response, reward, KL) per logged iteration in samples.jsonl
+
+    def validate(self) -> None:
+        for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+                    "minibatches", "rollout_actors", "reward_actors", "kl_horizon"):
+            _check(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
+        for key in ("kl_coef", "kl_target", "clip", "value_clip", "value_coef", "entropy_coef", "score_clip",
+                    "actor_cpus", "actor_gpus", "temperature", "actor_restarts", "val_prompts", "samples_logged"):
+            _check(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
+        _check(0 < self.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
+        if self.algorithm == "grpo":
+            _check(self.samples_per_prompt > 1, "ppo.samples_per_prompt",
+                   "must be > 1 for GRPO (advantages compare the samples of one prompt)")
+        rollout = self.prompts_per_iteration * self.samples_per_prompt
+        _check(rollout % self.minibatches == 0, "ppo.minibatches",
+               f"must divide the {rollout} responses of an iteration (prompts_per_iteration × samples_per_prompt)")
+
+
+@dataclass
 class TrackingConfig:
     mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     project: str = "raytrain"
@@ -223,6 +286,7 @@ class TrackingConfig:
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
     fail_rank: int = 0
+    fail_actor_at_iteration: int = -1  # PPO: rollout actor 0 exits once during this iteration's call
     track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
 
 
@@ -244,6 +308,7 @@ class Config:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -364,6 +429,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         items = value if isinstance(value, list) else [value]
         return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and FLOAT_TEXT.match(value):  # YAML 1.1 reads 1e-5 as text
         return float(value)
     if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)

@@ -34,9 +34,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
                         "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
     # Fine-tuning data is scored on its answer tokens whatever the model's stage (the answer loss before SFT
-    # is the baseline); text data with the model's own objective (next token, or masked for a masked LM).
+    # is the baseline); text data with the pre-training objective (next token, or masked for a masked LM).
     kind = "reward" if reward else "sft" if dataset.kind == "sft" else (
-        "causal" if meta["objective"] == "sft" else meta["objective"])
+        meta["objective"] if meta["objective"] in ("causal", "masked") else "causal")
     objective = build_objective(kind, seed=meta["seed"], global_batch=args.batch_size,
                                 mask_fraction=meta["mask_fraction"],
                                 special=dataset.manifest["tokenizer"]["special_tokens"], multiple=1)

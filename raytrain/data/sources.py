@@ -94,7 +94,7 @@ def _suffix(path: str) -> str:
     return Path(path.rsplit("/", 1)[-1]).suffix.lower()
 
 
-def _filesystem(item: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_of(item: str) -> tuple[pafs.FileSystem, str]:
     if "://" in item:
         try:
             return pafs.FileSystem.from_uri(item)
@@ -104,7 +104,7 @@ def _filesystem(item: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _expand(item: str) -> list[str]:
-    fs, path = _filesystem(item)
+    fs, path = filesystem_of(item)
     scheme = item.split("://", 1)[0] + "://" if "://" in item else ""
     # A glob is matched against a recursive listing of the folder before its first wildcard.
     wildcard = GLOB_CHARS.search(path)
@@ -230,7 +230,7 @@ def iter_local_documents(files: list[SourceFile], text_field: str = "text") -> I
     for source in files:
         if source.kind == "other":
             continue
-        fs, path = _filesystem(source.path)
+        fs, path = filesystem_of(source.path)
         if source.kind == "parquet":
             for text in pq.read_table(path, columns=[text_field], filesystem=fs).column(0).to_pylist():
                 yield text or "", 0
@@ -245,7 +245,7 @@ def iter_local_documents(files: list[SourceFile], text_field: str = "text") -> I
 
 def check_parquet_columns(files: list[str], text_field: str) -> None:
     for path in files:
-        fs, local = _filesystem(path)
+        fs, local = filesystem_of(path)
         schema = pq.read_schema(local, filesystem=fs)
         if text_field not in schema.names:
             raise DataError(

@@ -42,8 +42,10 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (eos included when reached); prompt i is sampled with seed + i."""
+    """New tokens for each prompt (eos included when reached); prompt i is sampled with seeds[i], by default
+    seed + i."""
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     if longest + max_new_tokens > model.config.max_seq_len:
@@ -57,7 +59,8 @@ def generate(
     dtype = next(model.parameters()).dtype
     total = longest + max_new_tokens
     cache = KVCache(model.config, batch, total, device, dtype)
-    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
+    seeds = seeds if seeds is not None else [seed + i for i in range(batch)]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     # Which keys each query may see, built once: causal, minus the padding; a pad query sees
     # itself only, so no row is all -inf.

@@ -31,6 +31,9 @@ FORMAT = "raytrain.checkpoint/1"
 
 
 NEW_HEAD = "score."  # the one part of a model that may start fresh (a reward model's head)
+# PPO and GRPO checkpoints hold the policy (and PPO's value model) side by side, under these prefixes.
+POLICY_OBJECTIVES = ("ppo", "grpo")
+POLICY_PREFIX = "policy."
 # Optimizer state keyed by parameter name: the same keys under every layout and pipeline split.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -66,20 +69,24 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
 def load_weights(folder: Path, model: torch.nn.Module) -> dict:
     """Model weights only (to start a new run from a checkpoint), under any layout.
 
-    A reward model started from a language model takes its trunk and keeps its own new score head.
+    A reward model started from a language model takes its trunk and keeps its own new score head. From a PPO
+    checkpoint it is the policy that loads.
     """
+    meta = read_checkpoint_meta(folder)
+    prefix = POLICY_PREFIX if meta.get("objective") in POLICY_OBJECTIVES else ""
     wanted = get_model_state_dict(model)
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     stored = {key.removeprefix("model.") for key in saved}
-    missing = [key for key in wanted if key not in stored]
+    missing = [key for key in wanted if prefix + key not in stored]
     if any(not key.startswith(NEW_HEAD) for key in missing):
         raise DataError(f"checkpoint '{folder}' lacks the model's weights {missing[:4]}; start from a checkpoint "
                         "of this model family")
-    state = {"model": {key: value for key, value in wanted.items() if key in stored}}
+    state = {"model": {prefix + key: value for key, value in wanted.items() if prefix + key in stored}}
     with single_process_quiet():
         dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not missing))
-    return read_checkpoint_meta(folder)
+    loaded = {key.removeprefix(prefix): value for key, value in state["model"].items()}
+    set_model_state_dict(model, loaded, options=StateDictOptions(strict=not missing))
+    return meta
 
 
 def model_head(meta: dict) -> str:

@@ -27,7 +27,8 @@ CHECKPOINTS = "checkpoints"
 # Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
 DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs", "dpo": "prefs"}
 DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
-STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo"}
+STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo",
+         "grpo": "ppo"}
 
 
 def check_training_config(config: Config) -> PreparedDataset:
@@ -76,11 +77,11 @@ def check_layout(config: Config, seq_len: int) -> None:
                           f"{per_step}; make it a multiple of {per_step}")
     problems = tp_errors(model, parallel.tp, seq_len, parallel.sequence_parallel)
     problems += pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages, parallel.pp_layers)
-    if parallel.pp > 1 and train.objective in ("reward", "dpo"):
-        problems.append(f"`raytrain {train.objective}` cannot run under parallel.pp={parallel.pp}: it compares whole "
-                        "responses (a score, or a log-probability, per response), which a pipeline's last stage "
-                        "cannot gather from the micro-batches it is handed; set parallel.pp=1 (use tp or dp_shard "
-                        "for a model that does not fit)")
+    if parallel.pp > 1 and train.objective in ("reward", "dpo", "ppo", "grpo"):
+        problems.append(f"`raytrain {STAGE[train.objective]}` cannot run under parallel.pp={parallel.pp}: it "
+                        "compares whole responses (a score, or a log-probability, per response), which a "
+                        "pipeline's last stage cannot gather from the micro-batches it is handed; set "
+                        "parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
     if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
         problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp={parallel.pp} "
                         f"for the {parallel.pp_schedule} schedule")
@@ -88,13 +89,14 @@ def check_layout(config: Config, seq_len: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def check_placement(config: Config, use_gpu: bool) -> None:
+def check_placement(config: Config, use_gpu: bool, beside: str = "", beside_cpus: float = 0.0) -> None:
+    """The workers fit the cluster, beside what else the run places (`beside`: PPO's actor pools)."""
     resources = ray.cluster_resources()
     parallel = config.parallel
-    need_cpus = parallel.workers * parallel.cpus_per_worker
+    need_cpus = parallel.workers * parallel.cpus_per_worker + beside_cpus
     if need_cpus > resources.get("CPU", 0):
         raise ConfigError(f"parallel.workers={parallel.workers} × parallel.cpus_per_worker="
-                          f"{parallel.cpus_per_worker} need {need_cpus:g} CPUs but the cluster has "
+                          f"{parallel.cpus_per_worker}{beside} need {need_cpus:g} CPUs but the cluster has "
                           f"{resources.get('CPU', 0):g}; lower parallel.workers or parallel.cpus_per_worker")
     if use_gpu and parallel.workers > resources.get("GPU", 0):
         raise ConfigError(f"parallel.workers={parallel.workers} need {parallel.workers} GPUs but the cluster has "
@@ -129,22 +131,31 @@ def _run_from_model(config: Config, objective: str, what: str, typical: str) -> 
 
 def run_pretrain(config: Config) -> dict:
     dataset = check_training_config(config)
-    run_dir = config.run.dir.absolute()
     init_ray(config.runtime)
-    use_gpu = config.parallel.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.parallel.workers
-    check_placement(config, use_gpu)
+    check_placement(config, use_gpus(config))
+    return fit(config, train_worker, f"{config.train.steps} steps of {config.train.global_batch} sequences × "
+                                     f"{dataset.seq_len} tokens")
+
+
+def use_gpus(config: Config) -> bool:
+    if config.parallel.use_gpu is not None:
+        return config.parallel.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= config.parallel.workers
+
+
+def fit(config: Config, train_fn, work: str, **loop_config) -> dict:
+    """Run `train_fn` on the Ray Train workers of config.parallel into the run folder; write summary.json."""
+    run_dir = config.run.dir.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     parallel = config.parallel
-    log.info("%s: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %d steps of %d sequences "
-             "× %d tokens → %s", STAGE[config.train.objective], parallel.workers, parallel.pp,
-             parallel.dp_replicate, parallel.shard, parallel.tp, config.train.steps, config.train.global_batch,
-             dataset.seq_len, run_dir)
+    log.info("%s: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %s → %s",
+             STAGE[config.train.objective], parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard,
+             parallel.tp, work, run_dir)
+    use_gpu = use_gpus(config)
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir)},
+        train_fn,
+        train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir), **loop_config},
         scaling_config=ScalingConfig(num_workers=config.parallel.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.parallel.cpus_per_worker}),
         run_config=RunConfig(
@@ -164,7 +175,7 @@ def run_pretrain(config: Config) -> dict:
 def write_summary(run_dir: Path, result, wall_s: float) -> dict:
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
     train = [r for r in records if "train/loss" in r]
-    val = [r for r in records if "val/loss" in r]
+    val = [r for r in records if any(key.startswith("val/") for key in r)]
     tokens = train[-1]["train/tokens_seen"] if train else 0
     summary = {
         "steps": train[-1]["step"] if train else 0,

@@ -66,16 +66,8 @@ class Worker:
         torch.set_num_threads(max(1, int(config.parallel.cpus_per_worker)))
         configure_worker_logging(config.runtime)
         configure_ray_data(dataclasses.replace(config.runtime, progress=False))
-        self.dataset = PreparedDataset.open(self.train.data)
-        self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
         self.layout = build_layout(config.parallel, self.world, self.device)
-        self.local_batch = self.order.local_batch(self.layout.dp)
-        special = self.dataset.manifest["tokenizer"]["special_tokens"]
-        # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
-        self.objective = build_objective(self.train.objective, seed=self.train.seed,
-                                         global_batch=self.train.global_batch, mask_fraction=self.train.mask_fraction,
-                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0,
-                                         dpo_beta=self.train.dpo_beta)
+        self._open_data()
         self.bf16 = self.train.precision == "bf16"
         # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
@@ -83,19 +75,36 @@ class Worker:
 
         self._build_model()
         self.reference = self._build_reference()
+        self.resumed: dict = {}  # the checkpoint's raytrain.json when resuming
         self.start_step = self._restore()
-        self.has_val = self.dataset.split("val").num_rows > 0
-        self.tokens_per_step = self.train.global_batch * self.dataset.seq_len
-        self.flops_per_token = train_flops_per_token(config.model, self.dataset.seq_len, self.objective.head)
+        self.tokens_per_step = self.train.global_batch * self.seq_len
+        self.flops_per_token = self._flops_per_token()
         self.log = None
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
-            log.info(f"[raytrain] {self.world} worker(s) on {self.device.type}, "
-                     f"{sum(p.num_params() for p in self.parts):,} parameters on rank 0, MFU against "
-                     f"{self.peak / 1e12:.2f} "
-                     f"TFLOP/s per worker ({self.peak_source}); starting at step {self.start_step}")
+            params = sum(p.numel() for part in self.parts for p in part.parameters())
+            log.info(f"[raytrain] {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0, "
+                     f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
+                     f"{self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
                                   quiet=config.runtime.log_level not in ("debug", "info"))
+
+    def _open_data(self) -> None:
+        """The stage's data and objective: prepared rows, their batch order and what the loss is."""
+        self.dataset = PreparedDataset.open(self.train.data)
+        self.seq_len = self.dataset.seq_len
+        self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
+        self.local_batch = self.order.local_batch(self.layout.dp)
+        special = self.dataset.manifest["tokenizer"]["special_tokens"]
+        # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
+        self.objective = build_objective(self.train.objective, seed=self.train.seed,
+                                         global_batch=self.train.global_batch, mask_fraction=self.train.mask_fraction,
+                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0,
+                                         dpo_beta=self.train.dpo_beta)
+        self.has_val = self.dataset.split("val").num_rows > 0
+
+    def _flops_per_token(self) -> float:
+        return train_flops_per_token(self.config.model, self.seq_len, self.objective.head)
 
     def _build_model(self) -> None:
         """The model parts this rank holds (the whole model, or its pipeline stages), parallelized."""
@@ -136,7 +145,8 @@ class Worker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                return load_training_checkpoint(Path(folder), self.modules, self.optimizers)["step"]
+                self.resumed = load_training_checkpoint(Path(folder), self.modules, self.optimizers)
+                return self.resumed["step"]
         if self.train.init_from:
             for module in self.modules:
                 load_weights(Path(self.train.init_from), module)
@@ -331,7 +341,7 @@ class Worker:
         else:
             log.info(f"[raytrain] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
-    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+    def _checkpoint_meta(self, step: int) -> dict:
         meta = {
             "step": step,
             "model": vars(self.config.model),
@@ -345,6 +355,10 @@ class Worker:
         }
         if self.objective.head == "score":
             meta["reward"] = self._score_statistics()
+        return meta
+
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        meta = self._checkpoint_meta(step)
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as folder:
             save_training_checkpoint(Path(folder), self.modules, self.optimizers, meta, self.rank == 0)
             ray.train.report({"step": step, **metrics},

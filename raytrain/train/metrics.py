@@ -12,7 +12,8 @@ import torch
 
 log = logging.getLogger("raytrain")
 # The one list of metric names: code, dashboards and tests use these. Every stage logs LOOP_METRICS; a
-# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS, DPO DPO_METRICS.
+# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS, DPO DPO_METRICS, PPO
+# PPO_METRICS.
 LOOP_METRICS = (
     "train/loss",
     "train/lr",
@@ -30,6 +31,11 @@ LOOP_METRICS = (
 METRICS = (*LOOP_METRICS, "val/ppl")
 REWARD_METRICS = (*LOOP_METRICS, "rm/loss", "rm/accuracy", "rm/margin", "val/accuracy", "val/margin")
 DPO_METRICS = (*LOOP_METRICS, "dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "val/margin")
+# PPO (GRPO logs ppo/kl_loss instead of ppo/value_loss); its held-out numbers are rewards, not a loss.
+PPO_METRICS = (*(m for m in LOOP_METRICS if m != "val/loss"), "ppo/reward_mean", "ppo/reward_std", "ppo/kl",
+               "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss", "ppo/clipfrac", "ppo/approx_kl",
+               "ppo/entropy", "ppo/response_len", "ppo/weight_sync_s", "perf/rollout_tokens_per_s",
+               "perf/rollout_time_frac", "val/reward_mean", "val/kl", "val/response_len")
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
@@ -134,6 +140,10 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
         parts.insert(2, f"val {metrics['val/loss']:.4f}")
     if "val/accuracy" in metrics:  # a reward model's held-out pairwise accuracy
         parts.insert(3, f"val acc {metrics['val/accuracy']:.3f}")
+    if "ppo/reward_mean" in metrics:  # PPO: the reward it climbs and how far it moved from the reference
+        parts[2:2] = [f"reward {metrics['ppo/reward_mean']:+.3f}", f"kl {metrics['ppo/kl']:.3f}"]
+    if "val/reward_mean" in metrics:
+        parts.insert(4, f"val reward {metrics['val/reward_mean']:+.3f}")
     return " | ".join(parts)
 
 

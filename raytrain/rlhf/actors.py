@@ -1,0 +1,167 @@
+"""The rollout and reward actor pools: Ray actors beside the Train workers, created by the driver.
+
+The driver creates the actors (an actor requested inside a Train worker can wait forever for CPUs the
+workers hold) as named actors; the learner's rank 0 looks them up and drives them. A dead actor is restarted
+by Ray and its call resubmitted (`max_restarts`, `max_task_retries`); since every call carries the weights'
+version and a reference to them, and every sample its own seed, a resubmitted call returns what the first
+would have.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+
+from raytrain.config import PPOConfig
+from raytrain.errors import DataError
+from raytrain.model.generate import generate
+from raytrain.model.transformer import Transformer, TransformerConfig
+from raytrain.rlhf.experience import response_logp, response_slices
+from raytrain.train.checkpoint import load_model
+
+NAMESPACE = "raytrain"
+PYTHON_REWARD = "python:"
+
+
+def import_reward(spec: str):
+    """The function named by `python:module:function`, or a DataError saying what is wrong."""
+    module_name, _, name = spec.removeprefix(PYTHON_REWARD).partition(":")
+    if not module_name or not name:
+        raise DataError(f"reward '{spec}' must look like python:module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"reward '{spec}': cannot import module '{module_name}' ({exc}); put it on PYTHONPATH or "
+                        "in the package") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise DataError(f"reward '{spec}': module '{module_name}' has no function '{name}'")
+    return function
+
+
+def call_reward(function, spec: str, prompts: list[str], responses: list[str]) -> list[float]:
+    """function(prompts, responses), checked: one finite number per response."""
+    scores = function(prompts, responses)
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise DataError(f"reward '{spec}' returned {type(scores).__name__}; it must return a list of numbers, "
+                        "one per response") from None
+    if len(scores) != len(responses):
+        raise DataError(f"reward '{spec}' returned {len(scores)} scores for {len(responses)} responses; return "
+                        "one per response")
+    if not all(math.isfinite(s) for s in scores):
+        raise DataError(f"reward '{spec}' returned a non-finite score; return finite numbers")
+    return scores
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+
+class RolloutActor:
+    """Generates responses with the KV cache from the latest policy weights it was handed."""
+
+    def __init__(self, model: dict, threads: int):
+        torch.set_num_threads(threads)
+        self.model = Transformer(TransformerConfig(**model)).eval()
+        self.version: tuple | None = None
+
+    def load(self, version: tuple, weights: list) -> None:
+        """Hold the policy weights `version`; `weights` is [ObjectRef], nested so that Ray fetches the state
+        only when this actor does not hold that version yet."""
+        if version != self.version:
+            self.model.load_state_dict(ray.get(weights[0]))
+            self.version = version
+
+    def generate(self, version: tuple, weights: list, prompts: list[list[int]], seeds: list[int], settings: dict,
+                 fail_marker: str | None = None) -> list[list[int]]:
+        """Responses to prompts from the weights `version` (loaded first by an actor that lost them, restarted)."""
+        self.load(version, weights)
+        if fail_marker is not None and not Path(fail_marker).exists():  # debug.fail_actor_at_iteration
+            Path(fail_marker).touch()
+            os._exit(1)
+        return generate(self.model, prompts, seeds=seeds, **settings)
+
+    def weights(self) -> tuple[tuple | None, dict]:
+        return self.version, self.model.state_dict()
+
+
+class RewardActor:
+    """Scores (prompt, response) with a reward model or a Python function, and gives the frozen reference
+    model's log-probabilities of each response token."""
+
+    def __init__(self, reward: str, reference: str, tokenizer: str, threads: int, pad_id: int):
+        torch.set_num_threads(threads)
+        self.spec, self.pad_id = reward, pad_id
+        self.reference, _ = load_model(reference)
+        if reward.startswith(PYTHON_REWARD):
+            from raytrain.data.tokenizer import load_tokenizer
+
+            self.function, self.tokenizer = import_reward(reward), load_tokenizer(Path(tokenizer))
+        else:
+            self.model, meta = load_model(reward)
+            self.mean, self.std = meta["reward"]["mean"], max(meta["reward"]["std"], 1e-6)
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[list[float]]]:
+        """(scores, reference log-probs per response token); a model's scores normalised by its stored
+        statistics, read at each response's last token."""
+        tokens = right_padded([p + r for p, r in zip(prompts, responses, strict=True)], self.pad_id)
+        ref = response_slices(response_logp(self.reference(tokens), tokens), prompts, responses)
+        if hasattr(self, "function"):
+            texts = self.tokenizer.decode_batch(prompts, skip_special_tokens=True)
+            replies = self.tokenizer.decode_batch(responses, skip_special_tokens=True)
+            return call_reward(self.function, self.spec, texts, replies), ref
+        last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, responses, strict=True)])
+        raw = self.model(tokens)[torch.arange(len(tokens)), last, 0]
+        return ((raw - self.mean) / self.std).tolist(), ref
+
+
+def chunks(items: list, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of `parts` contiguous, near-equal slices (empty ones dropped)."""
+    bounds = [len(items) * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@dataclass(frozen=True)
+class ActorPools:
+    """Names of a run's actors; `handles` looks them up from any process of the cluster (the workers get
+    the names, the creating driver also holds the handles)."""
+
+    rollout: list[str]
+    reward: list[str]
+    owned: list = field(default_factory=list, compare=False, repr=False)  # the creator's handles
+
+    @staticmethod
+    def create(ppo: PPOConfig, model: dict, reward: str, reference: str, tokenizer: str, pad_id: int) -> ActorPools:
+        tag = uuid.uuid4().hex[:8]
+        threads = max(1, int(ppo.actor_cpus))
+        options = {"num_cpus": ppo.actor_cpus, "num_gpus": ppo.actor_gpus, "namespace": NAMESPACE,
+                   "max_restarts": ppo.actor_restarts, "max_task_retries": ppo.actor_restarts}
+        pools = ActorPools([f"rollout-{tag}-{i}" for i in range(ppo.rollout_actors)],
+                           [f"reward-{tag}-{i}" for i in range(ppo.reward_actors)])
+        # The driver keeps the handles: an actor lives while a handle of its creator does.
+        pools.owned.extend(ray.remote(RolloutActor).options(name=name, **options).remote(model, threads)
+                           for name in pools.rollout)
+        pools.owned.extend(ray.remote(RewardActor).options(name=name, **options)
+                           .remote(reward, reference, tokenizer, threads, pad_id) for name in pools.reward)
+        # Fail here, with the actor's own error, if one cannot start (a reward that does not load).
+        ray.get([actor.__ray_ready__.remote() for actor in pools.owned])
+        return pools
+
+    def handles(self, kind: str) -> list:
+        return [ray.get_actor(name, namespace=NAMESPACE) for name in getattr(self, kind)]
+
+    def kill(self) -> None:
+        for actor in self.owned:
+            ray.kill(actor, no_restart=True)
+        self.owned.clear()

@@ -1,0 +1,190 @@
+"""PPO and GRPO: experience rows, the loss on the one loop, prompts, rewards, and the actor pools on Ray."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import metric, records
+
+from raytrain.config import PPOConfig, load_config
+from raytrain.errors import DataError
+from raytrain.model.transformer import Transformer
+from raytrain.rlhf.actors import call_reward, chunks, import_reward
+from raytrain.rlhf.experience import pack, response_logp, response_slices, rollout_tensors, unpack
+from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
+from raytrain.rlhf.ppo_math import policy_loss, value_loss
+from raytrain.rlhf.prompts import load_prompts
+from raytrain.train.metrics import PPO_METRICS
+
+PAD = 2
+
+
+def test_rollout_rows_align_each_response_token_with_the_logits_that_predicted_it():
+    prompts, responses = [[4, 10, 1, 5], [4, 11, 12, 1, 5]], [[20, 1], [21]]
+    tokens, mask, ref = rollout_tensors(prompts, responses, [[-1.0, -2.0], [-3.0]], length=8, pad_id=PAD)
+    assert tokens.tolist() == [[4, 10, 1, 5, 20, 1, PAD, PAD], [4, 11, 12, 1, 5, 21, PAD, PAD]]
+    # shifted grid: entry t is token t + 1; the responses start at tokens 4 and 5
+    assert mask.tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0]]
+    assert ref[0, 3:5].tolist() == [-1.0, -2.0] and ref[1, 4].item() == -3.0
+    logits = torch.randn(2, 8, 30)
+    logp = response_logp(logits, tokens)
+    by_hand = torch.log_softmax(logits[0, 3], -1)[20]
+    assert logp[0, 3].item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert response_slices(logp, prompts, responses)[1] == [logp[1, 4].item()]
+    rows = pack(tokens, mask=mask, old_logp=logp, ref_logp=ref, advantages=mask, returns=mask, old_values=mask)
+    back = unpack(rows)
+    assert torch.equal(back["tokens"], tokens) and torch.equal(back["mask"], mask)
+    torch.testing.assert_close(back["old_logp"], logp)
+
+
+def test_loss_is_the_clipped_policy_loss_plus_the_weighted_value_loss_and_grpo_adds_k3():
+    config = load_config("tiny").model
+    policy, value = Transformer(config), Transformer(config, head="score")
+    policy.init_weights(0)
+    value.init_weights(1)
+    model = PolicyAndValue(policy, value)
+    prompts, responses = [[4, 10, 1, 5], [4, 11, 1, 5]], [[20, 21, 1], [22, 1]]
+    tokens, mask, ref = rollout_tensors(prompts, responses, [[-5.0] * 3, [-5.0] * 2], length=8, pad_id=PAD)
+    with torch.no_grad():
+        logits, values = model(tokens)
+    old_logp = response_logp(logits, tokens) - 0.5 * mask  # the policy has moved since the rollout
+    advantages = torch.linspace(-1, 1, 7).expand(2, 7) * mask
+    returns, old_values = mask * 0.3, values[:, :-1] + 0.7 * mask
+    rows = pack(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages, returns=returns,
+                old_values=old_values)
+    ppo = PPOConfig(value_coef=0.25)
+    objective = PolicyObjective(ppo)
+    inputs, targets = objective(rows, 0, 0)
+    loss, sums = objective.loss(model(inputs), targets)
+    logp = response_logp(logits, tokens)
+    expected_policy = policy_loss(logp, old_logp, advantages, mask, ppo.clip)
+    expected_value = value_loss(values[:, :-1], old_values, returns, mask, ppo.value_clip)
+    assert loss.item() == pytest.approx((expected_policy[0] + 0.25 * expected_value).item(), rel=1e-5)
+    assert sums[0].item() == 5 and sums[3].item() == pytest.approx(expected_policy[1].item())  # count, clipped
+    assert expected_policy[1].item() > 0  # the ratio e^0.5 is outside 1 ± 0.2: some tokens clip
+    metrics = objective.metrics(torch.cat([loss.detach().double().reshape(1), sums]), "train")
+    assert set(metrics) == {"train/loss", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl",
+                            "ppo/entropy"} and set(metrics) <= set(PPO_METRICS)
+    grpo = PolicyObjective(PPOConfig(algorithm="grpo", samples_per_prompt=2, kl_coef=0.5))
+    grpo_loss, grpo_sums = grpo.loss((logits, None), targets)
+    delta = logp - ref
+    k3 = ((torch.exp(-delta) - 1 + delta) * mask).sum()
+    assert grpo_loss.item() == pytest.approx((expected_policy[0] + 0.5 * k3).item(), rel=1e-5)
+    assert "ppo/kl_loss" in grpo.metrics(torch.cat([grpo_loss.double().reshape(1), grpo_sums]), "train")
+
+
+def test_prompts_from_jsonl_records_with_clear_errors(tmp_path, plain_tokenizer):
+    from raytrain.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(plain_tokenizer)
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"prompt": f"What does f{i} do?"}) for i in range(30)) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Why?"}]}) + "\n")
+    prompts = load_prompts(str(good), tokenizer, seed=0, val_fraction=0.2)
+    assert len(prompts.train) + len(prompts.val) == 31 and prompts.val
+    assert all(p[-1] == tokenizer.token_to_id("<|assistant|>") for p in prompts.train + prompts.val)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no non-empty 'prompt'"):
+        load_prompts(str(bad), tokenizer, 0, 0.1)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                            {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(DataError, match="ends with a user turn"):
+        load_prompts(str(bad), tokenizer, 0, 0.1)
+
+
+def test_python_rewards_are_imported_and_checked():
+    brevity = import_reward("python:raytrain.rlhf.rewards:brevity")
+    assert call_reward(brevity, "x", ["p", "p"], ["", "a" * 500]) == [1.0, 0.0]
+    with pytest.raises(DataError, match="cannot import module 'no_such_module'"):
+        import_reward("python:no_such_module:f")
+    with pytest.raises(DataError, match="has no function 'nope'"):
+        import_reward("python:raytrain.rlhf.rewards:nope")
+    with pytest.raises(DataError, match="returned 1 scores for 2 responses"):
+        call_reward(lambda p, r: [1.0], "python:m:f", ["a", "b"], ["a", "b"])
+    with pytest.raises(DataError, match="must return a list of numbers"):
+        call_reward(lambda p, r: None, "python:m:f", ["a"], ["a"])
+    assert chunks(list(range(5)), 2) == [(0, 2), (2, 5)] and chunks([1], 3) == [(0, 1)]
+
+
+def fake_reward_model(policy_checkpoint, out):
+    """A reward checkpoint of the policy's architecture and tokenizer (an untrained score head on a random
+    trunk): enough to run the reward-model path without training one here."""
+    from raytrain.model.transformer import TransformerConfig
+    from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint, save_model
+
+    meta = read_checkpoint_meta(resolve_checkpoint(policy_checkpoint))
+    model = Transformer(TransformerConfig(**meta["model"]), head="score")
+    model.init_weights(7)
+    save_model(out, model, {"step": 1, "objective": "reward", "mask_fraction": 0.15, "seed": 0,
+                            "tokenizer": meta["tokenizer"], "reward": {"mean": 0.0, "std": 0.05, "responses": 1}})
+    return out
+
+
+@pytest.mark.ray
+def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
+    """One run each where it counts: reward rises (PPO and GRPO, python reward), 1 vs 2 rollout actors agree,
+    dp2 FSDP with a reward model survives a killed rollout actor and a killed worker with the numbers of an
+    uninterrupted run, and its rollout actors end holding the trained weights."""
+    from raytrain.model_commands import generate
+    from raytrain.rlhf.driver import run_ppo
+
+    policy = reference[0]
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["len", "sorted", "zip", "map", "open", "print", "range", "sum", "min", "max", "abs", "iter"]
+    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
+                               for w in words for v in ("lists", "text", "numbers", "files")))
+
+    def ppo(name, *overrides):
+        config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
+                                      f"ppo.prompts='{prompts}'", "ppo.prompts_per_iteration=8",
+                                      "ppo.max_new_tokens=12", "ppo.val_prompts=8", "train.lr=1e-2",
+                                      "train.warmup_steps=0", "train.min_lr_ratio=1", "train.log_every=1",
+                                      "train.val_every=0", "train.checkpoint_every=2", "parallel.workers=1",
+                                      *overrides])
+        return run_ppo(config)
+
+    brevity = "ppo.reward=python:raytrain.rlhf.rewards:brevity"
+    learn = ["ppo.prompts_per_iteration=16", "ppo.epochs=2"]
+    summary = ppo("ppo", brevity, *learn, "ppo.iterations=8", "ppo.rollout_actors=2", "tracking.mode=offline")
+    reward = metric(tmp_path / "ppo", "ppo/reward_mean")
+    assert len(reward) == 8 and sum(list(reward.values())[-2:]) > sum(list(reward.values())[:2]) + 0.1, reward
+    last = records(tmp_path / "ppo")[-1]
+    untracked = {"mem/tensor_peak_gib", "ppo/kl_loss"}
+    assert set(PPO_METRICS) - untracked <= set(last), set(PPO_METRICS) - set(last)
+    assert summary["rollout_weights_max_diff"] == 0.0
+    samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert {s["split"] for s in samples} == {"train", "val"}
+    assert {"prompt", "response", "reward", "kl"} <= set(samples[0])
+    assert list((tmp_path / "ppo" / "wandb").glob("offline-run-*"))
+    # The policy is a checkpoint like any other: it generates.
+    args = type("Args", (), {"checkpoint": str(tmp_path / "ppo"), "tokenizer": None, "chat": True, "system": None,
+                             "prompt": ["What does len do?"], "max_new_tokens": 8, "temperature": 0.0, "top_k": 0,
+                             "top_p": 1.0, "seed": 0})
+    assert len(generate(args)) == 1
+
+    ppo("one-actor", brevity, *learn, "ppo.iterations=2", "ppo.rollout_actors=1")  # constant lr: same weights
+    one = metric(tmp_path / "one-actor", "ppo/reward_mean")
+    assert one == {step: reward[step] for step in one}, (one, reward)
+
+    grpo = ppo("grpo", brevity, "ppo.algorithm=grpo", "ppo.samples_per_prompt=4", "ppo.prompts_per_iteration=4",
+               "ppo.iterations=8")
+    grpo_reward = list(metric(tmp_path / "grpo", "ppo/reward_mean").values())
+    assert sum(grpo_reward[-2:]) > sum(grpo_reward[:2]) + 0.1, grpo_reward
+    assert "ppo/kl_loss" in grpo["final"] and "ppo/value_loss" not in grpo["final"]
+
+    rm = fake_reward_model(policy, tmp_path / "rm")
+    dp2 = ["parallel.workers=2", "parallel.dp_shard=2", f"ppo.reward='{rm}'", "ppo.iterations=4",
+           "ppo.kl_target=0.5", "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5"]
+    whole = ppo("dp2", *dp2)
+    assert whole["rollout_weights_max_diff"] < 1e-6  # gathered from the FSDP shards
+    ppo("dp2-failures", *dp2, "debug.fail_actor_at_iteration=1", "debug.fail_at_step=6", "train.max_failures=1")
+    assert (tmp_path / "dp2-failures" / ".debug_actor_failed_once").exists()
+    assert (tmp_path / "dp2-failures" / ".debug_failed_once").exists()
+    for name in ("ppo/reward_mean", "train/loss", "ppo/kl_coef"):
+        a, b = metric(tmp_path / "dp2", name), metric(tmp_path / "dp2-failures", name)
+        assert sorted(a) == sorted(b) == [2, 4, 6, 8]
+        assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in a), (name, a, b)
+    shutil.rmtree(tmp_path / "rm")
