@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -19,11 +20,13 @@ from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline
 from raytrain.model_commands import generate, score_conversations
+from raytrain.rlhf.driver import run_ppo
+from raytrain.rlhf.learner import SAMPLES_FILE
 from raytrain.train.checkpoint import load_model
 from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
 
 log = logging.getLogger("raytrain")
-STAGES = 8
+STAGES = 9
 # Fine-tuning after pre-training: fewer steps, a gentler learning rate (the pre-training config's other keys hold).
 SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 # The reward model from the fine-tuned model: a lower learning rate (at 1e-3 it learns the train pairs and no
@@ -31,6 +34,12 @@ SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 REWARD_STEPS, REWARD_LR, REWARD_WARMUP = 250, 3e-4, 10
 # DPO from the fine-tuned model on the same preference rows, instead of a reward model and PPO.
 DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
+# PPO from the fine-tuned model against the reward model: a few hundred sampled answers; the adaptive KL
+# coefficient holds the policy near the fine-tuned model (KL_TARGET nats per answer).
+# (At lr 4e-4 with a slow controller the policy found that "." scores well: reward hacking, KL 15 nats.)
+PPO_OVERRIDES = {"iterations": 20, "prompts_per_iteration": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 2.0,
+                 "kl_horizon": 100, "val_prompts": 32, "drop_long_prompts": True}
+PPO_LR = 3e-4
 
 
 def run_demo(config: Config) -> None:
@@ -38,6 +47,7 @@ def run_demo(config: Config) -> None:
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"
     sft_data_dir, sft_run = base / "sft-data", base / "sft"
     prefs_data_dir, reward_run, dpo_run = base / "prefs-data", base / "reward", base / "dpo"
+    ppo_run = base / "ppo"
     data = config.data
     config = dataclasses.replace(
         config,
@@ -74,16 +84,46 @@ def run_demo(config: Config) -> None:
     log.info("demo [8/%d] DPO from the fine-tuned model on the same preferences", STAGES)
     optimised = run_dpo(fresh_stage_config(config, dpo_run, prefs_data_dir, sft_run, DPO_STEPS, DPO_LR, DPO_WARMUP))
     report_dpo(optimised)
+    log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools)", STAGES)
+    aligned = run_ppo(ppo_stage_config(config, ppo_run, sft_run, reward_run))
+    report_ppo(aligned, ppo_run)
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
     print(f"  datasets   {data_dir}/, {sft_data_dir}/, {prefs_data_dir}/  (manifest.json, train/ and val/ "
           "Parquet shards)")
-    print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/, {dpo_run}/  (metrics.jsonl, summary.json, "
-          "checkpoints/, wandb/)")
-    print(f"  next       raytrain generate --chat --checkpoint {sft_run} --prompt 'What does `os.path.join` do?'")
+    print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/, {dpo_run}/, {ppo_run}/  (metrics.jsonl, "
+          "summary.json, checkpoints/, wandb/; samples.jsonl for PPO)")
+    print(f"  next       raytrain generate --chat --checkpoint {ppo_run} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
           "--response 'Join two or more pathname components.' --response 'Join two'")
+
+
+def ppo_stage_config(config: Config, run: Path, policy: Path, reward: Path) -> Config:
+    shutil.rmtree(run, ignore_errors=True)
+    return dataclasses.replace(
+        config, run=dataclasses.replace(config.run, name=run.name),
+        train=dataclasses.replace(config.train, lr=PPO_LR, warmup_steps=0, log_every=1, val_every=10,
+                                  checkpoint_every=PPO_OVERRIDES["iterations"]),
+        ppo=dataclasses.replace(config.ppo, policy=str(policy), reward=str(reward), prompts=STDLIB_QA,
+                                **PPO_OVERRIDES))
+
+
+def report_ppo(summary: dict, run: Path) -> None:
+    before, after, final = summary["val_first"], summary["val_last"], summary["final"]
+    print(f"\nPPO: held-out reward (greedy answers, normalised reward-model score) {before['val/reward_mean']:+.3f} "
+          f"→ {after['val/reward_mean']:+.3f} after {PPO_OVERRIDES['iterations']} iterations; KL to the fine-tuned "
+          f"model {final['ppo/kl']:.2f} nats per sampled answer (target {PPO_OVERRIDES['kl_target']:.1f}, β "
+          f"{PPO_OVERRIDES['kl_coef']} → {final['ppo/kl_coef']:.3f}); held-out answer length "
+          f"{before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
+    print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, weight sync "
+          f"{final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
+    samples = [json.loads(line) for line in (run / SAMPLES_FILE).read_text().splitlines()]
+    first = [s for s in samples if s["split"] == "val" and s["step"] == 0][0]
+    last = [s for s in samples if s["split"] == "val" and s["prompt"] == first["prompt"]][-1]
+    print(f"  a held-out question: {first['prompt']}")
+    print(f"    before ({first['reward']:+.2f}): {first['response']}")
+    print(f"    after  ({last['reward']:+.2f}): {last['response']}")
 
 
 def chat_data_config(config: Config, source: str, out: Path) -> Config:

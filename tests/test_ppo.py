@@ -109,6 +109,44 @@ def test_python_rewards_are_imported_and_checked():
     assert chunks(list(range(5)), 2) == [(0, 2), (2, 5)] and chunks([1], 3) == [(0, 1)]
 
 
+def test_bad_ppo_inputs_are_refused_before_any_actor_starts(tmp_path, plain_tokenizer):
+    from raytrain.data.tokenizer import tokenizer_hash
+    from raytrain.errors import ConfigError
+    from raytrain.rlhf.driver import check_ppo_config
+    from raytrain.train.checkpoint import save_model
+
+    model_config = load_config("tiny").model
+    tokenizer = {"path": str(plain_tokenizer), "sha256": tokenizer_hash(plain_tokenizer)}
+    policy = Transformer(model_config)
+    save_model(tmp_path / "policy", policy, {"step": 1, "objective": "sft", "seed": 0, "tokenizer": tokenizer})
+    other = {**tokenizer, "sha256": "0" * 64}
+    save_model(tmp_path / "rm-other", Transformer(model_config, head="score"),
+               {"step": 1, "objective": "reward", "seed": 0, "tokenizer": other, "reward": {"mean": 0, "std": 1}})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What does len do?"}) + "\n" + json.dumps({"prompt": "x " * 200}) + "\n")
+
+    def check(*overrides):
+        return check_ppo_config(load_config("tiny", [f"ppo.policy='{tmp_path / 'policy'}'", f"ppo.prompts='{prompts}'",
+                                                     "ppo.reward=python:raytrain.rlhf.rewards:brevity", *overrides]))
+
+    with pytest.raises(DataError, match="is not a reward model"):
+        check(f"ppo.reward='{tmp_path / 'policy'}'")
+    with pytest.raises(DataError, match="use different tokenizers"):
+        check(f"ppo.reward='{tmp_path / 'rm-other'}'")
+    with pytest.raises(DataError, match="is a reward model; start PPO from a language model"):
+        check(f"ppo.policy='{tmp_path / 'rm-other'}'")
+    with pytest.raises(DataError, match="cannot import module"):
+        check("ppo.reward=python:nowhere:f")
+    with pytest.raises(DataError, match="1 prompts .* leave no room for ppo.max_new_tokens=32"):
+        check()
+    spec = check("ppo.drop_long_prompts=true", "ppo.minibatches=4")
+    assert len(spec["train"]) + len(spec["val"]) == 1 and spec["length"] <= model_config.max_seq_len
+    with pytest.raises(ConfigError, match="PPO needs prompts"):
+        check("ppo.prompts=''")
+    with pytest.raises(ConfigError, match="ppo.samples_per_prompt"):
+        check("ppo.algorithm=grpo")
+
+
 def fake_reward_model(policy_checkpoint, out):
     """A reward checkpoint of the policy's architecture and tokenizer (an untrained score head on a random
     trunk): enough to run the reward-model path without training one here."""
@@ -127,7 +165,7 @@ def fake_reward_model(policy_checkpoint, out):
 def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     """One run each where it counts: reward rises (PPO and GRPO, python reward), 1 vs 2 rollout actors agree,
     dp2 FSDP with a reward model survives a killed rollout actor and a killed worker with the numbers of an
-    uninterrupted run, and its rollout actors end holding the trained weights."""
+    uninterrupted run, tp2 gives the same numbers, and the rollout actors end holding the trained weights."""
     from raytrain.model_commands import generate
     from raytrain.rlhf.driver import run_ppo
 
@@ -158,6 +196,7 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert {s["split"] for s in samples} == {"train", "val"}
     assert {"prompt", "response", "reward", "kl"} <= set(samples[0])
+    assert all((s["kl"] is None) == (s["split"] == "val") for s in samples)  # KL of sampled answers only
     assert list((tmp_path / "ppo" / "wandb").glob("offline-run-*"))
     # The policy is a checkpoint like any other: it generates.
     args = type("Args", (), {"checkpoint": str(tmp_path / "ppo"), "tokenizer": None, "chat": True, "system": None,
@@ -176,15 +215,19 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     assert "ppo/kl_loss" in grpo["final"] and "ppo/value_loss" not in grpo["final"]
 
     rm = fake_reward_model(policy, tmp_path / "rm")
-    dp2 = ["parallel.workers=2", "parallel.dp_shard=2", f"ppo.reward='{rm}'", "ppo.iterations=4",
-           "ppo.kl_target=0.5", "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5"]
-    whole = ppo("dp2", *dp2)
+    two = ["parallel.workers=2", f"ppo.reward='{rm}'", "ppo.iterations=4", "ppo.kl_target=0.5",
+           "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5"]
+    whole = ppo("dp2", *two, "parallel.dp_shard=2")
     assert whole["rollout_weights_max_diff"] < 1e-6  # gathered from the FSDP shards
-    ppo("dp2-failures", *dp2, "debug.fail_actor_at_iteration=1", "debug.fail_at_step=6", "train.max_failures=1")
+    ppo("dp2-failures", *two, "parallel.dp_shard=2", "debug.fail_actor_at_iteration=1", "debug.fail_at_step=6",
+        "train.max_failures=1")
     assert (tmp_path / "dp2-failures" / ".debug_actor_failed_once").exists()
     assert (tmp_path / "dp2-failures" / ".debug_failed_once").exists()
-    for name in ("ppo/reward_mean", "train/loss", "ppo/kl_coef"):
-        a, b = metric(tmp_path / "dp2", name), metric(tmp_path / "dp2-failures", name)
-        assert sorted(a) == sorted(b) == [2, 4, 6, 8]
-        assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in a), (name, a, b)
+    split = ppo("tp2", *two, "parallel.tp=2")
+    assert split["rollout_weights_max_diff"] < 1e-6  # gathered from the tensor-parallel shards
+    for run in ("dp2-failures", "tp2"):
+        for name in ("ppo/reward_mean", "train/loss", "ppo/kl_coef"):
+            a, b = metric(tmp_path / "dp2", name), metric(tmp_path / run, name)
+            assert sorted(a) == sorted(b) == [2, 4, 6, 8]
+            assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in a), (run, name, a, b)
     shutil.rmtree(tmp_path / "rm")

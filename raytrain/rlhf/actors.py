@@ -62,6 +62,11 @@ def call_reward(function, spec: str, prompts: list[str], responses: list[str]) -
     return scores
 
 
+def actor_device() -> torch.device:
+    """The GPU Ray gave this actor (ppo.actor_gpus > 0), else the CPU."""
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
 def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     longest = max(len(r) for r in rows)
     return torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows], dtype=torch.long)
@@ -72,7 +77,7 @@ class RolloutActor:
 
     def __init__(self, model: dict, threads: int):
         torch.set_num_threads(threads)
-        self.model = Transformer(TransformerConfig(**model)).eval()
+        self.model = Transformer(TransformerConfig(**model)).to(actor_device()).eval()
         self.version: tuple | None = None
 
     def load(self, version: tuple, weights: list) -> None:
@@ -92,7 +97,7 @@ class RolloutActor:
         return generate(self.model, prompts, seeds=seeds, **settings)
 
     def weights(self) -> tuple[tuple | None, dict]:
-        return self.version, self.model.state_dict()
+        return self.version, {key: value.cpu() for key, value in self.model.state_dict().items()}
 
 
 class RewardActor:
@@ -101,28 +106,28 @@ class RewardActor:
 
     def __init__(self, reward: str, reference: str, tokenizer: str, threads: int, pad_id: int):
         torch.set_num_threads(threads)
-        self.spec, self.pad_id = reward, pad_id
-        self.reference, _ = load_model(reference)
+        self.spec, self.pad_id, self.device = reward, pad_id, actor_device()
+        self.reference, _ = load_model(reference, self.device)
         if reward.startswith(PYTHON_REWARD):
             from raytrain.data.tokenizer import load_tokenizer
 
             self.function, self.tokenizer = import_reward(reward), load_tokenizer(Path(tokenizer))
         else:
-            self.model, meta = load_model(reward)
+            self.model, meta = load_model(reward, self.device)
             self.mean, self.std = meta["reward"]["mean"], max(meta["reward"]["std"], 1e-6)
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[list[float]]]:
         """(scores, reference log-probs per response token); a model's scores normalised by its stored
         statistics, read at each response's last token."""
-        tokens = right_padded([p + r for p, r in zip(prompts, responses, strict=True)], self.pad_id)
+        tokens = right_padded([p + r for p, r in zip(prompts, responses, strict=True)], self.pad_id).to(self.device)
         ref = response_slices(response_logp(self.reference(tokens), tokens), prompts, responses)
         if hasattr(self, "function"):
             texts = self.tokenizer.decode_batch(prompts, skip_special_tokens=True)
             replies = self.tokenizer.decode_batch(responses, skip_special_tokens=True)
             return call_reward(self.function, self.spec, texts, replies), ref
-        last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, responses, strict=True)])
-        raw = self.model(tokens)[torch.arange(len(tokens)), last, 0]
+        last = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, responses, strict=True)], device=self.device)
+        raw = self.model(tokens)[torch.arange(len(tokens), device=self.device), last, 0]
         return ((raw - self.mean) / self.std).tolist(), ref
 
 

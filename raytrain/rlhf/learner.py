@@ -153,8 +153,9 @@ class PPOWorker(Worker):
                 "ppo/kl_coef": self.kl.value,
                 "ppo/weight_sync_s": sync_s,
                 "perf/rollout_tokens_per_s": stats["ppo/response_len"] * len(kl) / max(batch["generate_s"], 1e-9),
-                "perf/rollout_time_frac": rollout_s / (time.perf_counter() - tick),
             }
+            metrics["perf/iteration_s"] = time.perf_counter() - tick
+            metrics["perf/rollout_time_frac"] = rollout_s / metrics["perf/iteration_s"]
             if ppo.kl_target > 0:  # the next iteration's β
                 self.kl.update(stats["ppo/kl"], len(kl))
             if done % self.train.log_every == 0 or last:
@@ -278,22 +279,21 @@ class PPOWorker(Worker):
     # -- held-out reward and samples ----------------------------------------------------------------------
 
     def _validate_reward(self, step: int) -> dict[str, float]:
-        """Greedy responses to the held-out prompts from the current policy: their mean reward and KL."""
+        """Greedy responses to the held-out prompts from the current policy: their mean reward and length. (Their
+        log-ratio to the reference is no KL estimate, greedy tokens not being samples: ppo/kl is the KL.)"""
         self._sync_weights(step)
         batch = None
         if self.rank == 0:
             prompts = self.spec["val"][: self.config.ppo.val_prompts]
             batch = self._generate_and_score(prompts, [0] * len(prompts), temperature=0.0)
         batch = self._broadcast(batch)
-        tokens, mask, ref = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
-                                            self.spec["special"]["pad"])
-        kl = sequence_kl(self._logp_values(tokens)[0], ref, mask)
-        self._write_samples(step, "val", batch, kl)
-        scores = torch.tensor(batch["scores"])
-        return {"val/reward_mean": float(scores.mean()), "val/kl": float(kl.mean()),
+        _, mask, _ = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
+                                     self.spec["special"]["pad"])
+        self._write_samples(step, "val", batch)
+        return {"val/reward_mean": float(torch.tensor(batch["scores"]).mean()),
                 "val/response_len": float(mask.sum(1).mean())}
 
-    def _write_samples(self, step: int, split: str, batch: dict, kl: torch.Tensor) -> None:
+    def _write_samples(self, step: int, split: str, batch: dict, kl: torch.Tensor | None = None) -> None:
         """The first few (prompt, response, reward, KL) to samples.jsonl and a W&B table: reward hacking and
         length blow-up show in them."""
         if self.rank != 0 or self.config.ppo.samples_logged == 0:
@@ -302,7 +302,7 @@ class PPOWorker(Worker):
         decode = self.tokenizer.decode_batch
         prompts = decode(batch["prompts"][:count], skip_special_tokens=True)
         responses = decode(batch["responses"][:count], skip_special_tokens=True)
-        rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i])]
+        rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i]) if kl is not None else None]
                 for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         with (self.run_dir / SAMPLES_FILE).open("a") as f:
             for row in rows:

@@ -35,7 +35,7 @@ DPO_METRICS = (*LOOP_METRICS, "dpo/loss", "dpo/accuracy", "dpo/margin", "val/acc
 PPO_METRICS = (*(m for m in LOOP_METRICS if m != "val/loss"), "ppo/reward_mean", "ppo/reward_std", "ppo/kl",
                "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss", "ppo/clipfrac", "ppo/approx_kl",
                "ppo/entropy", "ppo/response_len", "ppo/weight_sync_s", "perf/rollout_tokens_per_s",
-               "perf/rollout_time_frac", "val/reward_mean", "val/kl", "val/response_len")
+               "perf/rollout_time_frac", "perf/iteration_s", "val/reward_mean", "val/response_len")
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
