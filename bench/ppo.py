@@ -33,6 +33,7 @@ ITERATIONS = 8
 WARMUP = 2  # iterations left out
 BATCH = 16  # prompts per iteration
 RESPONSE = 32  # new tokens per response
+ROLLOUT_BATCH = 8  # samples per generate call in the rollout-scaling rows
 
 
 def models(work: Path, config) -> tuple[Path, Path]:
@@ -105,24 +106,26 @@ def run() -> str:
     ray.shutdown()  # a Ray of its own with room for the actors beside the worker (runtime.num_cpus below)
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     try:
-        config = load_config("demo", [f"data.tokenizer.out='{work}/tok'", "runtime.progress=false"])
+        # 8 logical CPUs on 2 cores: the learner waits while the actors generate, so each side gets 2 threads.
+        runtime = ["runtime.progress=false", "runtime.address=local", "runtime.num_cpus=8"]
+        config = load_config("demo", [f"data.tokenizer.out='{work}/tok'", *runtime])
         run_tokenizer_stage(config)
         policy, reward = models(work, config)
         prompts = load_prompts(STDLIB_QA, load_tokenizer(work / "tok"), 0, 0.0).train
         prompts = [p for p in prompts if len(p) + RESPONSE <= config.model.max_seq_len]
-        # 8 logical CPUs on 2 cores: the learner waits while the actors generate, so each side gets 2 threads.
-        base = [f"run.root='{work}'", "runtime.progress=false", "runtime.address=local", "runtime.num_cpus=8",
-                "tracking.mode=disabled", f"ppo.policy='{policy}'", f"ppo.reward='{reward}'",
-                f"ppo.prompts={STDLIB_QA}", "ppo.drop_long_prompts=true", f"ppo.iterations={ITERATIONS}",
-                f"ppo.prompts_per_iteration={BATCH}", f"ppo.max_new_tokens={RESPONSE}", "ppo.epochs=1",
-                "ppo.minibatches=1", "ppo.temperature=1.0", "ppo.val_prompts=0", "train.log_every=1",
-                "train.val_every=0", f"train.checkpoint_every={ITERATIONS}", "train.lr=1e-5", "train.warmup_steps=0",
+        base = [f"run.root='{work}'", *runtime, "tracking.mode=disabled", f"ppo.policy='{policy}'",
+                f"ppo.reward='{reward}'", f"ppo.prompts={STDLIB_QA}", "ppo.drop_long_prompts=true",
+                f"ppo.iterations={ITERATIONS}", f"ppo.prompts_per_iteration={BATCH}",
+                f"ppo.max_new_tokens={RESPONSE}", "ppo.epochs=1", "ppo.minibatches=1", "ppo.temperature=1.0",
+                "ppo.val_prompts=0", "train.log_every=1", "train.val_every=0",
+                f"train.checkpoint_every={ITERATIONS}", "train.lr=1e-5", "train.warmup_steps=0",
                 f"parallel.cpus_per_worker={THREADS}"]
         one = ours(work, base, "one-actor", "ppo.rollout_actors=1", f"ppo.actor_cpus={THREADS}")
         trl_s = trl_iteration_time(work, prompts)
-        # Rollout scaling: one thread per actor, 1 actor against 2.
-        single = ours(work, base, "rollout-1", "ppo.rollout_actors=1", "ppo.actor_cpus=1")
-        double = ours(work, base, "rollout-2", "ppo.rollout_actors=2", "ppo.actor_cpus=1")
+        # Rollout scaling: one thread per actor, 1 actor against 2, generating pieces of ROLLOUT_BATCH samples.
+        scaling = [f"ppo.prompts_per_iteration={2 * BATCH}", f"ppo.rollout_batch={ROLLOUT_BATCH}", "ppo.actor_cpus=1"]
+        single = ours(work, base, "rollout-1", "ppo.rollout_actors=1", *scaling)
+        double = ours(work, base, "rollout-2", "ppo.rollout_actors=2", *scaling)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -146,7 +149,8 @@ def run() -> str:
         "|---|---:|---:|---:|---:|",
         f"| (a) PPO iterations/s, one rollout actor vs TRL `PPOTrainer` | {1 / ours_s:.3f} | {1 / trl_s:.3f} | "
         f"**{trl_s / ours_s:.2f}×** | ≥ 1.0× |",
-        f"| (b) rollout tokens/s, 2 actors vs 1 (one thread each) | {rate_2:,.0f} | {rate_1:,.0f} | "
+        f"| (b) rollout tokens/s, 2 actors vs 1 (one thread each; {2 * BATCH} prompts per iteration in pieces of "
+        f"`ppo.rollout_batch={ROLLOUT_BATCH}`) | {rate_2:,.0f} | {rate_1:,.0f} | "
         f"**{rate_2 / rate_1:.2f}×** | ≥ 1.6× |",
         f"| (c) weight sync, share of an iteration ({median(one, 'ppo/weight_sync_s') * 1000:.0f} ms of "
         f"{ours_s:.2f} s) | {sync_share:.1%} | | | ≤ 5% |",

@@ -252,6 +252,7 @@ class PPOConfig:
     entropy_coef: float = 0.0
     score_clip: float = 10.0  # the normalised reward-model score is clipped to ±this
     rollout_actors: int = 1
+    rollout_batch: int = 0  # most samples per generate call (bounds an actor's KV cache); 0: one call per actor
     reward_actors: int = 1
     actor_cpus: float = 0.5  # per actor; fractional allowed
     actor_gpus: float = 0.0
@@ -264,7 +265,8 @@ class PPOConfig:
                     "minibatches", "rollout_actors", "reward_actors", "kl_horizon"):
             _check(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
         for key in ("kl_coef", "kl_target", "clip", "value_clip", "value_coef", "entropy_coef", "score_clip",
-                    "actor_cpus", "actor_gpus", "temperature", "actor_restarts", "val_prompts", "samples_logged"):
+                    "actor_cpus", "actor_gpus", "temperature", "actor_restarts", "val_prompts", "samples_logged",
+                    "rollout_batch"):
             _check(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
         _check(0 < self.top_p <= 1, "ppo.top_p", "must be in (0, 1]")

@@ -1,5 +1,7 @@
 """The transformer against Hugging Face's LlamaForCausalLM, and generation with the KV cache."""
 
+import math
+
 import pytest
 import torch
 
@@ -75,6 +77,18 @@ def test_sampling_is_seeded_and_stops_on_eos(model):
     assert first == [a[0] for a in alone]
     # top_k=1 is greedy whatever the temperature.
     assert generate(model, prompts, 8, temperature=1.5, top_k=1, seed=1) == generate(model, prompts, 8)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    from raytrain.model.generate import sample_next
+
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5]).log_softmax(-1).expand(20000, 5)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(logits))]
+    counts = torch.bincount(sample_next(logits, 1.0, 0, 1.0, generators), minlength=5).float() / len(logits)
+    torch.testing.assert_close(counts, logits[0].softmax(-1), atol=0.01, rtol=0)
+    # top_k=2 leaves tokens 2 and 1 only, in proportion e² : e¹
+    kept = torch.bincount(sample_next(logits, 1.0, 2, 1.0, generators), minlength=5).float() / len(logits)
+    assert kept[[0, 3, 4]].sum() == 0 and abs(kept[2] - 1 / (1 + math.exp(-1))) < 0.01
 
 
 def test_init_is_seeded():

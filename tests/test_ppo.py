@@ -10,7 +10,7 @@ from conftest import metric, records
 from raytrain.config import PPOConfig, load_config
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer
-from raytrain.rlhf.actors import call_reward, chunks, import_reward
+from raytrain.rlhf.actors import call_reward, import_reward, rollout_pieces
 from raytrain.rlhf.experience import pack, response_logp, response_slices, rollout_tensors, unpack
 from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.rlhf.ppo_math import policy_loss, value_loss
@@ -106,7 +106,9 @@ def test_python_rewards_are_imported_and_checked():
         call_reward(lambda p, r: [1.0], "python:m:f", ["a", "b"], ["a", "b"])
     with pytest.raises(DataError, match="must return a list of numbers"):
         call_reward(lambda p, r: None, "python:m:f", ["a"], ["a"])
-    assert chunks(list(range(5)), 2) == [(0, 2), (2, 5)] and chunks([1], 3) == [(0, 1)]
+    assert rollout_pieces(5, 2, 0) == [(0, 2), (2, 5)] and rollout_pieces(1, 3, 0) == [(0, 1)]
+    assert rollout_pieces(32, 2, 8) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert rollout_pieces(10, 3, 8) == [(0, 3), (3, 6), (6, 10)]  # never fewer pieces than actors
 
 
 def test_bad_ppo_inputs_are_refused_before_any_actor_starts(tmp_path, plain_tokenizer):

@@ -26,8 +26,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         # Drop tokens once the mass before them already reaches top_p (the first always stays).
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)])
+    # Inverse-CDF sampling: one uniform draw per row from its own generator (torch.multinomial draws
+    # an exponential per vocabulary entry, a fifth of a small model's decode step on CPU).
+    cdf = logits.softmax(-1).cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])
+    # right: the first token whose cumulative mass exceeds the draw, never one of zero probability
+    chosen = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return chosen.clamp(max=logits.shape[-1] - 1)
 
 
 @torch.inference_mode()

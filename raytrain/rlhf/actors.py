@@ -131,9 +131,12 @@ class RewardActor:
         return ((raw - self.mean) / self.std).tolist(), ref
 
 
-def chunks(items: list, parts: int) -> list[tuple[int, int]]:
-    """[start, end) of `parts` contiguous, near-equal slices (empty ones dropped)."""
-    bounds = [len(items) * i // parts for i in range(parts + 1)]
+def rollout_pieces(count: int, actors: int, batch: int) -> list[tuple[int, int]]:
+    """[start, end) of the generate calls for `count` samples: pieces of at most `batch` (0: one piece per
+    actor), near-equal, in order. Piece k goes to actor k % actors, so each actor generates its pieces in turn
+    while the reward actors score the finished ones."""
+    pieces = max(actors, -(-count // batch)) if batch else actors
+    bounds = [count * i // pieces for i in range(pieces + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 

@@ -29,7 +29,7 @@ from raytrain.data.tokenizer import load_tokenizer
 from raytrain.model.flops import train_flops_per_token
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.layout import parallelize
-from raytrain.rlhf.actors import ActorPools, chunks
+from raytrain.rlhf.actors import ActorPools, rollout_pieces
 from raytrain.rlhf.experience import (
     grpo_advantages,
     pack,
@@ -198,17 +198,17 @@ class PPOWorker(Worker):
 
     def _generate_and_score(self, prompts: list[list[int]], seeds: list[int], temperature: float,
                             fail: bool = False) -> dict:
-        """Rank 0: each rollout actor generates a slice; a reward actor scores it as soon as it exists (the
-        responses pass between them as an object ref)."""
+        """Rank 0: the rollout actors generate the samples in pieces; a reward actor scores each piece as soon as
+        it exists (the responses pass between them as an object ref)."""
         ppo, special = self.config.ppo, self.spec["special"]
         settings = {"max_new_tokens": ppo.max_new_tokens, "eos_id": special["eos"], "pad_id": special["pad"],
                     "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
         tick = time.perf_counter()
         generated, scored = [], []
-        for i, (start, end) in enumerate(chunks(prompts, len(self.rollout))):
+        for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
             marker = str(self.run_dir / ACTOR_FAILED_MARKER) if fail and i == 0 else None
-            responses = self.rollout[i].generate.remote(self.synced, [self.weights], prompts[start:end],
-                                                        seeds[start:end], settings, marker)
+            responses = self.rollout[i % len(self.rollout)].generate.remote(
+                self.synced, [self.weights], prompts[start:end], seeds[start:end], settings, marker)
             generated.append(responses)
             scored.append(self.rewards[i % len(self.rewards)].score.remote(prompts[start:end], responses))
         responses = [r for part in ray.get(generated) for r in part]
