@@ -69,7 +69,7 @@ def trl_iteration_time(work: Path, prompts: list[list[int]]) -> float:
 
     convert_to_hf(argparse.Namespace(checkpoint=str(work / "policy"), out=str(work / "hf-policy")))
     convert_to_hf(argparse.Namespace(checkpoint=str(work / "reward"), out=str(work / "hf-reward")))
-    tokenizer = AutoTokenizer.from_pretrained(work / "hf-policy")
+    tokenizer = AutoTokenizer.from_pretrained(work / "hf-policy", padding_side="left")  # prompts end together
 
     def lm():
         return LlamaForCausalLM.from_pretrained(work / "hf-policy", dtype=torch.float32, attn_implementation="sdpa")

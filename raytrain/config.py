@@ -288,7 +288,7 @@ class TrackingConfig:
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
     fail_rank: int = 0
-    fail_actor_at_iteration: int = -1  # PPO: rollout actor 0 exits once during this iteration's call
+    fail_actor_at_iteration: int = -1  # PPO: rollout actor 0, then reward actor 0, exit once in this iteration
     track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from raytrain.rlhf.driver import run_ppo
 from raytrain.rlhf.learner import SAMPLES_FILE
 from raytrain.train.checkpoint import load_model
 from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
+from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
 STAGES = 9
@@ -39,7 +41,8 @@ DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
 # (At lr 4e-4 with a slow controller the policy found that "." scores well: reward hacking, KL 15 nats.)
 PPO_OVERRIDES = {"iterations": 20, "prompts_per_iteration": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 2.0,
                  "kl_horizon": 100, "val_prompts": 32, "drop_long_prompts": True}
-PPO_LR = 3e-4
+PPO_LR = 2e-4
+KL_WINDOW = 5  # iterations the reported KL is averaged over (one iteration's 16 answers are a noisy estimate)
 
 
 def run_demo(config: Config) -> None:
@@ -111,11 +114,13 @@ def ppo_stage_config(config: Config, run: Path, policy: Path, reward: Path) -> C
 
 def report_ppo(summary: dict, run: Path) -> None:
     before, after, final = summary["val_first"], summary["val_last"], summary["final"]
+    records = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    kl = statistics.mean([r["ppo/kl"] for r in records if "ppo/kl" in r][-KL_WINDOW:])
     print(f"\nPPO: held-out reward (greedy answers, normalised reward-model score) {before['val/reward_mean']:+.3f} "
           f"→ {after['val/reward_mean']:+.3f} after {PPO_OVERRIDES['iterations']} iterations; KL to the fine-tuned "
-          f"model {final['ppo/kl']:.2f} nats per sampled answer (target {PPO_OVERRIDES['kl_target']:.1f}, β "
-          f"{PPO_OVERRIDES['kl_coef']} → {final['ppo/kl_coef']:.3f}); held-out answer length "
-          f"{before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
+          f"model {kl:.2f} nats per sampled answer over the last {KL_WINDOW} iterations (target "
+          f"{PPO_OVERRIDES['kl_target']:.1f}, β {PPO_OVERRIDES['kl_coef']} → {final['ppo/kl_coef']:.3f}); held-out "
+          f"answer length {before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
     print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, weight sync "
           f"{final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
     samples = [json.loads(line) for line in (run / SAMPLES_FILE).read_text().splitlines()]

@@ -52,7 +52,7 @@ def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
 
 
 @pytest.mark.ray
-def test_dpo_prefers_the_chosen_answers_and_every_layout_matches_one_worker(reference, tiny_prefs_dataset,
+def test_dpo_prefers_the_chosen_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_prefs_dataset,
                                                                            tmp_path):
     from raytrain.errors import ConfigError
     from raytrain.train.launch import run_dpo
@@ -71,7 +71,9 @@ def test_dpo_prefers_the_chosen_answers_and_every_layout_matches_one_worker(refe
     assert val[0] == pytest.approx(math.log(2), abs=1e-6) and val[20] < val[0]
     untracked = {"mem/tensor_peak_gib"}
     assert set(DPO_METRICS) - untracked <= set(records(tmp_path / "one")[-1])
-    dpo("fsdp2", "parallel.workers=2")
+    # A worker dies at step 13: the restart reloads the policy from step 10 and the reference from --init.
+    dpo("fsdp2", "parallel.workers=2", "debug.fail_at_step=13", "train.max_failures=1")
+    assert (tmp_path / "fsdp2" / ".debug_failed_once").exists()
     assert_same_curve(one, losses(tmp_path / "fsdp2"))
     dpo("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
     assert_same_curve(one, losses(tmp_path / "tp2"))

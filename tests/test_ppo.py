@@ -166,7 +166,7 @@ def fake_reward_model(policy_checkpoint, out):
 @pytest.mark.ray
 def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     """One run each where it counts: reward rises (PPO and GRPO, python reward), 1 vs 2 rollout actors agree,
-    dp2 FSDP with a reward model survives a killed rollout actor and a killed worker with the numbers of an
+    dp2 FSDP with a reward model survives a killed rollout actor, reward actor and worker with the numbers of an
     uninterrupted run, tp2 gives the same numbers, and the rollout actors end holding the trained weights."""
     from raytrain.model_commands import generate
     from raytrain.rlhf.driver import run_ppo
@@ -221,9 +221,10 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
            "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5"]
     whole = ppo("dp2", *two, "parallel.dp_shard=2")
     assert whole["rollout_weights_max_diff"] < 1e-6  # gathered from the FSDP shards
-    ppo("dp2-failures", *two, "parallel.dp_shard=2", "debug.fail_actor_at_iteration=1", "debug.fail_at_step=6",
+    ppo("dp2-failures", *two, "parallel.dp_shard=2", "debug.fail_actor_at_iteration=1", "debug.fail_at_step=5",
         "train.max_failures=1")
-    assert (tmp_path / "dp2-failures" / ".debug_actor_failed_once").exists()
+    for pool in ("rollout", "reward"):
+        assert (tmp_path / "dp2-failures" / f".debug_{pool}_actor_failed_once").exists()
     assert (tmp_path / "dp2-failures" / ".debug_failed_once").exists()
     split = ppo("tp2", *two, "parallel.tp=2")
     assert split["rollout_weights_max_diff"] < 1e-6  # gathered from the tensor-parallel shards

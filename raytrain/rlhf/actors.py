@@ -67,6 +67,13 @@ def actor_device() -> torch.device:
     return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
+def exit_once(marker: str | None) -> None:
+    """debug.fail_actor_at_iteration: the actor's process exits mid-call, once (the marker file remembers)."""
+    if marker is not None and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(1)
+
+
 def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     longest = max(len(r) for r in rows)
     return torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows], dtype=torch.long)
@@ -91,9 +98,7 @@ class RolloutActor:
                  fail_marker: str | None = None) -> list[list[int]]:
         """Responses to prompts from the weights `version` (loaded first by an actor that lost them, restarted)."""
         self.load(version, weights)
-        if fail_marker is not None and not Path(fail_marker).exists():  # debug.fail_actor_at_iteration
-            Path(fail_marker).touch()
-            os._exit(1)
+        exit_once(fail_marker)
         return generate(self.model, prompts, seeds=seeds, **settings)
 
     def weights(self) -> tuple[tuple | None, dict]:
@@ -117,9 +122,11 @@ class RewardActor:
             self.mean, self.std = meta["reward"]["mean"], max(meta["reward"]["std"], 1e-6)
 
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[list[float], list[list[float]]]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]],
+              fail_marker: str | None = None) -> tuple[list[float], list[list[float]]]:
         """(scores, reference log-probs per response token); a model's scores normalised by its stored
         statistics, read at each response's last token."""
+        exit_once(fail_marker)
         tokens = right_padded([p + r for p, r in zip(prompts, responses, strict=True)], self.pad_id).to(self.device)
         ref = response_slices(response_logp(self.reference(tokens), tokens), prompts, responses)
         if hasattr(self, "function"):

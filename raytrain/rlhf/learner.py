@@ -47,7 +47,7 @@ from raytrain.train.optim import build_optimizer
 log = logging.getLogger("raytrain")
 PROMPTS_FILE = "prompts.json"  # written by the driver: token ids of the prompts and what the run starts from
 SAMPLES_FILE = "samples.jsonl"
-ACTOR_FAILED_MARKER = ".debug_actor_failed_once"
+ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"
 SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
 
 
@@ -136,7 +136,6 @@ class PPOWorker(Worker):
             self._log(0, self._validate_reward(0))
         for iteration in range(first, ppo.iterations):
             step = iteration * self.updates
-            self._maybe_fail(step)
             tick = time.perf_counter()
             sync_s = self._sync_weights(step)
             batch = self._rollout(iteration)
@@ -206,17 +205,22 @@ class PPOWorker(Worker):
         tick = time.perf_counter()
         generated, scored = [], []
         for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
-            marker = str(self.run_dir / ACTOR_FAILED_MARKER) if fail and i == 0 else None
+            fails = fail and i == 0
             responses = self.rollout[i % len(self.rollout)].generate.remote(
-                self.synced, [self.weights], prompts[start:end], seeds[start:end], settings, marker)
+                self.synced, [self.weights], prompts[start:end], seeds[start:end], settings,
+                self._marker("rollout") if fails else None)
             generated.append(responses)
-            scored.append(self.rewards[i % len(self.rewards)].score.remote(prompts[start:end], responses))
+            scored.append(self.rewards[i % len(self.rewards)].score.remote(
+                prompts[start:end], responses, self._marker("reward") if fails else None))
         responses = [r for part in ray.get(generated) for r in part]
         generate_s = time.perf_counter() - tick
         results = ray.get(scored)
         return {"prompts": prompts, "responses": responses, "generate_s": generate_s,
                 "scores": [s for part, _ in results for s in part],
                 "ref_logps": [lp for _, part in results for lp in part]}
+
+    def _marker(self, pool: str) -> str:
+        return str(self.run_dir / ACTOR_FAILED_MARKER.format(pool))
 
     def _broadcast(self, batch: dict | None) -> dict:
         if self.world > 1:
@@ -270,6 +274,7 @@ class PPOWorker(Worker):
             order = torch.randperm(len(experience), generator=generator)
             for minibatch in order.split(self.train.global_batch):
                 mine = minibatch[self.layout.dp_rank * self.local_batch:(self.layout.dp_rank + 1) * self.local_batch]
+                self._maybe_fail(step)
                 self.objective.kl_coef = self.kl.value
                 result = self._train_step(step, experience[mine].to(self.device))
                 sums = result if sums is None else sums + result
