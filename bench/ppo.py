@@ -33,7 +33,7 @@ ITERATIONS = 8
 WARMUP = 2  # iterations left out
 BATCH = 16  # prompts per iteration
 RESPONSE = 32  # new tokens per response
-ROLLOUT_BATCH = 8  # samples per generate call in the rollout-scaling rows
+ROLLOUT_BATCH = 16  # samples per generate call in the rollout-scaling rows
 
 
 def models(work: Path, config) -> tuple[Path, Path]:

@@ -177,7 +177,9 @@ class PPOWorker(Worker):
             return 0.0
         tick = time.perf_counter()
         (module,) = self.modules
-        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Gathered whole to rank 0's CPU; a single CPU worker's parameters are already that (ray.put copies them).
+        offload = self.world > 1 or self.device.type != "cpu"
+        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         if self.rank == 0:
             self.weights = ray.put(state)
             ray.get([actor.load.remote(version, [self.weights]) for actor in self.rollout])
