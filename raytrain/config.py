@@ -160,6 +160,11 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
     dpo_beta: float = 0.1  # DPO: strength of the implicit KL penalty to the reference (β)
 
+    @property
+    def stage(self) -> str:
+        """The `raytrain` command that trains this objective (also the W&B job type)."""
+        return {"causal": "pretrain", "masked": "pretrain", "grpo": "ppo"}.get(self.objective, self.objective)
+
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
@@ -282,6 +287,7 @@ class PPOConfig:
 class TrackingConfig:
     mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     project: str = "raytrain"
+    group: str = ""  # W&B run group; a sweep's trials are grouped by the sweep's name
 
 
 @dataclass

@@ -22,9 +22,10 @@ from raytrain.errors import ConfigError
 log = logging.getLogger("raytrain")
 DASHBOARD_PORT = 8265  # Ray's default; the first free port from here is taken
 # Ray-internal lines that only alarm a user at the default log level (runtime.log_level brings them back):
-# Ray Data and Ray Train create restartable actors whose constructor arguments sit in the object store.
+# Ray Data and Ray Train create restartable actors whose constructor arguments sit in the object store;
+# A sweep's trials start many small actors at once, which the raylet warns of as "worker processes started".
 FORWARDED_NOISE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
-                             r"object store and max_restarts > 0")
+                             r"object store and max_restarts > 0|PYTHON worker processes have been started on node")
 
 
 @dataclass(frozen=True)

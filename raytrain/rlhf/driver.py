@@ -88,7 +88,7 @@ def check_ppo_config(config: Config) -> dict:
             "special": special_token_ids(tokenizer), "mask_fraction": meta.get("mask_fraction", 0.15)}
 
 
-def run_ppo(config: Config) -> dict:
+def run_ppo(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain ppo` (and `ppo.algorithm=grpo`): the policy from an SFT run, rewards from a reward model or a
     Python function, rollouts and rewards from actor pools beside the learner's Ray Train workers."""
     spec = check_ppo_config(config)
@@ -109,7 +109,7 @@ def run_ppo(config: Config) -> dict:
                               spec["special"]["pad"])
     try:
         summary = fit(config, ppo_worker, f"{ppo.iterations} iterations of {ppo.prompts_per_iteration} prompts × "
-                                          f"{ppo.samples_per_prompt} samples ({ppo.algorithm})",
+                                          f"{ppo.samples_per_prompt} samples ({ppo.algorithm})", callbacks,
                       pools={"rollout": pools.rollout, "reward": pools.reward})
         summary["rollout_weights_max_diff"] = synced_weights_diff(pools, summary["checkpoint"])
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -24,11 +24,10 @@ from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
 CHECKPOINTS = "checkpoints"
-# Which prepared data each objective trains on, the command that makes it, and the stage that runs it.
+CONTROLLER_FAILURE_LIMIT = 3
+# Which prepared data each objective trains on, and the command that makes it.
 DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs", "dpo": "prefs"}
 DATA_COMMAND = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
-STAGE = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo",
-         "grpo": "ppo"}
 
 
 def check_training_config(config: Config) -> PreparedDataset:
@@ -44,7 +43,7 @@ def check_training_config(config: Config) -> PreparedDataset:
     wanted = DATA_KIND[train.objective]
     if dataset.kind != wanted:
         raise DataError(f"'{train.data}' holds {dataset.kind} data (from `{DATA_COMMAND[dataset.kind]}`); "
-                        f"`raytrain {STAGE[train.objective]}` reads `{DATA_COMMAND[wanted]}` output")
+                        f"`raytrain {train.stage}` reads `{DATA_COMMAND[wanted]}` output")
     vocab = dataset.manifest["tokenizer"]["vocab_size"]
     if model.vocab_size < vocab:
         raise ConfigError(f"config key 'model.vocab_size' is {model.vocab_size} but the data's tokenizer has "
@@ -78,7 +77,7 @@ def check_layout(config: Config, seq_len: int) -> None:
     problems = tp_errors(model, parallel.tp, seq_len, parallel.sequence_parallel)
     problems += pipeline_errors(model, parallel.pp, parallel.pp_virtual_stages, parallel.pp_layers)
     if parallel.pp > 1 and train.objective in ("reward", "dpo", "ppo", "grpo"):
-        problems.append(f"`raytrain {STAGE[train.objective]}` cannot run under parallel.pp={parallel.pp}: it "
+        problems.append(f"`raytrain {train.stage}` cannot run under parallel.pp={parallel.pp}: it "
                         "compares whole responses (a score, or a log-probability, per response), which a "
                         "pipeline's last stage cannot gather from the micro-batches it is handed; set "
                         "parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
@@ -103,38 +102,39 @@ def check_placement(config: Config, use_gpu: bool, beside: str = "", beside_cpus
                           f"{resources.get('GPU', 0):g}; lower parallel.workers")
 
 
-def run_sft(config: Config) -> dict:
+def run_sft(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain sft`: the same loop on chat rows, loss on the answer tokens, from a pre-trained checkpoint."""
-    return _run_from_model(config, "sft", "fine-tuning", "a pre-training run")
+    return _run_from_model(config, "sft", "fine-tuning", "a pre-training run", callbacks)
 
 
-def run_reward(config: Config) -> dict:
+def run_reward(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain reward`: the same loop on ranked responses, a score head and the Bradley–Terry loss, from an
     SFT (or pre-trained) checkpoint."""
-    return _run_from_model(config, "reward", "a reward model", "an SFT run")
+    return _run_from_model(config, "reward", "a reward model", "an SFT run", callbacks)
 
 
-def run_dpo(config: Config) -> dict:
+def run_dpo(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain dpo`: the policy from an SFT checkpoint against a frozen copy of it, on preference rows."""
     # Each response's log-probability needs whole logits: under tp they are gathered, not left vocabulary-split.
     config.parallel.loss_parallel = False
-    return _run_from_model(config, "dpo", "DPO", "an SFT run")
+    return _run_from_model(config, "dpo", "DPO", "an SFT run", callbacks)
 
 
-def _run_from_model(config: Config, objective: str, what: str, typical: str) -> dict:
+def _run_from_model(config: Config, objective: str, what: str, typical: str, callbacks: tuple) -> dict:
     config.train.objective = objective
     if not config.train.init_from:
         raise ConfigError(f"{what} starts from a model: pass --init runs/NAME ({typical}) or a checkpoint folder "
                           "(train.init_from)")
-    return run_pretrain(config)
+    return run_pretrain(config, callbacks)
 
 
-def run_pretrain(config: Config) -> dict:
+def run_pretrain(config: Config, callbacks: tuple = ()) -> dict:
+    """`raytrain pretrain`; `callbacks` are Ray Train's (a sweep's trial reports through one)."""
     dataset = check_training_config(config)
     init_ray(config.runtime)
     check_placement(config, use_gpus(config))
     return fit(config, train_worker, f"{config.train.steps} steps of {config.train.global_batch} sequences × "
-                                     f"{dataset.seq_len} tokens")
+                                     f"{dataset.seq_len} tokens", callbacks)
 
 
 def use_gpus(config: Config) -> bool:
@@ -143,14 +143,14 @@ def use_gpus(config: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= config.parallel.workers
 
 
-def fit(config: Config, train_fn, work: str, **loop_config) -> dict:
+def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_config) -> dict:
     """Run `train_fn` on the Ray Train workers of config.parallel into the run folder; write summary.json."""
     run_dir = config.run.dir.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     parallel = config.parallel
     log.info("%s: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %s → %s",
-             STAGE[config.train.objective], parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard,
+             config.train.stage, parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard,
              parallel.tp, work, run_dir)
     use_gpu = use_gpus(config)
     trainer = TorchTrainer(
@@ -161,7 +161,11 @@ def fit(config: Config, train_fn, work: str, **loop_config) -> dict:
         run_config=RunConfig(
             name=CHECKPOINTS,
             storage_path=str(run_dir),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            # A controller that cannot start its workers (their resources taken) gives up instead of retrying
+            # forever: a sweep's trial then fails rather than hangs.
+            failure_config=FailureConfig(max_failures=config.train.max_failures,
+                                         controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             # Ray Train's own lines (worker group started, every report and checkpoint) at runtime.log_level.
             logging_config=LoggingConfig(log_level=config.runtime.log_level.upper()),

@@ -87,7 +87,7 @@ class Worker:
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
                      f"{self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
-                                  quiet=config.runtime.log_level not in ("debug", "info"))
+                                  config.train.stage, quiet=config.runtime.log_level not in ("debug", "info"))
 
     def _open_data(self) -> None:
         """The stage's data and objective: prepared rows, their batch order and what the loss is."""
@@ -335,11 +335,13 @@ class Worker:
         if self.log is None:
             return
         self.log.log(step, metrics)
+        # A sweep's trials print side by side: their lines say which trial they are.
+        tag = f"[raytrain {self.config.run.name}]" if self.config.tracking.group else "[raytrain]"
         if "train/loss" in metrics:
             elapsed = time.perf_counter() - started
-            log.info("[raytrain] " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
+            log.info(f"{tag} " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
         else:
-            log.info(f"[raytrain] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info(f"{tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _checkpoint_meta(self, step: int) -> dict:
         meta = {

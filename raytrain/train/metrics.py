@@ -95,7 +95,8 @@ def wandb_mode(mode: str) -> str | None:
 class MetricsLog:
     """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str, quiet: bool):
+    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str, job_type: str,
+                 quiet: bool):
         self.path = run_dir / METRICS_FILE
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -108,6 +109,7 @@ class MetricsLog:
 
             # Quiet: W&B's banner and end-of-run tables would drown the progress lines; one line says where.
             self.wandb = wandb.init(project=tracking.project, name=run_name, id=_wandb_id(run_dir),
+                                    group=tracking.group or None, job_type=job_type,
                                     resume="allow", dir=str(run_dir), config=config, mode=mode,
                                     settings=wandb.Settings(silent=quiet))
             if quiet:

@@ -1,0 +1,1 @@
+"""`raytrain tune`: Ray Tune sweeps over any stage."""
