@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                  REWARD_FLAGS, run_dpo, default_config="demo")
     _add_command(commands, "ppo", "align a policy with PPO or GRPO: rollouts and rewards from Ray actor pools",
                  PPO_FLAGS, run_ppo, default_config="demo")
+    _add_tune_command(commands)
     _add_model_commands(commands)
+    _add_report_commands(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
     config = commands.add_parser("config", help="print the resolved config")
@@ -152,6 +154,62 @@ def _name_leaf_parsers(parser: argparse.ArgumentParser) -> None:
             _name_leaf_parsers(child)
     if not subcommands:
         parser.set_defaults(parser=parser)
+
+
+def _add_tune_command(commands) -> None:
+    from raytrain.tune.sweep import STAGES, tune_command
+
+    tune = commands.add_parser("tune", help="sweep a stage's hyperparameters with Ray Tune (ASHA stops bad trials "
+                                            "early)")
+    tune.add_argument("--stage", required=True, choices=STAGES, help="the stage every trial runs")
+    tune.add_argument("--config", default="demo", help=f"preset ({', '.join(presets())}) or YAML file")
+    tune.add_argument("--space", required=True, metavar="SPACE.yaml",
+                      help="config keys → {loguniform|uniform|randint: [lo, hi]} or {choice|grid: [...]}")
+    tune.add_argument("--samples", type=int, default=4, help="trials drawn (× each grid value)")
+    tune.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    tune.add_argument("--metric", help="what to optimise (default: the stage's held-out metric, e.g. val/loss)")
+    tune.add_argument("--mode", choices=["min", "max"])
+    tune.add_argument("--name", required=True, help="sweep name: runs/NAME/; rerunning a name resumes it")
+    tune.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many as "
+                                                         "the cluster's free resources fit)")
+    tune.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else local Ray)")
+    tune.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every trial")
+    tune.set_defaults(action=tune_command)
+
+
+def _add_report_commands(commands) -> None:
+    """`raytrain report` (plots without W&B) and `raytrain dashboards` (W&B workspaces as code)."""
+    from dashboards import commands as dashboard_commands
+
+    report = commands.add_parser("report", help="plots and an HTML page from run and sweep folders (no W&B)")
+    report.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP",
+                        help="run folders (runs/NAME) and sweep folders (raytrain tune)")
+    report.add_argument("--out", required=True, metavar="DIR",
+                        help="report folder (index.html and PNGs); an older report there is replaced")
+    report.set_defaults(action=_report)
+
+    dashboards = commands.add_parser("dashboards", help="W&B workspaces of the stages and sweeps: JSON specs or "
+                                                        "saved views")
+    actions = dashboards.add_subparsers(dest="dashboards_command", required=True)
+    sweeps = {"nargs": "+", "metavar": "RUNS/SWEEP", "help": "sweep folders written by `raytrain tune`: one "
+                                                             "workspace each"}
+    export = actions.add_parser("export", help="write the workspaces as JSON specs, offline (no key needed)")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder for the <workspace>.json files")
+    export.add_argument("--entity", default="", help="W&B user or team (may stay empty offline)")
+    export.add_argument("--project", default="raytrain", help="W&B project (default: raytrain, as tracking.project)")
+    export.add_argument("--sweep", **sweeps)
+    export.set_defaults(action=dashboard_commands.export)
+    publish = actions.add_parser("publish", help="save the workspaces to W&B as new views; prints their URLs")
+    publish.add_argument("--entity", required=True, help="W&B user or team that owns the project")
+    publish.add_argument("--project", default="raytrain", help="W&B project (default: raytrain, as tracking.project)")
+    publish.add_argument("--sweep", **sweeps)
+    publish.set_defaults(action=dashboard_commands.publish)
+
+
+def _report(args) -> None:
+    from raytrain.report import report_command  # matplotlib loads only for this command
+
+    report_command(args)
 
 
 def _add_model_commands(commands) -> None:

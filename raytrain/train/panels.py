@@ -1,0 +1,46 @@
+"""How the logged metrics are laid out for people: the W&B workspaces (`dashboards/`) and `raytrain report`
+both draw these sections. A panel is the metrics plotted on one set of axes; every metric of the registry
+(train/metrics.py) is on some panel of its stage family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    panels: tuple[tuple[str, ...], ...]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(m for panel in self.panels for m in panel)
+
+
+LOSS = Section("Loss", (("train/loss", "val/loss"), ("val/ppl",)))
+OPTIMIZER = Section("Optimizer", (("train/lr",), ("train/grad_norm",)))
+THROUGHPUT = Section("Throughput", (("perf/tokens_per_s",), ("perf/tokens_per_s_per_worker",), ("perf/mfu",),
+                                    ("train/tokens_seen",)))
+STEP_TIME = Section("Step time", (("perf/step_time_s",), ("perf/data_wait_frac",)))
+MEMORY = Section("Memory", (("mem/peak_gib", "mem/tensor_peak_gib"),))
+REWARD_MODEL = Section("Reward model", (("rm/loss",), ("rm/accuracy", "val/accuracy"), ("rm/margin", "val/margin")))
+DPO = Section("DPO", (("dpo/loss",), ("dpo/accuracy", "val/accuracy"), ("dpo/margin", "val/margin")))
+PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",)))
+PPO_KL = Section("KL", (("ppo/kl",), ("ppo/kl_coef",), ("ppo/approx_kl",)))
+PPO_LOSSES = Section("Losses", (("train/loss",), ("ppo/policy_loss",), ("ppo/value_loss", "ppo/kl_loss"),
+                                ("ppo/clipfrac",), ("ppo/entropy",)))
+PPO_RESPONSES = Section("Responses", (("ppo/response_len", "val/response_len"),))
+PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollout_time_frac",),
+                                    ("perf/iteration_s",), ("ppo/weight_sync_s",)))
+
+# Stage family → its sections, most telling first.
+FAMILIES: dict[str, tuple[Section, ...]] = {
+    "pretrain": (LOSS, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
+    "finetune": (LOSS, REWARD_MODEL, DPO, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
+    "ppo": (PPO_REWARD, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
+            MEMORY),
+}
+# train.objective → family.
+FAMILY_OF = {"causal": "pretrain", "masked": "pretrain", "sft": "finetune", "reward": "finetune",
+             "dpo": "finetune", "ppo": "ppo", "grpo": "ppo"}
