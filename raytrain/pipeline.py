@@ -21,6 +21,7 @@ from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline
 from raytrain.model_commands import generate, score_conversations
+from raytrain.report import write_report
 from raytrain.rlhf.driver import run_ppo
 from raytrain.rlhf.learner import SAMPLES_FILE
 from raytrain.train.checkpoint import load_model
@@ -90,6 +91,7 @@ def run_demo(config: Config) -> None:
     log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools)", STAGES)
     aligned = run_ppo(ppo_stage_config(config, ppo_run, sft_run, reward_run))
     report_ppo(aligned, ppo_run)
+    page = write_report([train_run, sft_run, reward_run, dpo_run, ppo_run], base / "report")
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
@@ -97,6 +99,8 @@ def run_demo(config: Config) -> None:
           "Parquet shards)")
     print(f"  runs       {train_run}/, {sft_run}/, {reward_run}/, {dpo_run}/, {ppo_run}/  (metrics.jsonl, "
           "summary.json, checkpoints/, wandb/; samples.jsonl for PPO)")
+    print(f"  report     {page}  (plots of every stage's metrics and the summary tables; "
+          f"`raytrain report RUN... --out DIR` for any runs)")
     print(f"  next       raytrain generate --chat --checkpoint {ppo_run} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
           "--response 'Join two or more pathname components.' --response 'Join two'")

@@ -152,22 +152,27 @@ def dashboard_url() -> str | None:
 
 
 def hide_forwarded_noise() -> None:
-    """Drop FORWARDED_NOISE from the worker output Ray prints on the driver."""
+    """Drop FORWARDED_NOISE from what Ray prints on the driver: worker output (the dispatcher's printer) and the
+    raylet's notices (the error listener calls `print_to_stdstream` itself)."""
+    from ray._private import worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    printers = dict(dispatcher.handlers)
-    printer = printers.get("ray_print_logs")
-    if printer is None or getattr(printer, "hides_noise", False):
-        return
+    printer = dict(dispatcher.handlers).get("ray_print_logs")
+    if printer is not None and not getattr(printer, "hides_noise", False):
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", _without_noise(printer))
+    if not getattr(worker.print_to_stdstream, "hides_noise", False):
+        worker.print_to_stdstream = _without_noise(worker.print_to_stdstream)
 
-    def print_without_noise(batch: dict) -> None:
+
+def _without_noise(printer):
+    def print_without_noise(batch: dict, **options) -> None:
         lines = [line for line in batch["lines"] if not FORWARDED_NOISE.search(line)]
         if lines:
-            printer({**batch, "lines": lines})
+            printer({**batch, "lines": lines}, **options)
 
     print_without_noise.hides_noise = True
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", print_without_noise)
+    return print_without_noise
 
 
 def configure_worker_logging(config: RuntimeConfig) -> None:

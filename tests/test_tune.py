@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import metric
 
+from raytrain.cli import main
 from raytrain.config import load_config
 from raytrain.errors import ConfigError
 from raytrain.tune.results import BEST_FILE, STOPPED, TRIALS_FILE, best_row
@@ -37,6 +38,21 @@ def test_space_errors_name_the_file_the_key_and_the_fix(tmp_path):
     assert "must be > 0" in space_error(tmp_path, "train.lr: {grid: [1e-3, -1.0]}")
     assert "give one distribution" in space_error(tmp_path, "train.lr: {normal: [0, 1]}")
     assert "maps config keys" in space_error(tmp_path, "[train.lr]")
+
+
+def test_cli_refuses_a_bad_sweep_in_one_line_and_writes_nothing(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {loguniform: [1e-4, 1e-2]}\n")
+    base = ["tune", "--stage", "pretrain", "--config", "tiny", "--space", str(space), "--name", "s",
+            f"run.root='{tmp_path / 'runs'}'"]
+    assert main(base) == 2  # no data
+    assert main([*base, "--metric", "ppo/kl", "--mode", "min"]) == 2
+    space.write_text("train.lr: {loguniform: [1e-2, 1e-4]}\n")
+    assert main(base) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raytrain: error:")]
+    assert len(errors) == 3 and "train.data' is empty" in errors[0]
+    assert "not a metric `raytrain pretrain` logs" in errors[1] and "range [0.01, 0.0001] is empty" in errors[2]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_space_becomes_tune_domains(tmp_path):
@@ -107,17 +123,20 @@ def test_asha_sweep_stops_bad_trials_writes_results_frees_the_cluster_and_resume
     best = min(finals, key=finals.get)
     assert result["best"]["trial"] == best
     for row in rows:  # each trial is a whole run folder; its metric is what its run logged
+        assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"} <= {
+            p.name for p in Path(row["run_dir"]).iterdir()}
         val = metric(Path(row["run_dir"]), "val/loss")
         assert finals[row["trial"]] == pytest.approx(val[int(row["steps"])])
         assert float(row["best"]) == pytest.approx(min(v for step, v in val.items() if 0 < step <= int(row["steps"])))
     best_config = load_config(str(tmp_path / "lr" / BEST_FILE))
     assert best_config.train.lr == pytest.approx(float(next(r for r in rows if r["trial"] == best)["train.lr"]))
     assert (best_config.run.name, best_config.train.steps) == ("lr-best", 30)
-    run = wandb_run_record(tmp_path / "lr" / best)  # W&B: grouped by sweep, stage as job type, sampled values
-    assert (run.run_group, run.job_type) == ("lr", "pretrain")
-    wandb_config = {item.key: yaml.safe_load(item.value_json) for item in run.config.update}
-    train = wandb_config["train"].get("value", wandb_config["train"])
-    assert train["lr"] == pytest.approx(best_config.train.lr)
+    for row in rows:  # W&B: each trial (stopped ones too) a run grouped by sweep, stage as job type, its values
+        run = wandb_run_record(Path(row["run_dir"]))
+        assert (run.run_group, run.job_type) == ("lr", "pretrain")
+        wandb_config = {item.key: yaml.safe_load(item.value_json) for item in run.config.update}
+        train = wandb_config["train"].get("value", wandb_config["train"])
+        assert train["lr"] == pytest.approx(float(row["train.lr"]))
 
     # No placement group outlives its trial; every CPU is free again.
     assert {k for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"} == groups_before

@@ -173,10 +173,12 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
     )
     started = time.perf_counter()
     result = trainer.fit()
-    return write_summary(run_dir, result, time.perf_counter() - started)
+    return write_summary(run_dir, result.checkpoint.path if result.checkpoint else None,
+                         time.perf_counter() - started)
 
 
-def write_summary(run_dir: Path, result, wall_s: float) -> dict:
+def write_summary(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
+    """summary.json from the run's metrics.jsonl (also written by a sweep for a trial stopped at a report)."""
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if any(key.startswith("val/") for key in r)]
@@ -189,7 +191,7 @@ def write_summary(run_dir: Path, result, wall_s: float) -> dict:
         "final": train[-1] if train else {},
         "val_first": val[0] if val else {},
         "val_last": val[-1] if val else {},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

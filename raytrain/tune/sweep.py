@@ -19,7 +19,7 @@ import ray
 from raytrain.config import Config, config_from_dict
 from raytrain.errors import ConfigError
 from raytrain.runtime import environ, init_ray
-from raytrain.train.metrics import DPO_METRICS, METRICS, PPO_METRICS, REWARD_METRICS
+from raytrain.train.metrics import DPO_METRICS, METRICS, METRICS_FILE, PPO_METRICS, REWARD_METRICS
 from raytrain.tune.record import SWEEP_FILE, Sweep, read_sweep, write_sweep
 from raytrain.tune.results import trial_rows, write_results
 from raytrain.tune.space import Dimension, space_to_yaml_tree, to_tune, with_values
@@ -93,9 +93,11 @@ def reports(config: Config, stage: str) -> int:
 
 
 def trial_resources(config: Config, stage: str) -> dict[str, float]:
+    from raytrain.train.launch import use_gpus
+
     parallel, ppo = config.parallel, config.ppo
     cpus = parallel.workers * parallel.cpus_per_worker + TRIAL_DRIVER_CPUS
-    gpus = parallel.workers if parallel.use_gpu else 0.0
+    gpus = float(parallel.workers) if use_gpus(config) else 0.0  # as the trial's TorchTrainer will decide
     if stage == "ppo":
         actors = ppo.rollout_actors + ppo.reward_actors
         cpus += actors * ppo.actor_cpus
@@ -110,12 +112,13 @@ def concurrency(config: Config, stage: str, space: list[Dimension], limit: int |
         for value in dim.values:
             needs.append(trial_resources(with_values(config, {dim.key: value}), stage))
     free = ray.available_resources()
-    fits = min(int(free.get(kind, 0.0) // max(need[kind] for need in needs))
-               for kind in ("CPU", "GPU") if max(need[kind] for need in needs) > 0)
-    if fits < 1:
-        raise ConfigError(f"one trial needs {max(n['CPU'] for n in needs):g} CPUs but the cluster has "
-                          f"{free.get('CPU', 0.0):g} free; lower parallel.workers or parallel.cpus_per_worker")
-    return min(fits, limit) if limit else fits
+    most = {kind: max(need[kind] for need in needs) for kind in ("CPU", "GPU")}
+    fits = {kind: int(free.get(kind, 0.0) // most[kind]) for kind in most if most[kind] > 0}
+    for kind, count in fits.items():
+        if count < 1:
+            raise ConfigError(f"one trial needs {most[kind]:g} {kind}s but the cluster has {free.get(kind, 0.0):g} "
+                              "free; lower parallel.workers, parallel.cpus_per_worker or the actors' share")
+    return min(min(fits.values()), limit) if limit else min(fits.values())
 
 
 def run_trial(params: dict, *, stage: str, base: dict, sweep_dir: str) -> None:
@@ -176,8 +179,21 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
         grid = tuner.fit()
     wall_s = time.perf_counter() - started
     _wait_for_placement_groups(groups_before)
+    _complete_run_folders(grid, sweep_dir)
     rows = trial_rows(grid, sweep, sweep_dir, lambda params: total_steps(with_values(config, params), sweep.stage))
     return write_results(sweep_dir, sweep, rows, wall_s)
+
+
+def _complete_run_folders(grid, sweep_dir: Path) -> None:
+    """A trial that Tune stops at a report (ASHA, also at its last one) dies before its stage writes
+    summary.json: write it from the trial's metrics.jsonl, its last reported checkpoint and its time."""
+    from raytrain.train.launch import write_summary
+
+    for result in grid:
+        run_dir = sweep_dir / Path(result.path).name
+        if (run_dir / METRICS_FILE).exists() and not (run_dir / "summary.json").exists():
+            metrics = result.metrics or {}
+            write_summary(run_dir, metrics.get("checkpoint_path"), metrics.get("time_total_s", 0.0))
 
 
 def _claim_sweep_dir(sweep_dir: Path, sweep: Sweep) -> None:
