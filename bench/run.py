@@ -1,17 +1,22 @@
-"""`make bench`: run every benchmark on this machine and rewrite BENCHMARKS.md."""
+"""`make bench`: run every benchmark on this machine and rewrite BENCHMARKS.md.
+
+`python -m bench.run tune ppo` runs only those sections and replaces them in BENCHMARKS.md (each section's
+ratios are measured side by side within its own run); the section says when it was refreshed alone.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bench import data_prepare, parallel, post_training, ppo, training  # noqa: E402
+from bench import data_prepare, parallel, post_training, ppo, training, tune  # noqa: E402
 
-SECTIONS = [data_prepare, training, post_training, ppo, parallel]
+SECTIONS = [data_prepare, training, post_training, ppo, tune, parallel]
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 GPU_NOTE = """## GPU (bench/gpu.sh, bench/gpu_step.py)
 
@@ -22,7 +27,10 @@ project have PyTorch but not Ray) and compares the allocator's peak with `raytra
 Not yet measured: no session so far has had a GPU machine."""
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    if names:
+        refresh([SECTIONS[[m.__name__.split(".")[-1] for m in SECTIONS].index(name)] for name in names])
+        return
     import torch
 
     header = [
@@ -40,5 +48,22 @@ def main() -> None:
     print(OUTPUT.read_text())
 
 
+def refresh(modules: list) -> None:
+    """Replace (or add, before the GPU note) the sections these modules write, keyed by their heading."""
+    sections = OUTPUT.read_text().rstrip("\n").split("\n\n## ")
+    for module in modules:
+        text = module.run().removeprefix("## ")
+        heading = text.splitlines()[0]
+        when = f"{datetime.now(UTC):%Y-%m-%d %H:%M}"
+        text += f"\n\n(This section was refreshed alone by `python -m bench.run` at {when} UTC.)"
+        same = [i for i, section in enumerate(sections) if section.splitlines()[0] == heading]
+        if same:
+            sections[same[0]] = text
+        else:
+            sections.insert(len(sections) - 1, text)
+    OUTPUT.write_text("\n\n## ".join(sections) + "\n")
+    print(OUTPUT.read_text())
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -181,7 +181,7 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     _wait_for_placement_groups(groups_before)
     _complete_run_folders(grid, sweep_dir)
     rows = trial_rows(grid, sweep, sweep_dir, lambda params: total_steps(with_values(config, params), sweep.stage))
-    return write_results(sweep_dir, sweep, rows, wall_s)
+    return {**write_results(sweep_dir, sweep, rows, wall_s), "trials_at_once": trials_at_once}
 
 
 def _complete_run_folders(grid, sweep_dir: Path) -> None:
