@@ -83,7 +83,7 @@ class Worker:
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
             params = sum(p.numel() for part in self.parts for p in part.parameters())
-            log.info(f"[raytrain] {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0, "
+            log.info(f"{self.tag} {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0, "
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
                      f"{self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
@@ -162,6 +162,11 @@ class Worker:
         """Where a pipeline schedule or an evaluation runs: bf16 autocast and loss parallel, when on."""
         with self.autocast(), loss_context(self.split_loss):
             yield
+
+    @property
+    def tag(self) -> str:
+        """What rank 0's lines start with; a sweep's trials print side by side, so theirs name the trial."""
+        return f"[raytrain {self.config.run.name}]" if self.config.tracking.group else "[raytrain]"
 
     def run(self) -> None:
         steps = self.train.steps
@@ -335,13 +340,11 @@ class Worker:
         if self.log is None:
             return
         self.log.log(step, metrics)
-        # A sweep's trials print side by side: their lines say which trial they are.
-        tag = f"[raytrain {self.config.run.name}]" if self.config.tracking.group else "[raytrain]"
         if "train/loss" in metrics:
             elapsed = time.perf_counter() - started
-            log.info(f"{tag} " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
+            log.info(f"{self.tag} " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
         else:
-            log.info(f"{tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info(f"{self.tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _checkpoint_meta(self, step: int) -> dict:
         meta = {

@@ -61,8 +61,10 @@ def check_sweep(config: Config, sweep: Sweep, space: list[Dimension]) -> None:
     if sweep.stage not in ("pretrain", "ppo"):  # pre-training keeps causal or masked; ppo sets ppo or grpo
         config.train.objective = sweep.stage
     if sweep.stage == "ppo":
-        spec = check_ppo_config(config)
-        check = lambda variant: check_layout(variant, spec["length"])  # noqa: E731
+        row_length = check_ppo_config(config)["length"]
+
+        def check(variant: Config) -> None:
+            check_layout(variant, row_length)
     else:
         check = check_training_config
     check(config)
