@@ -227,14 +227,14 @@ def _add_model_commands(commands) -> None:
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint; pairwise "
                                                 "accuracy of a reward model")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    _model_source(evaluate, "checkpoint or run folder")
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")
     evaluate.add_argument("--batches", type=int, default=8, help="val batches to read (0: the whole split once)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(action=model_commands.evaluate)
 
-    generate = commands.add_parser("generate", help="sample text from a checkpoint")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    generate = commands.add_parser("generate", help="sample text from a checkpoint (or an ONNX export)")
+    _model_source(generate, "checkpoint or run folder")
     generate.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     generate.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -247,7 +247,7 @@ def _add_model_commands(commands) -> None:
     generate.set_defaults(action=model_commands.generate)
 
     score = commands.add_parser("score", help="a reward model's score of responses to a prompt")
-    score.add_argument("--checkpoint", required=True, help="reward checkpoint or run folder")
+    _model_source(score, "reward checkpoint or run folder")
     score.add_argument("--prompt", required=True, help="the user turn")
     score.add_argument("--response", action="append", required=True, help="an assistant reply; repeat to compare")
     score.add_argument("--system", help="a system turn before the prompt")
@@ -265,6 +265,35 @@ def _add_model_commands(commands) -> None:
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("--out", required=True)
     from_hf.set_defaults(action=model_commands.convert_from_hf)
+
+    export = commands.add_parser("export", help="deployable models")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="checkpoint → ONNX graphs with a KV cache for onnxruntime (fp32, int8 "
+                                           "or int4), tokenizer included; prints what quantization cost")
+    onnx.add_argument("checkpoint", metavar="CKPT|RUN", help="checkpoint or run folder (its latest checkpoint)")
+    onnx.add_argument("--out", required=True, metavar="DIR", help="the export folder (appears only when complete)")
+    onnx.add_argument("--quantize", default="none", metavar="none|int8|int4",
+                      help="int8: dynamic int8 weights and activations; int4: 4-bit weights (default: none, fp32)")
+    onnx.add_argument("--data", metavar="DIR", help="prepared dataset to measure held-out perplexity (accuracy for "
+                                                    "a reward model) on; default: the checkpoint's own, if prepared")
+    onnx.add_argument("--batches", type=int, default=8, help="val batches to measure on (0: the whole split)")
+    onnx.add_argument("--batch-size", type=int, default=16)
+    onnx.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    onnx.set_defaults(action=_export_onnx)
+
+
+def _model_source(parser: argparse.ArgumentParser, what: str) -> None:
+    """--checkpoint (torch) or --onnx (an export on onnxruntime), one of them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help=what)
+    source.add_argument("--onnx", metavar="DIR", help="an ONNX export folder (raytrain export onnx), on onnxruntime")
+
+
+def _export_onnx(args) -> None:
+    from raytrain.export.commands import export_command  # the ONNX exporter loads only for this command
+
+    export_command(args)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import functools
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from raytrain.config import RuntimeConfig, TrainConfig
 from raytrain.data.chat import encode_conversation, encode_prompt
 from raytrain.data.manifest import PreparedDataset
-from raytrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids, write_hf_tokenizer_config
+from raytrain.data.tokenizer import TOKENIZER_FILE, copy_tokenizer, load_tokenizer, special_token_ids
 from raytrain.errors import DataError
 from raytrain.evaluate import forward_loss_sums, split_sums
 from raytrain.model.generate import generate as generate_tokens
@@ -22,36 +22,52 @@ from raytrain.train.objectives import build_objective, final_positions, response
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
-    model, meta = load_model(args.checkpoint)
+    """`raytrain eval`: a checkpoint's held-out metrics in torch, or an export's on onnxruntime (--onnx)."""
+    model, meta = load_exported(args.onnx) if args.onnx else load_model(args.checkpoint)
     dataset = PreparedDataset.open(args.data)
+    result, count = validation_metrics(model, meta, dataset, args.batches, args.batch_size)
+    if model_head(meta) == "score":
+        print(f"step {meta['step']}: pairwise accuracy {result['val/accuracy']:.3f}  val/loss "
+              f"{result['val/loss']:.4f}  margin {result['val/margin']:.3f}  ({count} ranked pairs of "
+              f"{args.data})")
+    else:
+        what = "answer tokens" if dataset.kind == "sft" else "tokens"
+        print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
+              f"({count} {what} of {args.data})")
+    return result
+
+
+def validation_metrics(model, meta: dict, dataset: PreparedDataset, batches: int, batch_size: int
+                       ) -> tuple[dict[str, float], int]:
+    """(held-out metrics, tokens or pairs counted) of a model (torch, or an export on onnxruntime) on the first
+    `batches` validation batches of a dataset, checked to suit the model."""
     reward = model_head(meta) == "score"
     if reward != (dataset.kind == "prefs"):
         wanted = "`raytrain data prefs`" if reward else "`raytrain data prepare` or `raytrain data sft`"
-        raise DataError(f"'{args.data}' holds {dataset.kind} data; a {'reward' if reward else 'language'} model "
-                        f"is evaluated on {wanted} output")
+        raise DataError(f"'{dataset.root}' holds {dataset.kind} data; a {'reward' if reward else 'language'} "
+                        f"model is evaluated on {wanted} output")
     if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
-        raise DataError(f"'{args.data}' was tokenized differently from the checkpoint's training data; "
+        raise DataError(f"'{dataset.root}' was tokenized differently from the checkpoint's training data; "
                         "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
     # Fine-tuning data is scored on its answer tokens whatever the model's stage (the answer loss before SFT
     # is the baseline); text data with the pre-training objective (next token, or masked for a masked LM).
     kind = "reward" if reward else "sft" if dataset.kind == "sft" else (
         meta["objective"] if meta["objective"] in ("causal", "masked") else "causal")
-    objective = build_objective(kind, seed=meta["seed"], global_batch=args.batch_size,
+    objective = build_objective(kind, seed=meta["seed"], global_batch=batch_size,
                                 mask_fraction=meta["mask_fraction"],
                                 special=dataset.manifest["tokenizer"]["special_tokens"], multiple=1)
-    totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=args.batches,
-                        global_batch=args.batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
-    result = objective.metrics(totals, "val")
-    if reward:
-        print(f"step {meta['step']}: pairwise accuracy {result['val/accuracy']:.3f}  val/loss "
-              f"{result['val/loss']:.4f}  margin {result['val/margin']:.3f}  ({int(totals[1])} ranked pairs of "
-              f"{args.data})")
-    else:
-        what = "answer tokens" if kind == "sft" else "tokens"
-        print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
-              f"({int(totals[1])} {what} of {args.data})")
-    return result
+    totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=batches,
+                        global_batch=batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
+    return objective.metrics(totals, "val"), int(totals[1])
+
+
+def load_exported(folder: str):
+    """(an ONNX export on onnxruntime, the checkpoint meta it was exported from)."""
+    from raytrain.export.runtime import OnnxModel
+
+    model = OnnxModel(folder)
+    return model, model.meta
 
 
 def checkpoint_tokenizer(meta: dict, override: str | None) -> Path:
@@ -70,11 +86,15 @@ WRONG_HEAD = {
 
 
 def model_and_tokenizer(args: argparse.Namespace, head: str):
-    """(model, meta, tokenizer) of args.checkpoint, whose model must have `head`."""
-    model, meta = load_model(args.checkpoint)
+    """(model, meta, tokenizer) of args.checkpoint, or of the export args.onnx on onnxruntime; the model must
+    have `head`."""
+    onnx = args.onnx
+    model, meta = load_exported(onnx) if onnx else load_model(args.checkpoint)
     if model_head(meta) != head:
-        raise DataError(WRONG_HEAD[head].format(args.checkpoint))
-    return model, meta, load_tokenizer(checkpoint_tokenizer(meta, args.tokenizer))
+        raise DataError(WRONG_HEAD[head].format(onnx or args.checkpoint))
+    # An export carries its tokenizer; a checkpoint names the one its data used.
+    folder = onnx if onnx and not args.tokenizer else checkpoint_tokenizer(meta, args.tokenizer)
+    return model, meta, load_tokenizer(folder)
 
 
 def generate(args: argparse.Namespace) -> list[str]:
@@ -84,8 +104,9 @@ def generate(args: argparse.Namespace) -> list[str]:
         prompts = [encode_prompt(tokenizer, p, args.system) for p in args.prompt]
     else:
         prompts = [[special["bos"], *tokenizer.encode(p).ids] for p in args.prompt]
-    outputs = generate_tokens(model, prompts, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    run = model.generate if args.onnx else functools.partial(generate_tokens, model)
+    outputs = run(prompts, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = [tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"--- user: {prompt}\nassistant: {text}" if args.chat else f"--- {prompt!r}\n{prompt}{text}")
@@ -124,9 +145,7 @@ def convert_to_hf(args: argparse.Namespace) -> None:
     save_hf(model, out)
     tokenizer_dir = Path(meta["tokenizer"]["path"]) if "tokenizer" in meta else None
     if tokenizer_dir and (tokenizer_dir / TOKENIZER_FILE).is_file():
-        # Model and tokenizer in one folder: AutoTokenizer and AutoModel both load it.
-        shutil.copy(tokenizer_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
-        write_hf_tokenizer_config(out)  # today's, with the chat template, also for older tokenizers
+        copy_tokenizer(tokenizer_dir, out)  # model and tokenizer in one folder: AutoModel and AutoTokenizer load it
     architecture = "LlamaForSequenceClassification, 1 label" if model.score is not None else "LlamaForCausalLM"
     print(f"{resolve_checkpoint(args.checkpoint)} → {out} ({architecture}, safetensors)")
 

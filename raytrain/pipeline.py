@@ -159,7 +159,7 @@ def report_pretraining(summary: dict, data_dir: Path, run: Path) -> None:
           f"unigram baseline {unigram:.3f} (ppl {math.exp(unigram):.0f})")
     print(f"{summary['tokens_seen']:,.0f} tokens at {summary['tokens_per_s']:,.0f} tokens/s, "
           f"MFU {summary['final']['perf/mfu']:.1%}, wall {summary['wall_s']:.0f}s")
-    generate(argparse.Namespace(checkpoint=str(run), prompt=["def ", "import "], tokenizer=None,
+    generate(argparse.Namespace(checkpoint=str(run), onnx=None, prompt=["def ", "import "], tokenizer=None,
                                 max_new_tokens=48, temperature=0.7, top_k=40, top_p=0.95, seed=0, chat=False,
                                 system=None))
 
@@ -171,8 +171,9 @@ def report_fine_tuning(summary: dict, run: Path, seed: int, val_fraction: float)
           f"(questions on modules never trained on), wall {summary['wall_s']:.0f}s")
     held_out = next(p for p in stdlib_qa() if p.kind == "what_does" and is_val_module(p.module, seed, val_fraction))
     print(f"a held-out question; reference answer: {held_out.answer}")
-    generate(argparse.Namespace(checkpoint=str(run), prompt=[held_out.question], tokenizer=None, max_new_tokens=48,
-                                temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True, system=None))
+    generate(argparse.Namespace(checkpoint=str(run), onnx=None, prompt=[held_out.question], tokenizer=None,
+                                max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
+                                system=None))
 
 
 def report_reward_model(summary: dict, run: Path, seed: int, val_fraction: float) -> None:

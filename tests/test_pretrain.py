@@ -64,7 +64,7 @@ def test_eval_generate_and_convert_from_the_run(reference, tiny_dataset, tmp_pat
     from raytrain.train.checkpoint import load_model
 
     run_dir, summary = reference
-    result = evaluate(Namespace(checkpoint=str(run_dir), data=str(tiny_dataset), batches=2, batch_size=8))
+    result = evaluate(Namespace(checkpoint=str(run_dir), onnx=None, data=str(tiny_dataset), batches=2, batch_size=8))
     assert result["val/loss"] == pytest.approx(summary["val_last"]["val/loss"], rel=1e-5)
 
     texts = generate(Namespace(checkpoint=str(run_dir), prompt=["def ", "import"], tokenizer=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def write_hf_tokenizer_config(out: Path) -> None:
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+def copy_tokenizer(folder: Path, out: Path) -> None:
+    """tokenizer.json and today's HF config files (with the chat template, also for older tokenizers) into out,
+    so a model folder is self-contained: AutoTokenizer loads it."""
+    shutil.copy(tokenizer_file(folder), out / TOKENIZER_FILE)
+    write_hf_tokenizer_config(out)
 
 
 def tokenizer_file(folder: str | Path) -> Path:

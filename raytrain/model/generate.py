@@ -6,6 +6,8 @@ sample does not depend on which other prompts share its batch (rollout actors ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from raytrain.model.transformer import KVCache, Transformer
@@ -35,6 +37,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return chosen.clamp(max=logits.shape[-1] - 1)
 
 
+# step(tokens [batch, n], positions [batch, n], real [batch, end], start) → logits [batch, vocab] of the last of
+# the n new tokens, which fill columns start..end of the left-padded rows; real marks the columns that are not
+# padding. The model keeps its own cache of the columns before `start`.
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -52,34 +60,45 @@ def generate(
     """New tokens for each prompt (eos included when reached); prompt i is sampled with seeds[i], by default
     seed + i."""
     device = next(model.parameters()).device
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.config.max_seq_len:
+    total = max(len(p) for p in prompts) + max_new_tokens
+    if total > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens exceed model.max_seq_len {model.config.max_seq_len}")
+    cache = KVCache(model.config, len(prompts), total, device, next(model.parameters()).dtype)
+    index = torch.arange(total, device=device)
+    causal = index[None, :] <= index[:, None]
+    eye = torch.eye(total, dtype=torch.bool, device=device)
+
+    def step(tokens, positions, real, start):
+        end = start + tokens.shape[1]
+        # causal, minus the padding; a pad query sees itself only, so no row is all -inf
+        mask = (causal[start:end, :end][None] & real[:, None, :]) | eye[start:end, :end][None]
+        return model(tokens, positions=positions, mask=mask[:, None], cache=cache, last_only=True)[:, -1]
+
+    seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
+    return decode(step, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seeds=seeds, device=device)
+
+
+def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None, pad_id: int,
+           temperature: float, top_k: int, top_p: float, seeds: list[int], device=None) -> list[list[int]]:
+    """The generation loop around any model's `step` (ours in torch, an exported one on onnxruntime): left-pad
+    the prompts, prefill, then one token per step until max_new_tokens or every row's eos."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((batch, longest + max_new_tokens), dtype=torch.bool, device=device)
     for i, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
         tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
         real[i, longest - len(prompt) :] = True
     real[:, longest:] = True  # generated tokens
-    dtype = next(model.parameters()).dtype
-    total = longest + max_new_tokens
-    cache = KVCache(model.config, batch, total, device, dtype)
-    seeds = seeds if seeds is not None else [seed + i for i in range(batch)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    # Which keys each query may see, built once: causal, minus the padding; a pad query sees
-    # itself only, so no row is all -inf.
-    index = torch.arange(total, device=device)
-    allowed = (index[None, :] <= index[:, None])[None] & real[:, None, :]
-    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     step_tokens, start, produced = tokens, 0, 0
     for produced in range(1, max_new_tokens + 1):
         end = start + step_tokens.shape[1]
-        mask = allowed[:, None, start:end, :end]
-        logits = model(step_tokens, positions=positions[:, start:end], mask=mask, cache=cache, last_only=True)
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generators)
+        logits = step(step_tokens, positions[:, start:end], real[:, :end], start)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generators)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         out[:, produced - 1] = next_ids
         if eos_id is not None:

@@ -1,0 +1,198 @@
+"""ONNX export: the graphs equal the model, quantized exports stay close, generation and evaluation on
+onnxruntime, and bad input refused in one line."""
+
+import json
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raytrain.cli import main
+from raytrain.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_hash
+from raytrain.export.folder import CONFIG_FILE
+from raytrain.export.graphs import DECODE, PREFILL, cache_names
+from raytrain.export.quantize import quantize
+from raytrain.export.runtime import OnnxModel
+from raytrain.model.config import TransformerConfig
+from raytrain.model.generate import generate
+from raytrain.model.transformer import Transformer
+from raytrain.model_commands import score_conversations
+from raytrain.train.checkpoint import save_model
+from tests.test_cli_errors import assert_one_line_error
+
+
+def make_checkpoint(folder: Path, tokenizer: Path, head: str = "lm", seed: int = 0) -> Transformer:
+    """A seeded model (tied embeddings: the shared weight must export and quantize) saved as a checkpoint."""
+    vocab = load_tokenizer(tokenizer).get_vocab_size()
+    config = TransformerConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48,
+                               tie_embeddings=head == "lm")
+    model = Transformer(config, head=head)
+    model.init_weights(seed)
+    with torch.no_grad():  # larger logits than at init, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(20) if head == "lm" else model.score.weight.mul_(20)
+    save_model(folder, model, {"step": 3, "objective": "reward" if head == "score" else "sft", "seed": 0,
+                               "mask_fraction": 0.15, "tokenizer": {"path": str(tokenizer),
+                                                                    "sha256": tokenizer_hash(tokenizer)}})
+    return model.eval()
+
+
+def export(capsys, checkpoint: Path, out: Path, *flags: str) -> str:
+    assert main(["export", "onnx", str(checkpoint), "--out", str(out), *flags]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def language_model(plain_tokenizer, tmp_path_factory):
+    """(model, checkpoint, fp32 export) of a small language model, exported once for the module."""
+    root = tmp_path_factory.mktemp("export")
+    model = make_checkpoint(root / "ckpt", plain_tokenizer)
+    assert main(["export", "onnx", str(root / "ckpt"), "--out", str(root / "fp32")]) == 0
+    return model, root / "ckpt", root / "fp32"
+
+
+@torch.no_grad()
+def test_fp32_graphs_match_the_model_and_greedy_tokens_equal(language_model, capsys):
+    model, _, folder = language_model
+    exported = OnnxModel(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["quantization"] == "none" and config["max_length"] == 48 and set(config["graphs"]) == {
+        PREFILL, DECODE}
+    assert config["graphs"][DECODE]["inputs"]["past.1.value"] == ["batch", 2, "past_seq", 16]
+    assert config["quality"]["parity"] < 1e-4  # the export's own check
+    assert "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+
+    # Prefill, then decode steps of one token each: every position's logits against the model's plain forward
+    # of the whole sequence.
+    tokens = torch.randint(7, 500, (3, 12))
+    full = model(tokens)
+    torch.testing.assert_close(exported(tokens[:, :8]), full[:, :8], atol=1e-4, rtol=0)
+    feeds = {"input_ids": tokens[:, :8].numpy(), "attention_mask": np.ones((3, 8), np.int64),
+             "position_ids": np.tile(np.arange(8), (3, 1))}
+    _, *past = exported.sessions[PREFILL].run(None, feeds)
+    for position in range(8, 12):
+        feeds = {"input_ids": tokens[:, position:position + 1].numpy(),
+                 "attention_mask": np.ones((3, position + 1), np.int64), "position_ids": np.full((3, 1), position),
+                 **dict(zip(cache_names("past", 2), past, strict=True))}
+        logits, *past = exported.sessions[DECODE].run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(logits[:, 0]), full[:, position], atol=1e-4, rtol=0)
+
+    # Left-padded prompts of different lengths, greedy, stopping on eos: the same tokens as PyTorch.
+    prompts = [[0, 11, 12, 13, 14, 15, 16], [0, 40], [0, 99, 98, 97]]
+    ours = generate(model, prompts, 24, eos_id=1, pad_id=2)
+    assert exported.generate(prompts, 24, eos_id=1, pad_id=2) == ours
+    assert exported.generate(prompts, 24, eos_id=1, pad_id=2, temperature=0.9, top_k=20, seed=3) == generate(
+        model, prompts, 24, eos_id=1, pad_id=2, temperature=0.9, top_k=20, seed=3)
+
+    # The CLI: --chat on the export prints what the checkpoint's generation prints.
+    question = ["--chat", "--prompt", "What does os.path.join do?", "--temperature", "0", "--max-new-tokens", "16"]
+    assert main(["generate", "--onnx", str(folder), *question]) == 0
+    on_onnx = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(language_model[1]), *question]) == 0
+    assert on_onnx == capsys.readouterr().out and on_onnx.startswith("--- user: What does")
+
+
+def test_quantized_exports_are_smaller_and_stay_close(language_model, tmp_path):
+    model, _, fp32 = language_model
+    prompts = [[0, *range(20 + 7 * i, 30 + 7 * i)] for i in range(8)]
+    reference = OnnxModel(fp32).generate(prompts, 16, pad_id=2)
+    tokens = torch.randint(7, 500, (4, 32))
+    fp32_logits = OnnxModel(fp32)(tokens)
+    # (method, fp32 size ÷ its size (under 4× and 8×: scales and the rotary tables), mean |Δ log-probability|)
+    for method, smaller, drifts in (("int8", 2.5, 0.15), ("int4", 3.0, 0.5)):
+        folder = tmp_path / method
+        shutil.copytree(fp32, folder)
+        for graph in (PREFILL, DECODE):
+            quantize(fp32 / graph, folder / graph, method)
+        sizes = [sum((f / g).stat().st_size for g in (PREFILL, DECODE)) for f in (fp32, folder)]
+        assert sizes[0] / sizes[1] > smaller, (method, sizes)
+        quantized = OnnxModel(folder)
+        logits = quantized(tokens)
+        # Close to fp32: the same next token at most positions, and log-probabilities near.
+        agree = (logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean()
+        assert agree > 0.8, (method, agree)
+        drift = (logits.log_softmax(-1) - fp32_logits.log_softmax(-1)).abs().mean()
+        assert drift < drifts, (method, drift)
+        outputs = quantized.generate(prompts, 16, pad_id=2)
+        assert sum(a == b for a, b in zip(outputs, reference, strict=True)) >= 4, method
+
+
+def test_reward_model_exports_as_a_scorer(plain_tokenizer, tmp_path, capsys):
+    model = make_checkpoint(tmp_path / "rm", plain_tokenizer, head="score", seed=1)
+    out = export(capsys, tmp_path / "rm", tmp_path / "rm-onnx")
+    assert "score.onnx, fp32" in out and "max |Δscore|" in out
+    exported = OnnxModel(tmp_path / "rm-onnx")
+    tokenizer = load_tokenizer(plain_tokenizer)
+    conversations = [[{"role": "user", "content": "What does len do?"}, {"role": "assistant", "content": reply}]
+                     for reply in ("Return the number of items.", "No.", "Return the length of an object, a "
+                                   "sequence or a collection.")]
+    ours = score_conversations(model, tokenizer, conversations)
+    assert score_conversations(exported, tokenizer, conversations) == pytest.approx(ours, abs=1e-4)
+    # The graph's own per-row score, read at each right-padded row's last real token.
+    pad = special_token_ids(tokenizer)["pad"]
+    rows = [[0, 4, 30, 31, 5, 40, 1], [0, 4, 30, 5, 41, 1, pad, pad]]
+    tokens = np.array([r + [pad] * (8 - len(r)) for r in rows])
+    scores = exported.scores(tokens, (tokens != pad).astype(np.int64))
+    with torch.no_grad():
+        expected = [model(torch.tensor([r]))[0, -1, 0].item() for r in [rows[0], rows[1][:6]]]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-4)
+    assert main(["score", "--onnx", str(tmp_path / "rm-onnx"), "--prompt", "What does len do?",
+                 "--response", "Return the number of items."]) == 0
+    assert float(capsys.readouterr().out.split()[0]) == pytest.approx(ours[0], abs=2e-4)
+
+
+@pytest.mark.ray
+def test_bad_input_is_refused_in_one_line(language_model, tiny_prefs_dataset, tmp_path, capsys):
+    _, checkpoint, folder = language_model
+    out = tmp_path / "out"
+    cases = [
+        (["export", "onnx", str(tmp_path), "--out", str(out)], "neither a checkpoint nor a run folder"),
+        (["export", "onnx", str(checkpoint), "--out", str(out), "--quantize", "int3"],
+         "unknown --quantize 'int3'; choose one of none, int8, int4"),
+        # Fails after the graphs are written: nothing is left at --out.
+        (["export", "onnx", str(checkpoint), "--out", str(out), "--data", str(tiny_prefs_dataset)],
+         "holds prefs data"),
+        (["generate", "--onnx", str(tmp_path / "none"), "--prompt", "x"], "does not exist"),
+        (["generate", "--onnx", str(checkpoint), "--prompt", "x"], f"is not an ONNX export (no {CONFIG_FILE})"),
+        (["generate", "--onnx", str(folder), "--prompt", "word " * 60], "longer than the 48 the model was exported"),
+        (["generate", "--onnx", str(folder), "--prompt", "word", "--max-new-tokens", "60"],
+         "the prompt + 60 new tokens is"),
+        (["export", "onnx", str(checkpoint), "--out", str(folder)], "already holds a finished result"),
+    ]
+    for argv, fragment in cases:
+        assert_one_line_error(main(argv), capsys.readouterr().err, fragment)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / DECODE).unlink()
+    assert_one_line_error(main(["generate", "--onnx", str(broken), "--prompt", "x"]), capsys.readouterr().err,
+                          "lacks decode.onnx")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (broken / CONFIG_FILE).write_text(json.dumps({**config, "format": "raytrain.onnx/0"}))
+    assert_one_line_error(main(["eval", "--onnx", str(broken), "--data", "x"]), capsys.readouterr().err,
+                          "exported in format 'raytrain.onnx/0'", "export it again")
+
+
+@pytest.mark.ray
+def test_int8_export_of_a_trained_run_measures_what_it_lost(reference, tiny_dataset, tmp_path, capsys):
+    """The export's report and `raytrain eval --onnx` agree, and the fp32 model's numbers are PyTorch's."""
+    from raytrain.model_commands import evaluate
+
+    run_dir, _ = reference
+    out = export(capsys, run_dir, tmp_path / "int8", "--quantize", "int8", "--data", str(tiny_dataset),
+                 "--batches", "2", "--batch-size", "8")
+    quality = json.loads((tmp_path / "int8" / CONFIG_FILE).read_text())["quality"]
+    assert "int8" in out and "smaller" in out and "held-out perplexity PyTorch fp32" in out, out
+    torch_ppl = evaluate(Namespace(checkpoint=str(run_dir), onnx=None, data=str(tiny_dataset), batches=2,
+                                   batch_size=8))["val/ppl"]
+    onnx_ppl = evaluate(Namespace(checkpoint=None, onnx=str(tmp_path / "int8"), data=str(tiny_dataset), batches=2,
+                                  batch_size=8))["val/ppl"]
+    assert quality["fp32"] == pytest.approx(torch_ppl, rel=1e-6)
+    assert quality["exported"] == pytest.approx(onnx_ppl, rel=1e-6)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.03
+    # d_model 32: the graph and the scales weigh as much as the weights, so well under 4× smaller
+    assert quality["bytes"] * 1.5 < quality["fp32_bytes"] and quality["agreement"] > 0.5
+    assert quality["torch_tokens_per_s"] > 0 and quality["onnx_tokens_per_s"] > 0
