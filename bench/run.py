@@ -14,9 +14,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bench import data_prepare, parallel, post_training, ppo, training, tune  # noqa: E402
+from bench import data_prepare, export, parallel, post_training, ppo, training, tune  # noqa: E402
 
-SECTIONS = [data_prepare, training, post_training, ppo, tune, parallel]
+SECTIONS = [data_prepare, training, post_training, ppo, tune, export, parallel]
 OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 GPU_NOTE = """## GPU (bench/gpu.sh, bench/gpu_step.py)
 

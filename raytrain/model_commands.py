@@ -41,14 +41,8 @@ def validation_metrics(model, meta: dict, dataset: PreparedDataset, batches: int
                        ) -> tuple[dict[str, float], int]:
     """(held-out metrics, tokens or pairs counted) of a model (torch, or an export on onnxruntime) on the first
     `batches` validation batches of a dataset, checked to suit the model."""
+    check_evaluation_data(meta, dataset)
     reward = model_head(meta) == "score"
-    if reward != (dataset.kind == "prefs"):
-        wanted = "`raytrain data prefs`" if reward else "`raytrain data prepare` or `raytrain data sft`"
-        raise DataError(f"'{dataset.root}' holds {dataset.kind} data; a {'reward' if reward else 'language'} "
-                        f"model is evaluated on {wanted} output")
-    if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
-        raise DataError(f"'{dataset.root}' was tokenized differently from the checkpoint's training data; "
-                        "evaluate on data prepared with the same tokenizer")
     init_ray(RuntimeConfig(progress=False))
     # Fine-tuning data is scored on its answer tokens whatever the model's stage (the answer loss before SFT
     # is the baseline); text data with the pre-training objective (next token, or masked for a masked LM).
@@ -60,6 +54,18 @@ def validation_metrics(model, meta: dict, dataset: PreparedDataset, batches: int
     totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=batches,
                         global_batch=batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"))
     return objective.metrics(totals, "val"), int(totals[1])
+
+
+def check_evaluation_data(meta: dict, dataset: PreparedDataset) -> None:
+    """A checkpoint is evaluated on data of its kind, tokenized with its tokenizer."""
+    reward = model_head(meta) == "score"
+    if reward != (dataset.kind == "prefs"):
+        wanted = "`raytrain data prefs`" if reward else "`raytrain data prepare` or `raytrain data sft`"
+        raise DataError(f"'{dataset.root}' holds {dataset.kind} data; a {'reward' if reward else 'language'} "
+                        f"model is evaluated on {wanted} output")
+    if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
+        raise DataError(f"'{dataset.root}' was tokenized differently from the checkpoint's training data; "
+                        "evaluate on data prepared with the same tokenizer")
 
 
 def load_exported(folder: str):

@@ -20,6 +20,7 @@ from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdl
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.evaluate import unigram_baseline
+from raytrain.export.commands import export_command
 from raytrain.model_commands import generate, score_conversations
 from raytrain.report import write_report
 from raytrain.rlhf.driver import run_ppo
@@ -29,7 +30,7 @@ from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
 from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
-STAGES = 9
+STAGES = 10
 # Fine-tuning after pre-training: fewer steps, a gentler learning rate (the pre-training config's other keys hold).
 SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 # The reward model from the fine-tuned model: a lower learning rate (at 1e-3 it learns the train pairs and no
@@ -51,7 +52,7 @@ def run_demo(config: Config) -> None:
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"
     sft_data_dir, sft_run = base / "sft-data", base / "sft"
     prefs_data_dir, reward_run, dpo_run = base / "prefs-data", base / "reward", base / "dpo"
-    ppo_run = base / "ppo"
+    ppo_run, onnx_dir = base / "ppo", base / "onnx-int8"
     data = config.data
     config = dataclasses.replace(
         config,
@@ -92,6 +93,11 @@ def run_demo(config: Config) -> None:
     aligned = run_ppo(ppo_stage_config(config, ppo_run, sft_run, reward_run))
     report_ppo(aligned, ppo_run)
     page = write_report([train_run, sft_run, reward_run, dpo_run, ppo_run], base / "report")
+    log.info("demo [10/%d] the PPO policy → ONNX, int8, on onnxruntime", STAGES)
+    print("\nexport:")
+    export_command(argparse.Namespace(checkpoint=str(ppo_run), out=str(onnx_dir), quantize="int8",
+                                      data=str(sft_data_dir), batches=8, batch_size=16, tokenizer=None,
+                                      overwrite=True))
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
@@ -101,7 +107,10 @@ def run_demo(config: Config) -> None:
           "summary.json, checkpoints/, wandb/; samples.jsonl for PPO)")
     print(f"  report     {page}  (plots of every stage's metrics and the summary tables; "
           f"`raytrain report RUN... --out DIR` for any runs)")
+    print(f"  onnx       {onnx_dir}/  (prefill.onnx + decode.onnx, int8, tokenizer and raytrain-onnx.json: "
+          "onnxruntime alone runs it)")
     print(f"  next       raytrain generate --chat --checkpoint {ppo_run} --prompt 'What does `os.path.join` do?'")
+    print(f"             raytrain generate --chat --onnx {onnx_dir} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
           "--response 'Join two or more pathname components.' --response 'Join two'")
 

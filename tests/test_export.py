@@ -151,7 +151,7 @@ def test_bad_input_is_refused_in_one_line(language_model, tiny_prefs_dataset, tm
         (["export", "onnx", str(tmp_path), "--out", str(out)], "neither a checkpoint nor a run folder"),
         (["export", "onnx", str(checkpoint), "--out", str(out), "--quantize", "int3"],
          "unknown --quantize 'int3'; choose one of none, int8, int4"),
-        # Fails after the graphs are written: nothing is left at --out.
+        # Data that does not suit the model is refused before anything is exported.
         (["export", "onnx", str(checkpoint), "--out", str(out), "--data", str(tiny_prefs_dataset)],
          "holds prefs data"),
         (["generate", "--onnx", str(tmp_path / "none"), "--prompt", "x"], "does not exist"),

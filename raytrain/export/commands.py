@@ -30,7 +30,7 @@ from raytrain.export.quality import (
 )
 from raytrain.export.quantize import QUANTIZATIONS, quantize
 from raytrain.export.runtime import OnnxModel
-from raytrain.model_commands import checkpoint_tokenizer, validation_metrics
+from raytrain.model_commands import check_evaluation_data, checkpoint_tokenizer, validation_metrics
 from raytrain.train.checkpoint import load_model, model_head, resolve_checkpoint
 
 PARITY_LIMIT = 1e-4  # |logit difference| the fp32 graphs may show against the model
@@ -52,6 +52,8 @@ def export_command(args: argparse.Namespace) -> dict:
                         "ONNX external data files; export does not write those yet")
     tokenizer_dir = checkpoint_tokenizer(meta, args.tokenizer)
     dataset = PreparedDataset.open(args.data) if args.data else default_dataset(meta)
+    if dataset is not None:
+        check_evaluation_data(meta, dataset)
     out = Path(args.out)
     with atomic_output_dir(out, CONFIG_FILE, args.overwrite) as staging, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as scratch:
@@ -153,7 +155,7 @@ def print_summary(summary: dict, checkpoint: Path, out: Path, graphs: list[str],
     if "agreement" in summary:
         print(f"  greedy tokens equal to PyTorch fp32's: {summary['agreement']:.1%} before the first difference, "
               f"{summary['identical']} of {summary['prompts']} continuations identical ({NEW_TOKENS} tokens each)")
-        print(f"  generation, {summary['prompts']} prompts × {NEW_TOKENS} tokens: PyTorch fp32 (KV cache) "
-              f"{summary['torch_tokens_per_s']:,.0f} tokens/s → onnxruntime {name} "
+        print(f"  generation, one prompt at a time ({summary['prompts']} × {NEW_TOKENS} tokens): PyTorch fp32 "
+              f"(KV cache) {summary['torch_tokens_per_s']:,.0f} tokens/s → onnxruntime {name} "
               f"{summary['onnx_tokens_per_s']:,.0f} tokens/s "
               f"({summary['onnx_tokens_per_s'] / summary['torch_tokens_per_s']:.2f}×)")

@@ -83,11 +83,11 @@ def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> tupl
 
 
 def tokens_per_second(run, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Greedy generation speed of run(prompts, new_tokens) (no early stop: every row makes new_tokens), after
-    one warm-up call; and the tokens it made."""
+    """Greedy generation speed of run(prompts, new_tokens) with one prompt at a time, as a deployment serves a
+    request (no early stop: every prompt makes new_tokens), after one warm-up call; and the tokens it made."""
     run(prompts[:1], 2)
     started = time.perf_counter()
-    outputs = run(prompts, new_tokens)
+    outputs = [run([prompt], new_tokens)[0] for prompt in prompts]
     return len(prompts) * new_tokens / (time.perf_counter() - started), outputs
 
 
