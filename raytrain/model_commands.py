@@ -23,7 +23,8 @@ from raytrain.train.objectives import build_objective, final_positions, response
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     """`raytrain eval`: a checkpoint's held-out metrics in torch, or an export's on onnxruntime (--onnx)."""
-    model, meta = load_exported(args.onnx) if args.onnx else load_model(args.checkpoint)
+    onnx = onnx_folder(args)
+    model, meta = load_exported(onnx) if onnx else load_model(args.checkpoint)
     dataset = PreparedDataset.open(args.data)
     result, count = validation_metrics(model, meta, dataset, args.batches, args.batch_size)
     if model_head(meta) == "score":
@@ -68,6 +69,11 @@ def check_evaluation_data(meta: dict, dataset: PreparedDataset) -> None:
                         "evaluate on data prepared with the same tokenizer")
 
 
+def onnx_folder(args: argparse.Namespace) -> str | None:
+    """--onnx DIR; callers that build args themselves (the demo, tests) may leave it out."""
+    return getattr(args, "onnx", None)
+
+
 def load_exported(folder: str):
     """(an ONNX export on onnxruntime, the checkpoint meta it was exported from)."""
     from raytrain.export.runtime import OnnxModel
@@ -94,7 +100,7 @@ WRONG_HEAD = {
 def model_and_tokenizer(args: argparse.Namespace, head: str):
     """(model, meta, tokenizer) of args.checkpoint, or of the export args.onnx on onnxruntime; the model must
     have `head`."""
-    onnx = args.onnx
+    onnx = onnx_folder(args)
     model, meta = load_exported(onnx) if onnx else load_model(args.checkpoint)
     if model_head(meta) != head:
         raise DataError(WRONG_HEAD[head].format(onnx or args.checkpoint))
@@ -110,7 +116,7 @@ def generate(args: argparse.Namespace) -> list[str]:
         prompts = [encode_prompt(tokenizer, p, args.system) for p in args.prompt]
     else:
         prompts = [[special["bos"], *tokenizer.encode(p).ids] for p in args.prompt]
-    run = model.generate if args.onnx else functools.partial(generate_tokens, model)
+    run = model.generate if onnx_folder(args) else functools.partial(generate_tokens, model)
     outputs = run(prompts, args.max_new_tokens, eos_id=special["eos"], pad_id=special["pad"],
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = [tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
