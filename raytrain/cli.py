@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune_command(commands)
     _add_model_commands(commands)
     _add_report_commands(commands)
+    _add_submit_command(commands)
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
     config = commands.add_parser("config", help="print the resolved config")
@@ -283,6 +284,24 @@ def _add_model_commands(commands) -> None:
     onnx.set_defaults(action=_export_onnx)
 
 
+def _add_submit_command(commands) -> None:
+    submit = commands.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster, stream its "
+                                                "logs, exit with its status (0 succeeded, 1 failed, 3 stopped)")
+    submit.add_argument("spec", metavar="jobs/X.yaml", help="job spec: entrypoint, runtime_env, resources, metadata")
+    submit.add_argument("--address", help="the cluster's job server (dashboard) URL (default: "
+                                          "$RAY_API_SERVER_ADDRESS or an http $RAY_ADDRESS, else "
+                                          "http://127.0.0.1:8265)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and how to follow it, and return")
+    submit.add_argument("overrides", nargs="*", metavar="key.sub=value", help="appended to the entrypoint")
+    submit.set_defaults(action=_submit)
+
+
+def _submit(args) -> int:
+    from raytrain.submit import submit_command  # the job client loads only for this command
+
+    return submit_command(args)
+
+
 def _model_source(parser: argparse.ArgumentParser, what: str) -> None:
     """--checkpoint (torch) or --onnx (an export on onnxruntime), one of them."""
     source = parser.add_mutually_exclusive_group(required=True)
@@ -341,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if hasattr(args, "action"):
-            args.action(args)
+            status = args.action(args)
+            if type(status) is int:  # the command's own exit status (raytrain submit: the job's)
+                return status
         else:
             args.stage(load_config(args.config, _overrides(args)))
     except KeyboardInterrupt:

@@ -193,6 +193,9 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each transformer block
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
+    # How Ray places the workers' bundles: PACK fills a node first; STRICT_SPREAD puts each worker on its own
+    # node (one process per GPU node), SPREAD does so when it can.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> None:
         for key in ("workers", "pp", "pp_virtual_stages", "dp_replicate", "tp", "ac_every"):
@@ -296,6 +299,7 @@ class DebugConfig:
     fail_rank: int = 0
     fail_actor_at_iteration: int = -1  # PPO: rollout actor 0, then reward actor 0, exit once in this iteration
     track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
+    step_sleep_s: float = 0.0  # each step waits this long: a run that tests can stop midway (ray job stop)
 
 
 @dataclass

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from ray_head import RayHead
 
+from cluster.local import LocalCluster
 from raytrain.cli import _overrides, parse_args
 from raytrain.config import RuntimeConfig, load_config
 from raytrain.runtime import find_ray
@@ -84,7 +84,7 @@ def test_pretrain_prints_its_own_progress_and_frees_its_placement_group(ray_sess
 def test_a_running_local_cluster_is_joined_and_a_stale_address_file_ignored(corpus, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    head = RayHead()
+    head = LocalCluster(nodes=1)
     try:
         address = head.start()
         command = ["data", "tokenizer", "--config", "tiny", "--input", str(corpus)]

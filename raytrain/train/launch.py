@@ -157,7 +157,8 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
         train_fn,
         train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir), **loop_config},
         scaling_config=ScalingConfig(num_workers=config.parallel.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.parallel.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.parallel.cpus_per_worker},
+                                     placement_strategy=config.parallel.placement_strategy),
         run_config=RunConfig(
             name=CHECKPOINTS,
             storage_path=str(run_dir),

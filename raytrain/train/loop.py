@@ -181,7 +181,7 @@ class Worker:
         if self.start_step == 0 and self.has_val and self.train.val_every > 0:
             self._log(0, self._validate())
         for step in range(self.start_step, steps):
-            self._maybe_fail(step)
+            self._debug_hooks(step)
             tick = time.perf_counter()
             _, rows = next(stream)
             timer["data"] += time.perf_counter() - tick
@@ -370,8 +370,10 @@ class Worker:
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:06d}")
 
-    def _maybe_fail(self, step: int) -> None:
+    def _debug_hooks(self, step: int) -> None:
+        """debug.step_sleep_s, then debug.fail_at_step."""
         debug = self.config.debug
+        time.sleep(debug.step_sleep_s)
         marker = self.run_dir / FAILED_ONCE_MARKER
         if step == debug.fail_at_step and self.rank == debug.fail_rank and not marker.exists():
             marker.touch()
