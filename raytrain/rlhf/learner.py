@@ -276,7 +276,7 @@ class PPOWorker(Worker):
             order = torch.randperm(len(experience), generator=generator)
             for minibatch in order.split(self.train.global_batch):
                 mine = minibatch[self.layout.dp_rank * self.local_batch:(self.layout.dp_rank + 1) * self.local_batch]
-                self._maybe_fail(step)
+                self._debug_hooks(step)
                 self.objective.kl_coef = self.kl.value
                 result = self._train_step(step, experience[mine].to(self.device))
                 sums = result if sums is None else sums + result
