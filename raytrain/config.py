@@ -305,11 +305,18 @@ class DebugConfig:
 @dataclass
 class RunConfig:
     name: str = "demo"
-    root: str = "runs"  # run folders live in root/name
+    root: str = "runs"  # run folders live in root/name; a URI (s3://bucket/runs) holds them on object storage
 
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
+
+    @property
+    def location(self) -> str:
+        """The run folder: an absolute path, or root's URI joined with the name."""
+        from raytrain import storage
+
+        return storage.join(storage.absolute(self.root), self.name)
 
 
 @dataclass
@@ -330,8 +337,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path: Path) -> None:
-        path.write_text(self.to_yaml())
+    def save(self, path: str | Path) -> None:
+        from raytrain import storage
+
+        storage.write_text(path, self.to_yaml())
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from raytrain import storage
 from raytrain.config import RuntimeConfig, TrainConfig
 from raytrain.data.chat import encode_conversation, encode_prompt
 from raytrain.data.manifest import PreparedDataset
@@ -82,9 +83,10 @@ def load_exported(folder: str):
     return model, model.meta
 
 
-def checkpoint_tokenizer(meta: dict, override: str | None) -> Path:
-    folder = Path(override or meta["tokenizer"]["path"])
-    if not (folder / TOKENIZER_FILE).is_file():
+def checkpoint_tokenizer(meta: dict, override: str | None) -> str:
+    """The tokenizer folder (or URI) a checkpoint's data used, or --tokenizer."""
+    folder = override or meta["tokenizer"]["path"]
+    if not storage.is_file(storage.join(folder, TOKENIZER_FILE)):
         raise DataError(f"tokenizer '{folder}' not found; pass --tokenizer DIR")
     return folder
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -16,6 +24,11 @@ SUITE_RAY_TMPDIR = tempfile.mkdtemp(prefix="raytrain-test-")
 os.environ["RAY_TMPDIR"] = SUITE_RAY_TMPDIR
 for _name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
     os.environ.pop(_name, None)
+# The S3 server the storage tests start (`s3_bucket`) listens here; set before any Ray starts, so that the
+# suite's workers, which inherit this environment, reach it too. Fake keys: the server accepts any.
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -41,6 +54,35 @@ def ray_session():
     init_ray(load_config("tiny", ["runtime.address=local"]).runtime)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    """A real S3-compatible server (moto's) on 127.0.0.1:S3_PORT for the session, stopped by PID; a new bucket."""
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                               str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", S3_PORT), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the S3 server (moto_server) did not start") from None
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(
+            "raytrain")
+        yield "s3://raytrain"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data import ActorPoolStrategy
 
+from raytrain import storage
 from raytrain.config import ChatDataConfig, Config
 from raytrain.data.chat import check_conversation, encode_conversation
 from raytrain.data.manifest import MANIFEST_FILE, SPLITS
@@ -286,20 +287,20 @@ class ExampleShardDatasink(ShardDatasink):
             columns = {name: np.concatenate(values) for name, values in parts[split].items()}
             if len(columns[self.columns[0]]):
                 name = f"{split}/shard-{ctx.task_idx:06d}.parquet"
-                write_shard(self.out / name, columns)
+                write_shard(storage.join(self.out, name), columns)
                 result["shards"][split] = {"path": name, "rows": len(columns[self.columns[0]])}
         return result
 
 
-def run_sft_data_stage(config: Config) -> Path:
+def run_sft_data_stage(config: Config) -> str:
     return run_chat_data_stage(SFT, config)
 
 
-def run_prefs_data_stage(config: Config) -> Path:
+def run_prefs_data_stage(config: Config) -> str:
     return run_chat_data_stage(PREFS, config)
 
 
-def run_chat_data_stage(data: ChatData, config: Config) -> Path:
+def run_chat_data_stage(data: ChatData, config: Config) -> str:
     prep = config.data.prepare
     out, tokenizer_dir = row_output(prep)
     row_len, inputs = prep.seq_len + (1 if data.kind == "sft" else 0), config.data.source.inputs
@@ -327,7 +328,7 @@ def run_chat_data_stage(data: ChatData, config: Config) -> Path:
     return out
 
 
-def _finish(data: ChatData, tmp: Path, sink: ExampleShardDatasink, config: Config, tokenizer_dir: str,
+def _finish(data: ChatData, tmp: str, sink: ExampleShardDatasink, config: Config, tokenizer_dir: str,
             columns: list[str], seconds: float) -> dict:
     counts = sink.counts()
     splits = {}
@@ -350,6 +351,7 @@ def _finish(data: ChatData, tmp: Path, sink: ExampleShardDatasink, config: Confi
                    "chat": vars(config.data.chat)},
     }
     manifest = dataset_manifest(config, tokenizer_dir, seconds, content)
-    config.save(tmp / "config.yaml")
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))  # written last: the dataset is complete
+    config.save(storage.join(tmp, "config.yaml"))
+    # written last: the dataset is complete
+    storage.write_text(storage.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=2))
     return manifest

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raytrain import storage
 from raytrain.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -36,19 +37,19 @@ class SplitShards:
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    root: Path
+    root: str  # an absolute folder, or a URI
     manifest: dict
 
     @classmethod
     def open(cls, folder: str | Path) -> PreparedDataset:
-        root = Path(folder).absolute()
-        path = root / MANIFEST_FILE
-        if not path.is_file():
+        root = storage.absolute(folder)
+        path = storage.join(root, MANIFEST_FILE)
+        if not storage.is_file(path):
             raise DataError(
                 f"'{folder}' is not a prepared dataset (no {MANIFEST_FILE}); "
                 f"create one with `raytrain data prepare --out {folder} ...`"
             )
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
         if manifest.get("format") != FORMAT:
             raise DataError(
                 f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; "
@@ -83,7 +84,7 @@ class PreparedDataset:
             raise DataError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}")
         info = self.manifest["splits"][name]
         return SplitShards(
-            paths=tuple(str(self.root / s["path"]) for s in info["shards"]),
+            paths=tuple(storage.join(self.root, s["path"]) for s in info["shards"]),
             rows=tuple(s["rows"] for s in info["shards"]),
             rows_per_row_group=info["rows_per_row_group"],
         )

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import Datasink
 
-from raytrain import __version__
+from raytrain import __version__, storage
 from raytrain.config import Config, PrepareConfig
 from raytrain.data.manifest import FORMAT, MANIFEST_FILE, SPLITS
 from raytrain.data.output import atomic_output_dir
@@ -133,36 +133,39 @@ class TokenShardDatasink(ShardDatasink):
             result["remainders"][split] = remainder
             if len(rows):
                 name = f"{split}/shard-{ctx.task_idx:06d}.parquet"
-                write_shard(self.out / name, {"tokens": rows})
+                write_shard(storage.join(self.out, name), {"tokens": rows})
                 result["shards"][split] = {"path": name, "rows": len(rows)}
         return result
 
 
-def write_shard(path: Path, columns: dict[str, np.ndarray]) -> None:
+def write_shard(path: str, columns: dict[str, np.ndarray]) -> None:
     """One Parquet shard of fixed-size rows: `tokens` (and `loss_mask`), or a prompt's ranked `response_i`."""
     row_len = next(iter(columns.values())).shape[1]
     table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_len)
                       for name, rows in columns.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=rows_per_row_group(row_len), compression="zstd")
+    filesystem, inner = storage.resolve(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, inner, row_group_size=rows_per_row_group(row_len), compression="zstd",
+                   filesystem=filesystem)
 
 
-def row_output(prep: PrepareConfig) -> tuple[Path, str]:
-    """(output folder, absolute tokenizer folder) of a `raytrain data` command that writes token rows."""
+def row_output(prep: PrepareConfig) -> tuple[str, str]:
+    """(output folder, absolute tokenizer folder; either may be a URI) of a `raytrain data` command that writes
+    token rows."""
     if not prep.out:
         raise DataError("no output folder; pass --out DIR (or data.prepare.out=DIR)")
     if not prep.tokenizer:
         raise DataError("no tokenizer; pass --tokenizer DIR (from `raytrain data tokenizer`)")
-    tokenizer_dir = str(Path(prep.tokenizer).absolute())
+    tokenizer_dir = storage.absolute(prep.tokenizer)
     tokenizer_file(tokenizer_dir)
-    return Path(prep.out), tokenizer_dir
+    return prep.out, tokenizer_dir
 
 
 def tokenize_actor_count(prep: PrepareConfig) -> int:
     return prep.tokenize_actors or min(MAX_TOKENIZE_ACTORS, max(1, cluster_cpus() // CPUS_PER_TOKENIZE_ACTOR))
 
 
-def run_prepare_stage(config: Config) -> Path:
+def run_prepare_stage(config: Config) -> str:
     prep = config.data.prepare
     out, tokenizer_dir = row_output(prep)
     files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
@@ -186,7 +189,7 @@ def run_prepare_stage(config: Config) -> Path:
     return out
 
 
-def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: str,
+def _finish(tmp: str, sink: TokenShardDatasink, config: Config, tokenizer_dir: str,
             files: list, seconds: float) -> dict:
     prep = config.data.prepare
     row_len = prep.seq_len + 1
@@ -197,7 +200,7 @@ def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: 
         tail_rows, dropped = pack_rows([r["remainders"][split] for r in sink.results], row_len)
         if len(tail_rows):
             name = f"{split}/shard-{len(sink.results):06d}.parquet"
-            write_shard(tmp / name, {"tokens": tail_rows})
+            write_shard(storage.join(tmp, name), {"tokens": tail_rows})
             shards.append({"path": name, "rows": len(tail_rows)})
         rows = sum(s["rows"] for s in shards)
         splits[split] = {
@@ -230,9 +233,9 @@ def _finish(tmp: Path, sink: TokenShardDatasink, config: Config, tokenizer_dir: 
         "tokens_per_s": round((splits["train"]["tokens"] + splits["val"]["tokens"]) / seconds),
         "config": {"source": vars(config.data.source), "prepare": vars(prep)},
     })
-    config.save(tmp / "config.yaml")
+    config.save(storage.join(tmp, "config.yaml"))
     # Written last: its presence marks the dataset complete.
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from raytrain import storage
 from raytrain.data.manifest import PreparedDataset, SplitShards
 from raytrain.data.packing import TOKEN_DTYPE
 from raytrain.errors import DataError
@@ -88,7 +89,8 @@ def read_rows(shards: SplitShards, row_ids: np.ndarray, row_len: int, columns: t
     out = np.empty((len(row_ids), len(columns), row_len), TOKEN_DTYPE)
     for shard in np.unique(shard_of):
         picks = np.flatnonzero(shard_of == shard)
-        parquet = pq.ParquetFile(shards.paths[shard])
+        path = shards.paths[shard]
+        parquet = pq.ParquetFile(storage.open_input_file(path) if storage.is_uri(path) else path)
         group_rows = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
         group_starts = np.cumsum([0, *group_rows])
         group_of = np.searchsorted(group_starts, local[picks], side="right") - 1

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raytrain import storage
 from raytrain.data.chat import CHAT_TEMPLATE
 from raytrain.errors import DataError
 
@@ -45,15 +45,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, out: Path, metadata: dict) -> None:
-    """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads."""
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / TOKENIZER_FILE))
+def save_tokenizer(tokenizer: Tokenizer, out: str | Path, metadata: dict) -> None:
+    """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads (out: a folder or URI)."""
+    storage.write_text(storage.join(out, TOKENIZER_FILE), tokenizer.to_str(pretty=True))
     write_hf_tokenizer_config(out)
-    (out / "raytrain_tokenizer.json").write_text(json.dumps(metadata, indent=2))
+    storage.write_text(storage.join(out, "raytrain_tokenizer.json"), json.dumps(metadata, indent=2))
 
 
-def write_hf_tokenizer_config(out: Path) -> None:
+def write_hf_tokenizer_config(out: str | Path) -> None:
     """special_tokens_map.json and tokenizer_config.json, with the chat template, beside tokenizer.json."""
     special_map = {
         "bos_token": SPECIAL_TOKENS["bos"],
@@ -71,20 +70,20 @@ def write_hf_tokenizer_config(out: Path) -> None:
         "chat_template": CHAT_TEMPLATE,
         **special_map,
     }
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
-    (out / "tokenizer_config.json").write_text(json.dumps(hf_config, indent=2))
+    storage.write_text(storage.join(out, "special_tokens_map.json"), json.dumps(special_map, indent=2))
+    storage.write_text(storage.join(out, "tokenizer_config.json"), json.dumps(hf_config, indent=2))
 
 
-def copy_tokenizer(folder: Path, out: Path) -> None:
+def copy_tokenizer(folder: str | Path, out: Path) -> None:
     """tokenizer.json and today's HF config files (with the chat template, also for older tokenizers) into out,
     so a model folder is self-contained: AutoTokenizer loads it."""
-    shutil.copy(tokenizer_file(folder), out / TOKENIZER_FILE)
+    storage.write_text(out / TOKENIZER_FILE, storage.read_text(tokenizer_file(folder)))
     write_hf_tokenizer_config(out)
 
 
-def tokenizer_file(folder: str | Path) -> Path:
-    path = Path(folder) / TOKENIZER_FILE
-    if not path.is_file():
+def tokenizer_file(folder: str | Path) -> str:
+    path = storage.join(folder, TOKENIZER_FILE)
+    if not storage.is_file(path):
         raise DataError(
             f"no {TOKENIZER_FILE} in '{folder}'; train one with "
             f"`raytrain data tokenizer --input ... --out {folder}`"
@@ -95,7 +94,7 @@ def tokenizer_file(folder: str | Path) -> Path:
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load for data work: text that spells a special token stays plain text."""
     path = tokenizer_file(folder)
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_str(storage.read_text(path))
     # Documents must not inject control tokens such as "<|eos|>" by spelling them.
     tokenizer.encode_special_tokens = True
     missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.token_to_id(t) is None]
@@ -109,4 +108,4 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def tokenizer_hash(folder: str | Path) -> str:
-    return hashlib.sha256(tokenizer_file(folder).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(tokenizer_file(folder))).hexdigest()

@@ -6,8 +6,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
+from raytrain import storage
 from raytrain.config import Config
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.sources import read_documents, resolve_sources
@@ -18,11 +18,11 @@ from raytrain.runtime import init_ray
 log = logging.getLogger("raytrain")
 
 
-def run_tokenizer_stage(config: Config) -> Path:
+def run_tokenizer_stage(config: Config) -> str:
     tok_config = config.data.tokenizer
     if not tok_config.out:
         raise DataError("no output folder; pass --out DIR (or data.tokenizer.out=DIR)")
-    out = Path(tok_config.out)
+    out = tok_config.out
     files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
     with atomic_output_dir(out, TOKENIZER_FILE, overwrite=tok_config.overwrite) as tmp:
         init_ray(config.runtime)
@@ -44,7 +44,7 @@ def run_tokenizer_stage(config: Config) -> Path:
             "seconds": round(time.perf_counter() - start, 2),
         }
         save_tokenizer(tokenizer, tmp, metadata)
-        config.save(tmp / "config.yaml")
+        config.save(storage.join(tmp, "config.yaml"))
     log.info(
         "tokenizer: %d tokens from %d documents (%d bytes) in %.1fs → %s",
         metadata["vocab_size"], counts["documents"], counts["bytes"], metadata["seconds"], out,

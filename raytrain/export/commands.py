@@ -12,6 +12,7 @@ import onnxruntime
 import torch
 
 import raytrain
+from raytrain import storage
 from raytrain.data.manifest import MANIFEST_FILE, PreparedDataset
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
@@ -42,6 +43,7 @@ def export_command(args: argparse.Namespace) -> dict:
     if args.quantize not in QUANTIZATIONS:
         raise DataError(f"unknown --quantize {args.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     started = time.perf_counter()
+    storage.require_local(args.out, "--out of an export")
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, meta = load_model(checkpoint)
     if meta.get("objective") == "masked":
@@ -83,12 +85,12 @@ def export_command(args: argparse.Namespace) -> dict:
 
 def default_dataset(meta: dict) -> PreparedDataset | None:
     """The checkpoint's own training data when it is a prepared folder (a PPO run's prompts are not)."""
-    data = Path(str(meta.get("data", "")))
-    return PreparedDataset.open(data) if (data / MANIFEST_FILE).is_file() else None
+    data = str(meta.get("data", ""))
+    return PreparedDataset.open(data) if data and storage.is_file(storage.join(data, MANIFEST_FILE)) else None
 
 
 def finish_folder(folder: Path, graphs: dict, quantization: str, model, meta: dict, checkpoint: Path,
-                  tokenizer_dir: Path) -> None:
+                  tokenizer_dir: str | Path) -> None:
     """The tokenizer beside the graphs, then raytrain-onnx.json (the folder is complete once it exists)."""
     copy_tokenizer(tokenizer_dir, folder)
     write_config(folder, {

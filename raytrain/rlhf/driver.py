@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import ray
 
+from raytrain import storage
 from raytrain.config import Config
 from raytrain.data.tokenizer import load_tokenizer, special_token_ids
 from raytrain.errors import ConfigError, DataError
@@ -36,7 +36,7 @@ def check_ppo_config(config: Config) -> dict:
     if not ppo.prompts:
         raise ConfigError("PPO needs prompts: pass --prompts stdlib-qa or JSONL files of 'prompt' records "
                           "(ppo.prompts)")
-    policy = resolve_checkpoint(ppo.policy).absolute()
+    policy = storage.absolute(resolve_checkpoint(ppo.policy))
     meta = read_checkpoint_meta(policy)
     if model_head(meta) != "lm":
         raise DataError(f"--policy '{ppo.policy}' is a reward model; start PPO from a language model (an SFT run)")
@@ -47,7 +47,7 @@ def check_ppo_config(config: Config) -> dict:
     if ppo.reward.startswith(PYTHON_REWARD):
         call_reward(import_reward(ppo.reward), ppo.reward, ["What does len do?"], ["Return the length."])
     else:
-        reward = resolve_checkpoint(ppo.reward).absolute()
+        reward = storage.absolute(resolve_checkpoint(ppo.reward))
         reward_meta = read_checkpoint_meta(reward)
         if model_head(reward_meta) != "score" or "reward" not in reward_meta:
             raise DataError(f"--reward '{ppo.reward}' is not a reward model (its stage trained "
@@ -59,7 +59,7 @@ def check_ppo_config(config: Config) -> dict:
             raise DataError(f"--reward '{ppo.reward}' has another architecture than the policy; the value model "
                             "starts from it, so it must match the policy's model")
         ppo.reward = value_init = str(reward)
-    tokenizer_dir = Path(meta["tokenizer"]["path"])
+    tokenizer_dir = meta["tokenizer"]["path"]  # a folder or a URI
     tokenizer = load_tokenizer(tokenizer_dir)
     prompts = load_prompts(ppo.prompts, tokenizer, train.seed, config.data.prepare.val_fraction,
                            config.data.chat.prompt_field, config.data.chat.messages_field)
@@ -91,6 +91,7 @@ def check_ppo_config(config: Config) -> dict:
 def run_ppo(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain ppo` (and `ppo.algorithm=grpo`): the policy from an SFT run, rewards from a reward model or a
     Python function, rollouts and rewards from actor pools beside the learner's Ray Train workers."""
+    storage.require_local(config.run.root, "run.root of a PPO run")
     spec = check_ppo_config(config)
     ppo = config.ppo
     init_ray(config.runtime)

@@ -66,7 +66,7 @@ class PPOWorker(Worker):
         self.synced: tuple | None = None
         if self.rank == 0:
             self.rollout, self.rewards = pools.handles("rollout"), pools.handles("reward")
-            self.tokenizer = load_tokenizer(Path(self.spec["tokenizer"]["path"]))
+            self.tokenizer = load_tokenizer(self.spec["tokenizer"]["path"])
             self._keep_samples_until(self.start_step)
 
     # -- the stage's data, model and checkpoint contents --------------------------------------------------
@@ -107,9 +107,9 @@ class PPOWorker(Worker):
     def _restore(self) -> int:
         if ray.train.get_checkpoint() is None:  # a new run: policy from --policy, value from the reward model
             (module,) = self.modules
-            load_weights(Path(self.spec["policy"]), module.policy)
+            load_weights(self.spec["policy"], module.policy)
             if module.value is not None:
-                load_weights(Path(self.spec["value_init"]), module.value)
+                load_weights(self.spec["value_init"], module.value)
         return super()._restore()
 
     def _checkpoint_meta(self, step: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from raytrain import storage
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
 
@@ -66,12 +68,17 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
     return read_checkpoint_meta(folder)
 
 
-def load_weights(folder: Path, model: torch.nn.Module) -> dict:
+def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
     """Model weights only (to start a new run from a checkpoint), under any layout.
 
     A reward model started from a language model takes its trunk and keeps its own new score head. From a PPO
-    checkpoint it is the policy that loads.
+    checkpoint it is the policy that loads. A checkpoint on object storage (a URI) is copied to a local temp
+    folder first (DCP reads files).
     """
+    if storage.is_uri(folder):
+        with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as local:
+            storage.copy_tree(folder, local)
+            return load_weights(Path(local), model)
     meta = read_checkpoint_meta(folder)
     prefix = POLICY_PREFIX if meta.get("objective") in POLICY_OBJECTIVES else ""
     wanted = get_model_state_dict(model)
@@ -106,15 +113,17 @@ def write_checkpoint_meta(folder: Path, meta: dict) -> None:
     (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
 
 
-def read_checkpoint_meta(folder: Path) -> dict:
-    path = folder / META_FILE
-    if not path.is_file():
+def read_checkpoint_meta(folder: str | Path) -> dict:
+    path = storage.join(folder, META_FILE)
+    if not storage.is_file(path):
         raise DataError(f"'{folder}' is not a raytrain checkpoint (no {META_FILE})")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the latest checkpoint of a run folder."""
+def resolve_checkpoint(path: str | Path) -> str | Path:
+    """A checkpoint folder, or the latest checkpoint of a run folder (a URI for one on object storage)."""
+    if storage.is_uri(path):
+        return _resolve_uri_checkpoint(str(path).rstrip("/"))
     folder = Path(path)
     if (folder / META_FILE).is_file():
         return folder
@@ -128,6 +137,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "pass runs/NAME or runs/NAME/checkpoints/step_N"
         )
     return candidates[-1][1]
+
+
+def _resolve_uri_checkpoint(uri: str) -> str:
+    if storage.is_file(storage.join(uri, META_FILE)):
+        return uri
+    steps = sorted(name.split("/")[0] for name in storage.list_files(storage.join(uri, "checkpoints"))
+                   if name.count("/") == 1 and name.endswith(f"/{META_FILE}"))
+    if not steps:
+        raise DataError(f"'{uri}' is neither a checkpoint nor a run folder with checkpoints; pass s3://…/NAME or "
+                        "s3://…/NAME/checkpoints/step_N")
+    return storage.join(uri, "checkpoints", steps[-1])  # step_NNNNNN: the names sort by step
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict]:

@@ -11,6 +11,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raytrain import storage
 from raytrain.config import Config
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import tokenizer_hash
@@ -36,9 +37,9 @@ def check_training_config(config: Config) -> PreparedDataset:
     if not train.data:
         raise ConfigError("config key 'train.data' is empty; set it to a folder from `raytrain data prepare`")
     # Workers run in other folders: hand them absolute paths.
-    train.data = str(Path(train.data).absolute())
+    train.data = storage.absolute(train.data)
     if train.init_from:
-        train.init_from = str(resolve_checkpoint(train.init_from).absolute())
+        train.init_from = storage.absolute(resolve_checkpoint(train.init_from))
     dataset = PreparedDataset.open(train.data)
     wanted = DATA_KIND[train.objective]
     if dataset.kind != wanted:
@@ -59,7 +60,7 @@ def check_training_config(config: Config) -> PreparedDataset:
     if dataset.split("train").num_rows == 0:
         raise DataError(f"'{train.data}' has no train rows")
     if train.init_from:
-        meta = read_checkpoint_meta(Path(train.init_from))
+        meta = read_checkpoint_meta(train.init_from)
         if meta["model"] != vars(model):
             raise ConfigError(f"train.init_from '{train.init_from}' holds model {meta['model']}, "
                               f"which differs from the config's model section")
@@ -145,9 +146,8 @@ def use_gpus(config: Config) -> bool:
 
 def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_config) -> dict:
     """Run `train_fn` on the Ray Train workers of config.parallel into the run folder; write summary.json."""
-    run_dir = config.run.dir.absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    run_dir = config.run.location  # a path or a URI: Ray Train writes checkpoints to either
+    config.save(storage.join(run_dir, "config.yaml"))
     parallel = config.parallel
     log.info("%s: %d worker(s) (pp %d × dp_replicate %d × dp_shard %d × tp %d), %s → %s",
              config.train.stage, parallel.workers, parallel.pp, parallel.dp_replicate, parallel.shard,
@@ -155,13 +155,13 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
     use_gpu = use_gpus(config)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir), **loop_config},
+        train_loop_config={"config": config.to_dict(), "run_dir": run_dir, **loop_config},
         scaling_config=ScalingConfig(num_workers=config.parallel.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.parallel.cpus_per_worker},
                                      placement_strategy=config.parallel.placement_strategy),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            storage_path=str(run_dir),
+            storage_path=run_dir,
             # A controller that cannot start its workers (their resources taken) gives up instead of retrying
             # forever: a sweep's trial then fails rather than hangs.
             failure_config=FailureConfig(max_failures=config.train.max_failures,
@@ -174,13 +174,16 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
     )
     started = time.perf_counter()
     result = trainer.fit()
-    return write_summary(run_dir, result.checkpoint.path if result.checkpoint else None,
-                         time.perf_counter() - started)
+    # The checkpoint's place named as the run folder is (Ray's own path drops a URI's scheme).
+    checkpoint = storage.join(run_dir, CHECKPOINTS, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]) \
+        if result.checkpoint else None
+    return write_summary(run_dir, checkpoint, time.perf_counter() - started)
 
 
-def write_summary(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
+def write_summary(run_dir: str | Path, checkpoint: str | None, wall_s: float) -> dict:
     """summary.json from the run's metrics.jsonl (also written by a sweep for a trial stopped at a report)."""
-    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+    records = [json.loads(line) for line in storage.read_text(storage.join(run_dir, METRICS_FILE)).splitlines()
+               if line]
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if any(key.startswith("val/") for key in r)]
     tokens = train[-1]["train/tokens_seen"] if train else 0
@@ -194,5 +197,5 @@ def write_summary(run_dir: Path, checkpoint: str | None, wall_s: float) -> dict:
         "val_last": val[-1] if val else {},
         "checkpoint": checkpoint,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary

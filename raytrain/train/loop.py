@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raytrain import storage
 from raytrain.config import Config, config_from_dict
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
@@ -52,11 +53,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def train_worker(loop_config: dict) -> None:
     config = config_from_dict(loop_config["config"])
-    Worker(config, Path(loop_config["run_dir"])).run()
+    Worker(config, loop_config["run_dir"]).run()
 
 
 class Worker:
-    def __init__(self, config: Config, run_dir: Path):
+    def __init__(self, config: Config, run_dir: str):
+        """run_dir: the run folder, a path or a URI."""
         self.config = config
         self.train = config.train
         self.run_dir = run_dir
@@ -138,7 +140,7 @@ class Worker:
         # Sharded like the policy; under plain replication it stays a bare copy (DDP is for gradients).
         module = model if plain_ddp(self.config.parallel) else parallelize(model, self.config.parallel, self.layout,
                                                                            self.device, self.bf16)
-        load_weights(Path(self.train.init_from), module)
+        load_weights(self.train.init_from, module)
         return module.requires_grad_(False).eval()
 
     def _restore(self) -> int:
@@ -149,7 +151,7 @@ class Worker:
                 return self.resumed["step"]
         if self.train.init_from:
             for module in self.modules:
-                load_weights(Path(self.train.init_from), module)
+                load_weights(self.train.init_from, module)
         return 0
 
     def autocast(self):
@@ -374,8 +376,8 @@ class Worker:
         """debug.step_sleep_s, then debug.fail_at_step."""
         debug = self.config.debug
         time.sleep(debug.step_sleep_s)
-        marker = self.run_dir / FAILED_ONCE_MARKER
-        if step == debug.fail_at_step and self.rank == debug.fail_rank and not marker.exists():
-            marker.touch()
+        marker = storage.join(self.run_dir, FAILED_ONCE_MARKER)
+        if step == debug.fail_at_step and self.rank == debug.fail_rank and not storage.exists(marker):
+            storage.write_text(marker, "")
             log.info(f"[raytrain] debug.fail_at_step: worker {self.rank} exits at step {step}")
             os._exit(1)

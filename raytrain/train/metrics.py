@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from raytrain import storage
+
 log = logging.getLogger("raytrain")
 # The one list of metric names: code, dashboards and tests use these. Every stage logs LOOP_METRICS; a
 # language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS, DPO DPO_METRICS, PPO
@@ -93,24 +95,32 @@ def wandb_mode(mode: str) -> str | None:
 
 
 class MetricsLog:
-    """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step."""
+    """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step.
 
-    def __init__(self, run_dir: Path, resume_step: int, tracking, config: dict, run_name: str, job_type: str,
-                 quiet: bool):
-        self.path = run_dir / METRICS_FILE
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
+    A run folder on object storage (a URI) has no append: the log is kept in a local folder of this node
+    (`local_mirror`) and metrics.jsonl is uploaded whole after each record, the W&B files at the end."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int, tracking, config: dict, run_name: str,
+                 job_type: str, quiet: bool):
+        self.run_dir = str(run_dir)
+        self.remote = storage.is_uri(run_dir)
+        self.local_dir = local_mirror(self.run_dir) if self.remote else Path(run_dir)
+        self.path = self.local_dir / METRICS_FILE
+        logged = storage.join(self.run_dir, METRICS_FILE)
+        if storage.is_file(logged):
+            kept = [line for line in storage.read_text(logged).splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+            self._upload()
         self.wandb = None
         mode = wandb_mode(tracking.mode)
         if mode:
             import wandb
 
             # Quiet: W&B's banner and end-of-run tables would drown the progress lines; one line says where.
-            self.wandb = wandb.init(project=tracking.project, name=run_name, id=_wandb_id(run_dir),
+            self.wandb = wandb.init(project=tracking.project, name=run_name, id=_wandb_id(self.run_dir),
                                     group=tracking.group or None, job_type=job_type,
-                                    resume="allow", dir=str(run_dir), config=config, mode=mode,
+                                    resume="allow", dir=str(self.local_dir), config=config, mode=mode,
                                     settings=wandb.Settings(silent=quiet, **_FLUSH_OFTEN))
             if quiet:
                 offline = f"offline in {Path(self.wandb.dir).parent} (`wandb sync` uploads it)"
@@ -119,12 +129,29 @@ class MetricsLog:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._upload()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def _upload(self) -> None:
+        if self.remote:
+            storage.write_text(storage.join(self.run_dir, METRICS_FILE), self.path.read_text())
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+            if self.remote:
+                storage.copy_tree(self.local_dir / "wandb", storage.join(self.run_dir, "wandb"))
+
+
+def local_mirror(run_dir: str) -> Path:
+    """This node's folder for the files of a run on object storage that must be written in place."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "raytrain-runs" / hashlib.sha1(run_dir.encode()).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 # A run killed from outside (a sweep trial stopped by ASHA, a lost worker) keeps in its .wandb file what was
@@ -132,10 +159,11 @@ class MetricsLog:
 _FLUSH_OFTEN = {"x_transaction_log_flush_interval": 1.0}
 
 
-def _wandb_id(run_dir: Path) -> str:
+def _wandb_id(run_dir: str) -> str:
+    """The same W&B run across resumes: from the run folder's absolute path or URI."""
     import hashlib
 
-    return hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:12]
+    return hashlib.sha1(run_dir.encode()).hexdigest()[:12]
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: float, done_here: int) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ray
 
+from raytrain import storage
 from raytrain.config import Config, config_from_dict
 from raytrain.errors import ConfigError
 from raytrain.runtime import environ, init_ray
@@ -146,6 +147,7 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     from ray.tune.search import BasicVariantGenerator
 
     check_sweep(config, sweep, space)
+    storage.require_local(config.run.root, "run.root of a sweep")
     sweep_dir = (Path(config.run.root) / sweep.name).absolute()
     _claim_sweep_dir(sweep_dir, sweep)
     init_ray(config.runtime)
