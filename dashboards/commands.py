@@ -8,7 +8,9 @@ from pathlib import Path
 
 def export(args: argparse.Namespace) -> list[Path]:
     from dashboards.specs import export_specs
+    from raytrain import storage
 
+    storage.require_local(args.out, "--out of dashboards export", "write the specs here, then copy them")
     paths = export_specs(Path(args.out), args.entity, args.project, _sweeps(args))
     for path in paths:
         print(path)
@@ -24,5 +26,5 @@ def publish(args: argparse.Namespace) -> list[str]:
     return urls
 
 
-def _sweeps(args: argparse.Namespace) -> list[Path]:
-    return [Path(folder) for folder in args.sweep or []]
+def _sweeps(args: argparse.Namespace) -> list[str]:
+    return list(args.sweep or [])  # folders or URIs: only their sweep.yaml is read

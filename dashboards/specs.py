@@ -19,7 +19,7 @@ NO_KEY = ("publishing dashboards needs a W&B API key: set WANDB_API_KEY (or run 
           "`raytrain dashboards export --out DIR` writes the specs offline")
 
 
-def export_specs(out: Path, entity: str, project: str, sweeps: list[Path]) -> list[Path]:
+def export_specs(out: Path, entity: str, project: str, sweeps: list[str | Path]) -> list[Path]:
     """OUT/<family>.json and OUT/sweep-<name>.json, one per workspace; returns the files written."""
     out = Path(out)
     built = all_workspaces(entity, project, sweeps)  # every sweep folder is read before any file is written
@@ -47,7 +47,7 @@ def load_spec(path: Path) -> ws.Workspace:
                         "`raytrain dashboards export`") from None
 
 
-def publish(entity: str, project: str, sweeps: list[Path]) -> list[str]:
+def publish(entity: str, project: str, sweeps: list[str | Path]) -> list[str]:
     """Saves every workspace to W&B as a new view of ENTITY/PROJECT; returns their URLs."""
     if not has_api_key():
         raise ConfigError(NO_KEY)

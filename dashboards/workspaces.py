@@ -11,6 +11,7 @@ from pathlib import Path
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
+from raytrain import storage
 from raytrain.errors import ConfigError
 from raytrain.train.metrics import DPO_METRICS, METRICS, PPO_METRICS, REWARD_METRICS
 from raytrain.train.panels import FAMILIES
@@ -42,7 +43,7 @@ def _stage_workspace(entity: str, project: str, family: str) -> ws.Workspace:
     return _stable_ids(workspace, family)
 
 
-def sweep_workspace(entity: str, project: str, sweep_dir: Path) -> ws.Workspace:
+def sweep_workspace(entity: str, project: str, sweep_dir: str | Path) -> ws.Workspace:
     """Each searched key against the sweep's metric (scatter plots, one parallel-coordinates plot) and the metric
     over steps, for the runs of the sweep's group, best first."""
     sweep = read_sweep(sweep_dir)
@@ -65,7 +66,7 @@ def sweep_workspace(entity: str, project: str, sweep_dir: Path) -> ws.Workspace:
     return _stable_ids(workspace, sweep.slug)
 
 
-def all_workspaces(entity: str, project: str, sweeps: list[Path]) -> dict[str, ws.Workspace]:
+def all_workspaces(entity: str, project: str, sweeps: list[str | Path]) -> dict[str, ws.Workspace]:
     """File stem → workspace: the three stage families, then one per sweep folder."""
     built = dict(stage_workspaces(entity, project))
     for sweep_dir in sweeps:
@@ -77,11 +78,11 @@ def all_workspaces(entity: str, project: str, sweeps: list[Path]) -> dict[str, w
     return built
 
 
-def read_sweep(sweep_dir: Path) -> Sweep:
+def read_sweep(sweep_dir: str | Path) -> Sweep:
     """The sweep, whose metric must be one raytrain logs (a panel of anything else would stay empty)."""
     sweep = read_sweep_file(sweep_dir)
     if sweep.metric not in LOGGED:
-        raise ConfigError(f"{Path(sweep_dir) / SWEEP_FILE}: 'metric' is {sweep.metric!r}, not a metric raytrain "
+        raise ConfigError(f"{storage.join(sweep_dir, SWEEP_FILE)}: 'metric' is {sweep.metric!r}, not a metric raytrain "
                           "logs; e.g. val/loss, val/accuracy or val/reward_mean (raytrain/train/metrics.py lists them)")
     return sweep
 

@@ -371,7 +371,13 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return config
 
 
-def _resolve_source(source: str) -> Path:
+def _resolve_source(source: str) -> str | Path:
+    from raytrain import storage
+
+    if storage.is_uri(source):  # e.g. a sweep's best.yaml on object storage
+        if not storage.is_file(source):
+            raise ConfigError(f"config file '{source}' does not exist")
+        return source
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -385,9 +391,11 @@ def _resolve_source(source: str) -> Path:
     return preset
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    from raytrain import storage
+
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -154,17 +154,20 @@ def score(args: argparse.Namespace) -> list[float]:
 
 
 def convert_to_hf(args: argparse.Namespace) -> None:
+    storage.require_local(args.out, "--out of convert to-hf", "convert here, then upload the folder")
     model, meta = load_model(args.checkpoint)
     out = Path(args.out)
     save_hf(model, out)
-    tokenizer_dir = Path(meta["tokenizer"]["path"]) if "tokenizer" in meta else None
-    if tokenizer_dir and (tokenizer_dir / TOKENIZER_FILE).is_file():
+    tokenizer_dir = meta["tokenizer"]["path"] if "tokenizer" in meta else None  # a folder or a URI
+    if tokenizer_dir and storage.is_file(storage.join(tokenizer_dir, TOKENIZER_FILE)):
         copy_tokenizer(tokenizer_dir, out)  # model and tokenizer in one folder: AutoModel and AutoTokenizer load it
     architecture = "LlamaForSequenceClassification, 1 label" if model.score is not None else "LlamaForCausalLM"
     print(f"{resolve_checkpoint(args.checkpoint)} → {out} ({architecture}, safetensors)")
 
 
 def convert_from_hf(args: argparse.Namespace) -> None:
+    storage.require_local(args.hf_dir, "the Hugging Face folder of convert from-hf", "download it first")
+    storage.require_local(args.out, "--out of convert from-hf", "convert here, then upload the folder")
     model = load_hf(Path(args.hf_dir))
     out = Path(args.out)
     if (out / "raytrain.json").exists():

@@ -8,8 +8,11 @@ default credentials): they belong in the nodes' environment, never in a config o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,12 +31,10 @@ def absolute(path: str | Path) -> str:
     return str(path).rstrip("/") if is_uri(path) else str(Path(path).absolute())
 
 
-def require_local(path: str | Path, what: str) -> None:
-    """Refuse a URI where raytrain reads or writes in place (not yet on object storage), naming what is."""
+def require_local(path: str | Path, what: str, fix: str) -> None:
+    """Refuse a URI where only a local folder makes sense (a report to open in a browser), naming what and the fix."""
     if is_uri(path):
-        raise DataError(f"{what} '{path}' is a URI; it must be a local or shared-file-system path for now (URIs "
-                        "work for data, tokenizers, prepared datasets, checkpoints to load, and the run folders of "
-                        "pretrain, sft, reward and dpo)")
+        raise DataError(f"{what} must be a local folder, not the URI '{path}'; {fix}")
 
 
 def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -74,11 +75,19 @@ def read_text(path: str | Path) -> str:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """One object (S3 writes it whole or not at all); a local file's parent folders are created."""
-    filesystem, inner = resolve(path)
-    filesystem.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
-    with filesystem.open_output_stream(inner) as stream:
-        stream.write(text.encode())
+    """The whole file at once: one object on a URI (S3 writes it whole or not at all); a local file is written
+    beside its place and renamed over it (its parent folders created), so a reader never sees half of it."""
+    if is_uri(path):
+        filesystem, inner = resolve(path)
+        filesystem.create_dir(posixpath.dirname(inner), recursive=True)
+        with filesystem.open_output_stream(inner) as stream:
+            stream.write(text.encode())
+        return
+    target = Path(str(path).removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    staged.write_text(text)
+    staged.replace(target)
 
 
 def open_input_file(path: str | Path):
@@ -110,3 +119,25 @@ def copy_tree(source: str | Path, target: str | Path) -> None:
     for relative in {posixpath.dirname(name) for name in list_files(source)}:  # a local target needs its folders
         target_fs.create_dir(posixpath.join(target_inner, relative), recursive=True)
     pafs.copy_files(source_inner, target_inner, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | Path, skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local folder holding path's files, for readers that need files (DCP, a report): the folder itself, or a
+    URI's files (but those inside folders named in `skip`) copied to a temp folder of the same name, removed
+    afterwards."""
+    if not is_uri(path):
+        yield Path(str(path).removeprefix("file://"))
+        return
+    wanted = [name for name in list_files(path) if not set(name.split("/")[:-1]) & set(skip)]
+    if not wanted:
+        raise DataError(f"'{path}' does not exist or holds no files")
+    source_fs, source_inner = resolve(path)
+    with tempfile.TemporaryDirectory(prefix="raytrain-copy-") as temp:
+        local = Path(temp, posixpath.basename(source_inner))
+        for name in wanted:
+            target = local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(posixpath.join(source_inner, name), str(target), source_filesystem=source_fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        yield local

@@ -73,7 +73,7 @@ def test_dpo_prefers_the_chosen_answers_and_every_layout_and_a_restart_match_one
     assert set(DPO_METRICS) - untracked <= set(records(tmp_path / "one")[-1])
     # A worker dies at step 13: the restart reloads the policy from step 10 and the reference from --init.
     dpo("fsdp2", "parallel.workers=2", "debug.fail_at_step=13", "train.max_failures=1")
-    assert (tmp_path / "fsdp2" / ".debug_failed_once").exists()
+    assert (tmp_path / "fsdp2" / ".debug_failed_once").read_text() == "resumed from step 10\n"
     assert_same_curve(one, losses(tmp_path / "fsdp2"))
     dpo("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
     assert_same_curve(one, losses(tmp_path / "tp2"))

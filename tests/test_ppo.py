@@ -225,7 +225,7 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
         "train.max_failures=1")
     for pool in ("rollout", "reward"):
         assert (tmp_path / "dp2-failures" / f".debug_{pool}_actor_failed_once").exists()
-    assert (tmp_path / "dp2-failures" / ".debug_failed_once").exists()
+    assert (tmp_path / "dp2-failures" / ".debug_failed_once").read_text() == "resumed from step 4\n"
     split = ppo("tp2", *two, "parallel.tp=2")
     assert split["rollout_weights_max_diff"] < 1e-6  # gathered from the tensor-parallel shards
     for run in ("dp2-failures", "tp2"):

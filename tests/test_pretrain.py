@@ -55,7 +55,7 @@ def test_crashed_tensor_parallel_run_resumes_on_one_worker(reference, tiny_datas
 def test_killed_worker_costs_only_steps_since_checkpoint(reference, tiny_dataset, tmp_path):
     pretrain(tmp_path, "faulty", tiny_dataset, "parallel.workers=2", "parallel.dp_replicate=2",  # DDP
              "train.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1")
-    assert (tmp_path / "faulty" / ".debug_failed_once").exists()
+    assert (tmp_path / "faulty" / ".debug_failed_once").read_text() == "resumed from step 10\n"
     assert_same_curve(losses(reference[0]), losses(tmp_path / "faulty"))
 
 

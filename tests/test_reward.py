@@ -137,7 +137,7 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
     assert meta["reward"]["std"] > 0
     # The same under FSDP, whose ranks score half the split each.
     reward("fsdp2", "parallel.workers=2", "train.max_failures=1", "debug.fail_at_step=13", "debug.fail_rank=1")
-    assert (tmp_path / "fsdp2" / ".debug_failed_once").exists()  # died at step 13, resumed from step 10
+    assert (tmp_path / "fsdp2" / ".debug_failed_once").read_text() == "resumed from step 10\n"  # died at 13
     assert_same_curve(one, losses(tmp_path / "fsdp2"))
     fsdp_meta = read_checkpoint_meta(resolve_checkpoint(tmp_path / "fsdp2"))
     assert fsdp_meta["reward"]["responses"] == meta["reward"]["responses"]

@@ -63,7 +63,7 @@ def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(refe
     # A worker dies at step 13 (DDP): Ray Train restarts the group, which resumes from step 10 exactly.
     sft("faulty", "parallel.workers=2", "parallel.dp_replicate=2", "train.max_failures=1", "debug.fail_at_step=13",
         "debug.fail_rank=1")
-    assert (tmp_path / "faulty" / ".debug_failed_once").exists()
+    assert (tmp_path / "faulty" / ".debug_failed_once").read_text() == "resumed from step 10\n"
     assert_same_curve(one, losses(tmp_path / "faulty"))
 
     # Refused before any worker starts: a model that is not the checkpoint's, pre-training data, no --init.

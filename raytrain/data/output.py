@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,20 @@ def atomic_output_dir(out: str | Path, done_marker: str, overwrite: bool) -> Ite
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_output_dir(out: str | Path, done_marker: str, overwrite: bool) -> Iterator[Path]:
+    """atomic_output_dir for writers that need a local folder (onnx, onnxruntime's quantizer): a URI's result is
+    built in a local temp folder, then uploaded the same way."""
+    if not storage.is_uri(out):
+        with atomic_output_dir(out, done_marker, overwrite) as tmp:
+            yield Path(tmp)
+        return
+    with atomic_output_dir(out, done_marker, overwrite) as staged, \
+            tempfile.TemporaryDirectory(prefix="raytrain-out-") as local:
+        yield Path(local)
+        storage.copy_tree(local, staged)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch
 import raytrain
 from raytrain import storage
 from raytrain.data.manifest import MANIFEST_FILE, PreparedDataset
-from raytrain.data.output import atomic_output_dir
+from raytrain.data.output import local_output_dir
 from raytrain.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
 from raytrain.errors import DataError
 from raytrain.export.folder import CONFIG_FILE, read_config, write_config
@@ -43,7 +43,6 @@ def export_command(args: argparse.Namespace) -> dict:
     if args.quantize not in QUANTIZATIONS:
         raise DataError(f"unknown --quantize {args.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     started = time.perf_counter()
-    storage.require_local(args.out, "--out of an export")
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, meta = load_model(checkpoint)
     if meta.get("objective") == "masked":
@@ -56,9 +55,9 @@ def export_command(args: argparse.Namespace) -> dict:
     dataset = PreparedDataset.open(args.data) if args.data else default_dataset(meta)
     if dataset is not None:
         check_evaluation_data(meta, dataset)
-    out = Path(args.out)
-    with atomic_output_dir(out, CONFIG_FILE, args.overwrite) as staging, \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as scratch:
+    out = args.out
+    with local_output_dir(out, CONFIG_FILE, args.overwrite) as staging, \
+            tempfile.TemporaryDirectory(prefix="raytrain-fp32-") as scratch:
         fp32 = staging if args.quantize == "none" else Path(scratch)
         graphs = export_graphs(model, fp32)
         finish_folder(fp32, graphs, "none", model, meta, checkpoint, tokenizer_dir)
@@ -135,7 +134,7 @@ def measure(model, exported: OnnxModel, dataset: PreparedDataset | None, batches
     return result
 
 
-def print_summary(summary: dict, checkpoint: Path, out: Path, graphs: list[str], dataset) -> None:
+def print_summary(summary: dict, checkpoint: Path, out: str, graphs: list[str], dataset) -> None:
     method = summary["quantization"]
     name = "fp32" if method == "none" else method
     size = summary["bytes"] / 1e6

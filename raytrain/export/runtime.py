@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from raytrain import storage
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.export.folder import read_config
@@ -23,7 +24,7 @@ from raytrain.model.generate import decode
 
 class OnnxModel:
     def __init__(self, folder: str | Path, threads: int = 0):
-        self.folder = Path(folder)
+        self.folder = folder  # a folder or a URI (the graphs are read into memory)
         self.export = read_config(self.folder)
         self.config = TransformerConfig(**self.export["model"])
         self.head = self.export["head"]
@@ -32,7 +33,7 @@ class OnnxModel:
         options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per physical core
         options.log_severity_level = 3  # errors only
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = {name: ort.InferenceSession(str(self.folder / name), options,
+        self.sessions = {name: ort.InferenceSession(storage.read_bytes(storage.join(folder, name)), options,
                                                     providers=["CPUExecutionProvider"])
                          for name in self.export["graphs"]}
         self.past_names = cache_names("past", self.config.n_layers)

@@ -7,16 +7,19 @@ failed report never leaves a half-written DIR, and an older report there is repl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
 
+from raytrain import storage
 from raytrain.errors import DataError
 from raytrain.report.inputs import Sweep, load_inputs
 from raytrain.report.page import render_page
 from raytrain.report.plots import family_plots, slug, sweep_plots
 
 PAGE = "index.html"
+NOT_READ = ("checkpoints", "wandb", "tune")  # the folders of runs and sweeps a report does not read
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
@@ -41,7 +44,10 @@ def write_report(paths: list[Path], out: Path) -> Path:
 
 
 def report_command(args: argparse.Namespace) -> None:
-    page = write_report([Path(p) for p in args.paths], Path(args.out))
+    storage.require_local(args.out, "--out of a report", "it is a page to open here")
+    with contextlib.ExitStack() as stack:  # runs and sweeps on object storage: their logs, copied here
+        paths = [stack.enter_context(storage.local_copy(path, skip=NOT_READ)) for path in args.paths]
+        page = write_report(paths, Path(args.out))
     print(f"report: {page} ({len(list(page.parent.glob('*.png')))} plots); open it in a browser")
 
 

@@ -14,11 +14,11 @@ import math
 import os
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import torch
 
+from raytrain import storage
 from raytrain.config import PPOConfig
 from raytrain.errors import DataError
 from raytrain.model.generate import generate
@@ -69,8 +69,8 @@ def actor_device() -> torch.device:
 
 def exit_once(marker: str | None) -> None:
     """debug.fail_actor_at_iteration: the actor's process exits mid-call, once (the marker file remembers)."""
-    if marker is not None and not Path(marker).exists():
-        Path(marker).touch()
+    if marker is not None and not storage.exists(marker):
+        storage.write_text(marker, "")
         os._exit(1)
 
 
@@ -116,7 +116,7 @@ class RewardActor:
         if reward.startswith(PYTHON_REWARD):
             from raytrain.data.tokenizer import load_tokenizer
 
-            self.function, self.tokenizer = import_reward(reward), load_tokenizer(Path(tokenizer))
+            self.function, self.tokenizer = import_reward(reward), load_tokenizer(tokenizer)
         else:
             self.model, meta = load_model(reward, self.device)
             self.mean, self.std = meta["reward"]["mean"], max(meta["reward"]["std"], 1e-6)

@@ -91,18 +91,14 @@ def check_ppo_config(config: Config) -> dict:
 def run_ppo(config: Config, callbacks: tuple = ()) -> dict:
     """`raytrain ppo` (and `ppo.algorithm=grpo`): the policy from an SFT run, rewards from a reward model or a
     Python function, rollouts and rewards from actor pools beside the learner's Ray Train workers."""
-    storage.require_local(config.run.root, "run.root of a PPO run")
     spec = check_ppo_config(config)
     ppo = config.ppo
     init_ray(config.runtime)
     actors = (ppo.rollout_actors + ppo.reward_actors) * ppo.actor_cpus
     check_placement(config, use_gpus(config), f" plus {ppo.rollout_actors + ppo.reward_actors} actors × "
                                               f"ppo.actor_cpus={ppo.actor_cpus}", actors)
-    run_dir = config.run.dir.absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staged = run_dir / f"{PROMPTS_FILE}.tmp"
-    staged.write_text(json.dumps(spec))
-    staged.replace(run_dir / PROMPTS_FILE)
+    run_dir = config.run.location  # a path or a URI
+    storage.write_text(storage.join(run_dir, PROMPTS_FILE), json.dumps(spec))
     log.info("ppo: %d train / %d held-out prompts; %d rollout and %d reward actor(s) (%s reward)", len(spec["train"]),
              len(spec["val"]), ppo.rollout_actors, ppo.reward_actors,
              "Python" if ppo.reward.startswith(PYTHON_REWARD) else "model")
@@ -113,7 +109,7 @@ def run_ppo(config: Config, callbacks: tuple = ()) -> dict:
                                           f"{ppo.samples_per_prompt} samples ({ppo.algorithm})", callbacks,
                       pools={"rollout": pools.rollout, "reward": pools.reward})
         summary["rollout_weights_max_diff"] = synced_weights_diff(pools, summary["checkpoint"])
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
     finally:
         pools.kill()

@@ -15,14 +15,13 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from raytrain import storage
 from raytrain.config import config_from_dict
 from raytrain.data.stream import BatchOrder
 from raytrain.data.tokenizer import load_tokenizer
@@ -42,6 +41,7 @@ from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.rlhf.ppo_math import AdaptiveKLController
 from raytrain.train.checkpoint import load_weights
 from raytrain.train.loop import Worker, all_reduce_sum
+from raytrain.train.metrics import StepLog
 from raytrain.train.optim import build_optimizer
 
 log = logging.getLogger("raytrain")
@@ -53,11 +53,11 @@ SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
 
 def ppo_worker(loop_config: dict) -> None:
     config = config_from_dict(loop_config["config"])
-    PPOWorker(config, Path(loop_config["run_dir"]), ActorPools(**loop_config["pools"])).run()
+    PPOWorker(config, loop_config["run_dir"], ActorPools(**loop_config["pools"])).run()
 
 
 class PPOWorker(Worker):
-    def __init__(self, config, run_dir: Path, pools: ActorPools):
+    def __init__(self, config, run_dir: str, pools: ActorPools):
         super().__init__(config, run_dir)
         ppo = config.ppo
         kl_coef = self.resumed.get("ppo", {}).get("kl_coef", ppo.kl_coef)
@@ -67,13 +67,13 @@ class PPOWorker(Worker):
         if self.rank == 0:
             self.rollout, self.rewards = pools.handles("rollout"), pools.handles("reward")
             self.tokenizer = load_tokenizer(self.spec["tokenizer"]["path"])
-            self._keep_samples_until(self.start_step)
+            self.samples = StepLog(run_dir, SAMPLES_FILE, self.log.local_dir, self.start_step)
 
     # -- the stage's data, model and checkpoint contents --------------------------------------------------
 
     def _open_data(self) -> None:
         ppo = self.config.ppo
-        self.spec = json.loads((self.run_dir / PROMPTS_FILE).read_text())
+        self.spec = json.loads(storage.read_text(storage.join(self.run_dir, PROMPTS_FILE)))
         self.seq_len = self.spec["length"]
         self.order = BatchOrder(len(self.spec["train"]), ppo.prompts_per_iteration, self.train.seed)
         self.local_batch = self.train.global_batch // self.layout.dp
@@ -104,13 +104,12 @@ class PPOWorker(Worker):
         self.optimizers = [build_optimizer(self.parts[0], self.train)]
         self.last_stage, self.schedule, self.loss_scale = True, None, 1.0
 
-    def _restore(self) -> int:
-        if ray.train.get_checkpoint() is None:  # a new run: policy from --policy, value from the reward model
-            (module,) = self.modules
-            load_weights(self.spec["policy"], module.policy)
-            if module.value is not None:
-                load_weights(self.spec["value_init"], module.value)
-        return super()._restore()
+    def _start_fresh(self) -> None:
+        """A new run: the policy from --policy, the value model from the reward model."""
+        (module,) = self.modules
+        load_weights(self.spec["policy"], module.policy)
+        if module.value is not None:
+            load_weights(self.spec["value_init"], module.value)
 
     def _checkpoint_meta(self, step: int) -> dict:
         return {
@@ -222,14 +221,7 @@ class PPOWorker(Worker):
                 "ref_logps": [lp for _, part in results for lp in part]}
 
     def _marker(self, pool: str) -> str:
-        return str(self.run_dir / ACTOR_FAILED_MARKER.format(pool))
-
-    def _broadcast(self, batch: dict | None) -> dict:
-        if self.world > 1:
-            holder = [batch]
-            dist.broadcast_object_list(holder, src=0)
-            batch = holder[0]
-        return batch
+        return storage.join(self.run_dir, ACTOR_FAILED_MARKER.format(pool))
 
     def _experience(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Packed rows with advantages (the same on every rank), the batch's statistics and its sequence KLs."""
@@ -311,17 +303,8 @@ class PPOWorker(Worker):
         responses = decode(batch["responses"][:count], skip_special_tokens=True)
         rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i]) if kl is not None else None]
                 for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
-        with (self.run_dir / SAMPLES_FILE).open("a") as f:
-            for row in rows:
-                f.write(json.dumps(dict(zip(SAMPLE_COLUMNS, row, strict=True))) + "\n")
+        self.samples.append([dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows])
         if self.log is not None and self.log.wandb is not None:
             import wandb
 
             self.log.wandb.log({f"{split}/samples": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)}, step=step)
-
-    def _keep_samples_until(self, step: int) -> None:
-        """On resume, drop samples logged after the checkpoint: the resumed run logs them again."""
-        path = self.run_dir / SAMPLES_FILE
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))

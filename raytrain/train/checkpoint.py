@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
+import pickle
 import warnings
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
 
 META_FILE = "raytrain.json"
+CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints/step_NNNNNN/ (Ray Train's run name)
+DCP_METADATA = ".metadata"
 FORMAT = "raytrain.checkpoint/1"
 
 
@@ -76,9 +78,8 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
     folder first (DCP reads files).
     """
     if storage.is_uri(folder):
-        with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as local:
-            storage.copy_tree(folder, local)
-            return load_weights(Path(local), model)
+        with storage.local_copy(folder) as local:
+            return load_weights(local, model)
     meta = read_checkpoint_meta(folder)
     prefix = POLICY_PREFIX if meta.get("objective") in POLICY_OBJECTIVES else ""
     wanted = get_model_state_dict(model)
@@ -121,33 +122,39 @@ def read_checkpoint_meta(folder: str | Path) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> str | Path:
-    """A checkpoint folder, or the latest checkpoint of a run folder (a URI for one on object storage)."""
-    if storage.is_uri(path):
-        return _resolve_uri_checkpoint(str(path).rstrip("/"))
-    folder = Path(path)
-    if (folder / META_FILE).is_file():
-        return folder
-    candidates = sorted(
-        (read_checkpoint_meta(p.parent)["step"], p.parent)
-        for p in folder.glob(f"checkpoints/*/{META_FILE}")
-    )
-    if not candidates:
-        raise DataError(
-            f"'{path}' is neither a checkpoint nor a run folder with checkpoints; "
-            "pass runs/NAME or runs/NAME/checkpoints/step_N"
-        )
-    return candidates[-1][1]
+    """A checkpoint folder, or the latest complete checkpoint of a run folder (a URI for one on object storage)."""
+    if storage.is_file(storage.join(path, META_FILE)):
+        return str(path).rstrip("/") if storage.is_uri(path) else Path(path)
+    latest = latest_checkpoint(path)
+    if latest is None:
+        example = "s3://…/NAME or s3://…/NAME/checkpoints/step_N" if storage.is_uri(path) else \
+            "runs/NAME or runs/NAME/checkpoints/step_N"
+        raise DataError(f"'{path}' is neither a checkpoint nor a run folder with checkpoints; pass {example}")
+    return latest if storage.is_uri(path) else Path(latest)
 
 
-def _resolve_uri_checkpoint(uri: str) -> str:
-    if storage.is_file(storage.join(uri, META_FILE)):
-        return uri
-    steps = sorted(name.split("/")[0] for name in storage.list_files(storage.join(uri, "checkpoints"))
-                   if name.count("/") == 1 and name.endswith(f"/{META_FILE}"))
-    if not steps:
-        raise DataError(f"'{uri}' is neither a checkpoint nor a run folder with checkpoints; pass s3://…/NAME or "
-                        "s3://…/NAME/checkpoints/step_N")
-    return storage.join(uri, "checkpoints", steps[-1])  # step_NNNNNN: the names sort by step
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """The newest complete checkpoint in a run folder's checkpoints/ (a path or a URI), or None.
+
+    Complete: raytrain.json, DCP's .metadata and every file the metadata names are there. (Ray Train takes a
+    reported checkpoint into its books only when its controller next polls the workers, every 2 s: one that
+    a dying worker reported just before is in the run folder all the same.)"""
+    folder = storage.join(run_dir, CHECKPOINTS_DIR)
+    files: dict[str, set[str]] = {}
+    for name in storage.list_files(folder):
+        step, _, file = name.partition("/")
+        files.setdefault(step, set()).add(file)
+    for step in sorted(files, reverse=True):  # step_NNNNNN: the names sort by step
+        checkpoint = storage.join(folder, step)
+        if {META_FILE, DCP_METADATA} <= files[step] and _dcp_files(checkpoint) <= files[step]:
+            return checkpoint
+    return None
+
+
+def _dcp_files(checkpoint: str) -> set[str]:
+    """The shard files DCP's metadata says the checkpoint holds."""
+    metadata = pickle.loads(storage.read_bytes(storage.join(checkpoint, DCP_METADATA)))
+    return {info.relative_path for info in metadata.storage_data.values()}
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict]:

@@ -19,12 +19,11 @@ from raytrain.errors import ConfigError, DataError
 from raytrain.parallel.pipeline import pipeline_errors
 from raytrain.parallel.tensor_parallel import tp_errors
 from raytrain.runtime import init_ray
-from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
+from raytrain.train.checkpoint import CHECKPOINTS_DIR, read_checkpoint_meta, resolve_checkpoint
 from raytrain.train.loop import train_worker
 from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
-CHECKPOINTS = "checkpoints"
 CONTROLLER_FAILURE_LIMIT = 3
 # Which prepared data each objective trains on, and the command that makes it.
 DATA_KIND = {"causal": "pretrain", "masked": "pretrain", "sft": "sft", "reward": "prefs", "dpo": "prefs"}
@@ -160,7 +159,7 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
                                      resources_per_worker={"CPU": config.parallel.cpus_per_worker},
                                      placement_strategy=config.parallel.placement_strategy),
         run_config=RunConfig(
-            name=CHECKPOINTS,
+            name=CHECKPOINTS_DIR,
             storage_path=run_dir,
             # A controller that cannot start its workers (their resources taken) gives up instead of retrying
             # forever: a sweep's trial then fails rather than hangs.
@@ -175,7 +174,7 @@ def fit(config: Config, train_fn, work: str, callbacks: tuple = (), **loop_confi
     started = time.perf_counter()
     result = trainer.fit()
     # The checkpoint's place named as the run folder is (Ray's own path drops a URI's scheme).
-    checkpoint = storage.join(run_dir, CHECKPOINTS, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]) \
+    checkpoint = storage.join(run_dir, CHECKPOINTS_DIR, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]) \
         if result.checkpoint else None
     return write_summary(run_dir, checkpoint, time.perf_counter() - started)
 

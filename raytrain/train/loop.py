@@ -34,7 +34,12 @@ from raytrain.parallel.layout import build_layout, gradient_sync, parallelize, p
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
 from raytrain.parallel.tensor_parallel import loss_context
 from raytrain.runtime import configure_ray_data, configure_worker_logging
-from raytrain.train.checkpoint import load_training_checkpoint, load_weights, save_training_checkpoint
+from raytrain.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    load_weights,
+    save_training_checkpoint,
+)
 from raytrain.train.memory import TensorMemory, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
 from raytrain.train.objectives import build_objective, score_statistics
@@ -144,15 +149,29 @@ class Worker:
         return module.requires_grad_(False).eval()
 
     def _restore(self) -> int:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                self.resumed = load_training_checkpoint(Path(folder), self.modules, self.optimizers)
-                return self.resumed["step"]
+        """Resume from the run folder's latest complete checkpoint (rank 0 picks it for all), else start fresh."""
+        folder = self._broadcast(latest_checkpoint(self.run_dir) if self.rank == 0 else None)
+        if folder is None:
+            self._start_fresh()
+            return 0
+        with storage.local_copy(folder) as local:
+            self.resumed = load_training_checkpoint(local, self.modules, self.optimizers)
+        self._note_debug_resume()
+        return self.resumed["step"]
+
+    def _start_fresh(self) -> None:
+        """A new run's weights: train.init_from's, or the random initialisation."""
         if self.train.init_from:
             for module in self.modules:
                 load_weights(self.train.init_from, module)
-        return 0
+
+    def _broadcast(self, value):
+        """Rank 0's value on every rank."""
+        if self.world > 1:
+            holder = [value]
+            dist.broadcast_object_list(holder, src=0)
+            value = holder[0]
+        return value
 
     def autocast(self):
         if not self.bf16:
@@ -371,6 +390,12 @@ class Worker:
             ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:06d}")
+
+    def _note_debug_resume(self) -> None:
+        """After debug.fail_at_step's exit, the marker records the step the run resumed from (tests read it)."""
+        marker = storage.join(self.run_dir, FAILED_ONCE_MARKER)
+        if self.rank == 0 and self.config.debug.fail_at_step >= 0 and storage.exists(marker):
+            storage.write_text(marker, f"resumed from step {self.resumed['step']}\n")
 
     def _debug_hooks(self, step: int) -> None:
         """debug.step_sleep_s, then debug.fail_at_step."""

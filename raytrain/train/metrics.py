@@ -94,24 +94,44 @@ def wandb_mode(mode: str) -> str | None:
     return mode
 
 
-class MetricsLog:
-    """Appends to RUN/metrics.jsonl and W&B; on resume drops records past the resume step.
+class StepLog:
+    """A JSONL file of a run folder whose records carry their step (metrics.jsonl, PPO's samples.jsonl).
 
-    A run folder on object storage (a URI) has no append: the log is kept in a local folder of this node
-    (`local_mirror`) and metrics.jsonl is uploaded whole after each record, the W&B files at the end."""
+    On resume, records past the resume step are dropped (the run logs them again). A run folder on object storage
+    (a URI) has no append: the file is kept in this node's `local_dir` and uploaded whole after each append."""
+
+    def __init__(self, run_dir: str | Path, name: str, local_dir: Path, resume_step: int):
+        self.logged = storage.join(run_dir, name)
+        self.remote = storage.is_uri(run_dir)
+        self.path = local_dir / name
+        if storage.is_file(self.logged):
+            kept = [line for line in storage.read_text(self.logged).splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self._upload()
+        elif self.remote:
+            self.path.unlink(missing_ok=True)  # left in the mirror by an earlier run of this URI
+
+    def append(self, records: list[dict]) -> None:
+        with self.path.open("a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.remote:
+            storage.write_text(self.logged, self.path.read_text())
+
+
+class MetricsLog:
+    """Appends to RUN/metrics.jsonl and W&B (a run folder on object storage: W&B's files uploaded at the end)."""
 
     def __init__(self, run_dir: str | Path, resume_step: int, tracking, config: dict, run_name: str,
                  job_type: str, quiet: bool):
         self.run_dir = str(run_dir)
         self.remote = storage.is_uri(run_dir)
+        # Files a URI run folder cannot have written in place (W&B's, the JSONL logs) live in this node's folder.
         self.local_dir = local_mirror(self.run_dir) if self.remote else Path(run_dir)
-        self.path = self.local_dir / METRICS_FILE
-        logged = storage.join(self.run_dir, METRICS_FILE)
-        if storage.is_file(logged):
-            kept = [line for line in storage.read_text(logged).splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-            self._upload()
+        self.metrics = StepLog(self.run_dir, METRICS_FILE, self.local_dir, resume_step)
         self.wandb = None
         mode = wandb_mode(tracking.mode)
         if mode:
@@ -127,15 +147,9 @@ class MetricsLog:
                 log.info(f"[raytrain] W&B run {self.wandb.url if mode == 'online' else offline}")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._upload()
+        self.metrics.append([{"step": step, **metrics}])
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-
-    def _upload(self) -> None:
-        if self.remote:
-            storage.write_text(storage.join(self.run_dir, METRICS_FILE), self.path.read_text())
 
     def close(self) -> None:
         if self.wandb is not None:

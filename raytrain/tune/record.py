@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from raytrain import storage
 from raytrain.errors import ConfigError
 
 SWEEP_FILE = "sweep.yaml"
@@ -62,18 +63,16 @@ def _one_distribution(where: str, spec: Any) -> tuple[str, tuple]:
     return kind, tuple(values)
 
 
-def read_sweep(sweep_dir: Path) -> Sweep:
-    """SWEEP/sweep.yaml; errors name the file and the fix."""
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / SWEEP_FILE
-    if not sweep_dir.is_dir():
-        raise ConfigError(f"{sweep_dir} is not a folder; {NOT_A_SWEEP}")
-    if not path.is_file():
-        raise ConfigError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}); {NOT_A_SWEEP}")
+def read_sweep(sweep_dir: str | Path) -> Sweep:
+    """SWEEP/sweep.yaml (a folder or a URI); errors name the file and the fix."""
+    path = storage.join(sweep_dir, SWEEP_FILE)
+    if not storage.is_file(path):
+        what = "is not a folder" if not storage.exists(sweep_dir) else f"is not a sweep folder (no {SWEEP_FILE})"
+        raise ConfigError(f"{sweep_dir} {what}; {NOT_A_SWEEP}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.safe_load(storage.read_text(path))
     except OSError as exc:
-        raise ConfigError(f"cannot read '{path}': {exc.strerror}") from None
+        raise ConfigError(f"cannot read '{path}': {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML; {NOT_A_SWEEP}") from None
@@ -101,8 +100,5 @@ def read_sweep(sweep_dir: Path) -> Sweep:
     return sweep
 
 
-def write_sweep(sweep_dir: Path, sweep: Sweep) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    staged = sweep_dir / f"{SWEEP_FILE}.tmp"
-    staged.write_text(yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=False))
-    staged.replace(sweep_dir / SWEEP_FILE)
+def write_sweep(sweep_dir: str | Path, sweep: Sweep) -> None:
+    storage.write_text(storage.join(sweep_dir, SWEEP_FILE), yaml.safe_dump(dataclasses.asdict(sweep), sort_keys=False))

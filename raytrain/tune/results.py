@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import posixpath
 from collections.abc import Callable
-from pathlib import Path
 
+from raytrain import storage
 from raytrain.config import load_config
 from raytrain.errors import ConfigError, find_raytrain_error
 
@@ -16,11 +17,11 @@ BEST_FILE = "best.yaml"
 COMPLETED, STOPPED, ERROR, NOT_RUN = "completed", "stopped early", "error", "not run"
 
 
-def trial_rows(grid, sweep, sweep_dir: Path, expected_steps: Callable[[dict], int]) -> list[dict]:
+def trial_rows(grid, sweep, sweep_dir: str, expected_steps: Callable[[dict], int]) -> list[dict]:
     """One row per trial of a Tune ResultGrid: sampled values, final and best metric, status, where it stopped."""
     rows = []
     for result in grid:
-        name = Path(result.path).name
+        name = posixpath.basename(result.path)
         params = {key: result.config[key] for key in sweep.space}
         history = result.metrics_dataframe
         values = [] if history is None or sweep.metric not in history else list(history[sweep.metric].dropna())
@@ -34,7 +35,7 @@ def trial_rows(grid, sweep, sweep_dir: Path, expected_steps: Callable[[dict], in
         pick = min if sweep.mode == "min" else max
         rows.append({"trial": name, "status": status, "steps": step if step is not None else "", **params,
                      "final": values[-1] if values else "", "best": pick(values) if values else "",
-                     "run_dir": str(sweep_dir / name), "error": _one_line(result.error)})
+                     "run_dir": storage.join(sweep_dir, name), "error": _one_line(result.error)})
     return sorted(rows, key=lambda row: row["trial"])
 
 
@@ -54,27 +55,27 @@ def best_row(rows: list[dict], mode: str) -> dict | None:
     return (min if mode == "min" else max)(scored, key=lambda row: float(row["final"]))
 
 
-def write_results(sweep_dir: Path, sweep, rows: list[dict], wall_s: float) -> dict:
+def write_results(sweep_dir: str, sweep, rows: list[dict], wall_s: float) -> dict:
     """trials.csv, best.yaml (the best trial's config as a fresh run, `raytrain STAGE --config best.yaml`), and
     the table on stdout."""
-    _write_atomically(sweep_dir / TRIALS_FILE, _csv(rows))
+    trials_file, best_file = storage.join(sweep_dir, TRIALS_FILE), storage.join(sweep_dir, BEST_FILE)
+    storage.write_text(trials_file, _csv(rows))
     best = best_row(rows, sweep.mode)
     if best is None:
         raise ConfigError(f"no trial of sweep '{sweep.name}' reported {sweep.metric}; see the trials' run folders "
-                          f"in {sweep_dir} and {sweep_dir / TRIALS_FILE}")
-    config = load_config(str(Path(best["run_dir"]) / "config.yaml"))
-    config.run.root = str(sweep_dir.parent)
+                          f"in {sweep_dir} and {trials_file}")
+    config = load_config(storage.join(best["run_dir"], "config.yaml"))
+    config.run.root = posixpath.dirname(sweep_dir)  # sweep_dir is absolute: a path or a URI
     config.run.name = f"{sweep.name}-best"
     config.tracking.group = ""
-    _write_atomically(sweep_dir / BEST_FILE, f"# sweep '{sweep.name}': {best['trial']}, {sweep.metric} "
-                                             f"{float(best['final']):.6g}\n" + config.to_yaml())
+    storage.write_text(best_file, f"# sweep '{sweep.name}': {best['trial']}, {sweep.metric} "
+                                  f"{float(best['final']):.6g}\n" + config.to_yaml())
     print(table(rows, sweep, best))
     stopped = sum(row["status"] == STOPPED for row in rows)
     values = ", ".join(f"{key}={_cell(best[key])}" for key in sweep.space)
     print(f"\nsweep '{sweep.name}': {len(rows)} trials ({stopped} stopped early) in {wall_s:.0f}s; best "
           f"{best['trial']} {sweep.metric} {float(best['final']):.4g} with {values}")
-    print(f"  {sweep_dir / TRIALS_FILE}\n  {sweep_dir / BEST_FILE}  (raytrain {sweep.stage} --config "
-          f"{sweep_dir / BEST_FILE})")
+    print(f"  {trials_file}\n  {best_file}  (raytrain {sweep.stage} --config {best_file})")
     return {"best": best, "rows": rows, "wall_s": wall_s}
 
 
@@ -99,8 +100,3 @@ def _csv(rows: list[dict]) -> str:
     writer.writerows(rows)
     return out.getvalue()
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(text)
-    staged.replace(path)

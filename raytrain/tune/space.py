@@ -20,17 +20,18 @@ from typing import Any
 
 import yaml
 
+from raytrain import storage
 from raytrain.config import FLOAT_TEXT, Config, config_from_dict
 from raytrain.errors import ConfigError
 from raytrain.tune.record import RANGES, Dimension, _one_distribution
 
 
-def load_space(path: Path, config: Config) -> list[Dimension]:
-    """Read and check SPACE.yaml against `config`; errors name the file, the key and the fix."""
+def load_space(path: str | Path, config: Config) -> list[Dimension]:
+    """Read and check SPACE.yaml (a file or a URI) against `config`; errors name the file, the key and the fix."""
     try:
-        tree = yaml.safe_load(Path(path).read_text())
+        tree = yaml.safe_load(storage.read_text(path))
     except OSError as exc:
-        raise ConfigError(f"cannot read the search space '{path}': {exc.strerror}") from None
+        raise ConfigError(f"cannot read the search space '{path}': {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import posixpath
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ STAGE_METRICS = {"pretrain": METRICS, "sft": METRICS, "reward": REWARD_METRICS, 
                  "ppo": PPO_METRICS}
 TRIAL_DRIVER_CPUS = 0.01  # the Tune trial only waits on its TorchTrainer's controller
 PLACEMENT_GROUP_WAIT_S = 30.0
+TUNE_FOLDER = "tune"  # Tune's own experiment state, inside the sweep folder
 
 
 def stage_runner(stage: str):
@@ -132,7 +134,7 @@ def run_trial(params: dict, *, stage: str, base: dict, sweep_dir: str) -> None:
     config = with_values(config_from_dict(base), params)
     config.run.root = sweep_dir
     config.run.name = tune.get_context().get_trial_name()
-    config.tracking.group = Path(sweep_dir).name
+    config.tracking.group = posixpath.basename(sweep_dir)
     stage_runner(stage)(config, callbacks=(TuneReportCallback(),))
 
 
@@ -147,8 +149,7 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     from ray.tune.search import BasicVariantGenerator
 
     check_sweep(config, sweep, space)
-    storage.require_local(config.run.root, "run.root of a sweep")
-    sweep_dir = (Path(config.run.root) / sweep.name).absolute()
+    sweep_dir = storage.join(storage.absolute(config.run.root), sweep.name)  # a folder or a URI
     _claim_sweep_dir(sweep_dir, sweep)
     init_ray(config.runtime)
     trials_at_once = concurrency(config, sweep.stage, space, max_concurrent)
@@ -157,17 +158,17 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=most_reports, grace_period=1,
                                reduction_factor=2) if sweep.scheduler == "asha" else FIFOScheduler())
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, stage=sweep.stage, base=config.to_dict(), sweep_dir=str(sweep_dir)),
+        tune.with_parameters(run_trial, stage=sweep.stage, base=config.to_dict(), sweep_dir=sweep_dir),
         {"CPU": TRIAL_DRIVER_CPUS})
-    experiment = sweep_dir / "tune"
+    experiment = storage.join(sweep_dir, TUNE_FOLDER)
     log.info("tune: %s sweep '%s' of `raytrain %s` over %s, %d sample(s), %d trial(s) at once, %s on %s → %s",
              sweep.scheduler, sweep.name, sweep.stage, ", ".join(sweep.space), sweep.samples, trials_at_once,
              sweep.mode, sweep.metric, sweep_dir)
     groups_before = _live_placement_groups()
     started = time.perf_counter()
-    if tune.Tuner.can_restore(str(experiment)):
+    if tune.Tuner.can_restore(experiment):
         log.info("tune: resuming '%s'; finished trials are kept", sweep.name)
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -176,7 +177,7 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples, scheduler=scheduler,
                 search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=trials_at_once),
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(sweep_dir), verbose=0),
+            run_config=tune.RunConfig(name=TUNE_FOLDER, storage_path=sweep_dir, verbose=0),
         )
     # Tune's own console tables would bury the trials' progress lines; the table at the end sums them up.
     with environ(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
@@ -188,21 +189,22 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     return {**write_results(sweep_dir, sweep, rows, wall_s), "trials_at_once": trials_at_once}
 
 
-def _complete_run_folders(grid, sweep_dir: Path) -> None:
+def _complete_run_folders(grid, sweep_dir: str) -> None:
     """A trial that Tune stops at a report (ASHA, also at its last one) dies before its stage writes
     summary.json: write it from the trial's metrics.jsonl, its last reported checkpoint and its time."""
     from raytrain.train.launch import write_summary
 
     for result in grid:
-        run_dir = sweep_dir / Path(result.path).name
-        if (run_dir / METRICS_FILE).exists() and not (run_dir / "summary.json").exists():
+        run_dir = storage.join(sweep_dir, posixpath.basename(result.path))
+        if storage.is_file(storage.join(run_dir, METRICS_FILE)) and not storage.is_file(
+                storage.join(run_dir, "summary.json")):
             metrics = result.metrics or {}
             write_summary(run_dir, metrics.get("checkpoint_path"), metrics.get("time_total_s", 0.0))
 
 
-def _claim_sweep_dir(sweep_dir: Path, sweep: Sweep) -> None:
+def _claim_sweep_dir(sweep_dir: str, sweep: Sweep) -> None:
     """A new sweep records what it is; a rerun must ask for the same sweep (then it resumes)."""
-    if not (sweep_dir / SWEEP_FILE).exists():
+    if not storage.is_file(storage.join(sweep_dir, SWEEP_FILE)):
         write_sweep(sweep_dir, sweep)
         return
     before = dataclasses.asdict(read_sweep(sweep_dir))
@@ -250,7 +252,7 @@ def tune_command(args) -> None:
     overrides = [f"run.name={args.name}", *([f"runtime.address={args.address}"] if args.address else []),
                  *args.overrides]
     config = load_config(args.config, overrides)
-    space = load_space(Path(args.space), config)
+    space = load_space(args.space, config)
     sweep = new_sweep(args.name, args.stage, args.metric, args.mode, args.samples, args.scheduler, space,
                       config.train.seed)
     run_sweep(config, sweep, space, args.max_concurrent)
