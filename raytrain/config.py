@@ -35,9 +35,13 @@ class RuntimeConfig:
     object_store_gib: float = 2.0  # object store of a local Ray
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     progress: bool = True  # Ray Data progress bars
+    # An autoscaling cluster: wait up to this long for the nodes a run needs, asked of the autoscaler; 0: the
+    # resources must be there at start.
+    resource_wait_s: float = 0.0
 
     def validate(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "runtime.num_cpus", "must be >= 1")
+        _check(self.resource_wait_s >= 0, "runtime.resource_wait_s", "must be >= 0")
         _check(self.object_store_gib > 0, "runtime.object_store_gib", "must be > 0")
 
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.ray
         (["model.vocab_size=100"], "'model.vocab_size' is 100 but the data's tokenizer has 512"),
         (["train.global_batch=6", "parallel.workers=4"], "'train.global_batch' 6 is not divisible by data-parallel"),
         (["parallel.workers=64", "train.global_batch=64"], "need 64 CPUs but the cluster has"),
+        (["parallel.use_gpu=true", "runtime.resource_wait_s=1"], "need 1 GPUs but the cluster has 0 after waiting 1s"),
         (["parallel.workers=4", "parallel.tp=4"], "model.n_kv_heads=2 is not divisible by parallel.tp=4"),
         (["parallel.workers=3", "parallel.dp_shard=2"], "'parallel.workers' 3 differs from pp × dp_replicate"),
     ],
