@@ -19,7 +19,7 @@ from raytrain.config import load_config
 from raytrain.data.prepare import run_prepare_stage
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.parallel.plan import plan_ranks
-from raytrain.train.launch import run_pretrain
+from raytrain.stages import STAGES
 
 STEPS = 24
 MEMORY_STEPS = 4
@@ -52,12 +52,13 @@ def run() -> str:
         single = None
         for i, (name, overrides) in enumerate(LAYOUTS.items()):
             layout = load_config("demo", [*base, f"run.name=speed{i}", *overrides])
-            run_pretrain(layout)
+            STAGES["pretrain"].run(layout)
             steady = [r for r in records(work / f"speed{i}")[1:] if "train/loss" in r]  # past start-up
             rate = statistics.median(r["perf/tokens_per_s"] for r in steady)
             resident = max(r["mem/peak_gib"] for r in steady)
-            run_pretrain(load_config("demo", [*base, f"run.name=memory{i}", *overrides, f"train.steps={MEMORY_STEPS}",
-                                              f"train.log_every={MEMORY_STEPS}", "debug.track_memory=true"]))
+            STAGES["pretrain"].run(load_config("demo", [*base, f"run.name=memory{i}", *overrides,
+                                                        f"train.steps={MEMORY_STEPS}",
+                                                        f"train.log_every={MEMORY_STEPS}", "debug.track_memory=true"]))
             tensors = max(r["mem/tensor_peak_gib"] for r in records(work / f"memory{i}") if "train/loss" in r) * 1024
             planned = plan_ranks(layout, layout.parallel.workers, layout.data.prepare.seq_len)[0].total_gib * 1024
             single = single or (rate, tensors)

@@ -10,7 +10,6 @@ warm-up; SFT tokens/s = conversations/s × the data's mean real (non-pad) tokens
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -74,8 +73,8 @@ def run() -> str:
 
     from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
-    from raytrain.model_commands import convert_to_hf
-    from raytrain.train.launch import run_reward, run_sft
+    from raytrain.export.hf import checkpoint_to_hf
+    from raytrain.stages import STAGES
 
     torch.set_num_threads(THREADS)
     work = Path(tempfile.mkdtemp(prefix="bench-post-"))
@@ -96,11 +95,11 @@ def run() -> str:
         meta = {"step": 0, "objective": "causal", "mask_fraction": 0.15, "seed": 0,
                 "tokenizer": {"path": f"{work}/tok"}}
         save_model(work / "init", model, meta)
-        convert_to_hf(argparse.Namespace(checkpoint=str(work / "init"), out=str(work / "hf")))
+        checkpoint_to_hf(str(work / "init"), str(work / "hf"))
         tokenizer = AutoTokenizer.from_pretrained(work / "hf")
 
         # SFT: ours, then TRL on the same rows (input_ids without padding, the loss mask as completion_mask).
-        run_sft(load_config("demo", [*base, "run.name=sft", f"train.data='{work}/sft'",
+        STAGES["sft"].run(load_config("demo", [*base, "run.name=sft", f"train.data='{work}/sft'",
                                      f"train.init_from='{work}/init'"]))
         ours_sft = our_step_time(work / "sft")
         rows = split_rows(PreparedDataset.open(work / "sft"))
@@ -115,10 +114,10 @@ def run() -> str:
         tokens_per_example = float(lengths.mean())
 
         # Reward model: ours from the same initial weights, then TRL's on its HF export.
-        run_reward(load_config("demo", [*base, "run.name=rm", f"train.data='{work}/prefs'",
+        STAGES["reward"].run(load_config("demo", [*base, "run.name=rm", f"train.data='{work}/prefs'",
                                         f"train.init_from='{work}/init'"]))
         ours_rm = our_step_time(work / "rm")
-        convert_to_hf(argparse.Namespace(checkpoint=str(work / "rm"), out=str(work / "hf-rm")))
+        checkpoint_to_hf(str(work / "rm"), str(work / "hf-rm"))
         pairs = split_rows(PreparedDataset.open(work / "prefs"))
         prefs_data = datasets.Dataset.from_dict({
             "chosen_ids": [r[0][r[0] != PAD].tolist() for r in pairs],

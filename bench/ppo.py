@@ -10,7 +10,6 @@ runs `trl.experimental.ppo.PPOTrainer` in this process. Times are medians over t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -51,9 +50,9 @@ def models(work: Path, config) -> tuple[Path, Path]:
 
 
 def ours(work: Path, base: list[str], name: str, *overrides: str) -> list[dict]:
-    from raytrain.rlhf.driver import run_ppo
+    from raytrain.stages import STAGES
 
-    run_ppo(load_config("demo", [*base, f"run.name={name}", *overrides]))
+    STAGES["ppo"].run(load_config("demo", [*base, f"run.name={name}", *overrides]))
     records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "perf/iteration_s" in r and r["step"] > WARMUP]
 
@@ -65,10 +64,10 @@ def trl_iteration_time(work: Path, prompts: list[list[int]]) -> float:
     from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from raytrain.model_commands import convert_to_hf
+    from raytrain.export.hf import checkpoint_to_hf
 
-    convert_to_hf(argparse.Namespace(checkpoint=str(work / "policy"), out=str(work / "hf-policy")))
-    convert_to_hf(argparse.Namespace(checkpoint=str(work / "reward"), out=str(work / "hf-reward")))
+    checkpoint_to_hf(str(work / "policy"), str(work / "hf-policy"))
+    checkpoint_to_hf(str(work / "reward"), str(work / "hf-reward"))
     tokenizer = AutoTokenizer.from_pretrained(work / "hf-policy", padding_side="left")  # prompts end together
 
     def lm():

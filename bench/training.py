@@ -1,7 +1,7 @@
 """Training and generation speed, each measured side by side with its baseline in one run.
 
 (a) our model's training step vs transformers' LlamaForCausalLM (same config, batch, AdamW);
-(b) `raytrain pretrain` with one worker vs the same step in a plain loop without Ray;
+(b) `raytrain pretrain` with one worker vs the same loop in one process without Ray (train/local.py);
 (c) the MFU of (b) against the measured matmul peak of this CPU;
 (d) generation with our KV cache vs transformers' `generate` on the same weights.
 """
@@ -41,7 +41,8 @@ def hf_llama(model: Transformer, folder: Path):
 def run() -> str:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
-    from raytrain.train.launch import run_pretrain
+    from raytrain.stages import STAGES
+    from raytrain.train.local import run_local
 
     torch.set_num_threads(THREADS)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -73,14 +74,17 @@ def run() -> str:
             rates["compiled"].append(step_rate(compiled, batches, lambda m, x: m(x), config))
         ours_rate, hf_rate, compiled_rate = (statistics.median(rates[k]) for k in ("ours", "hf", "compiled"))
 
-        # (b) the same step in a plain loop vs raytrain pretrain with one worker, back to back.
-        fresh = Transformer(config.model)
-        fresh.init_weights(config.train.seed)
-        plain_rate = step_rate(fresh, batches, lambda m, x: m(x), config)
-        summary = run_pretrain(config)
-        records = [json.loads(x) for x in (config.run.dir / "metrics.jsonl").read_text().splitlines()]
-        # Steady state: the log intervals after the first (which holds start-up and warm-up).
-        ray_rate = statistics.median(r["perf/tokens_per_s"] for r in records[1:] if "train/loss" in r)
+        # (b) the one loop on a Ray Train worker (Ray Data stream) vs the same loop in this process without Ray
+        # (train/local.py: batches read in-process), back to back, the same config.
+        def steady_rate(run: str) -> float:
+            """The median tokens/s of the log intervals after the first (which holds start-up and warm-up)."""
+            records = [json.loads(x) for x in (work / run / "metrics.jsonl").read_text().splitlines()]
+            return statistics.median(r["perf/tokens_per_s"] for r in records[1:] if "train/loss" in r)
+
+        run_local(config.with_values({"run.name": "plain"}), STAGES["pretrain"])
+        plain_rate = steady_rate("plain")
+        summary = STAGES["pretrain"].run(config)
+        ray_rate = steady_rate("bench")
         mfu = summary["final"]["perf/mfu"]
         peak = measure_peak_flops(torch.device("cpu"))
         flops_per_token = train_flops_per_token(config.model, dataset.seq_len)
@@ -128,7 +132,8 @@ def run() -> str:
             f"{ours_rate:,.0f} | {hf_rate:,.0f} | **{ours_rate / hf_rate:.2f}×** | ≥ 1.2× |",
             f"| (a') the same with our blocks compiled (`parallel.compile=true`) vs `transformers` eager | "
             f"{compiled_rate:,.0f} | {hf_rate:,.0f} | **{compiled_rate / hf_rate:.2f}×** | ≥ 1.2× |",
-            f"| (b) `raytrain pretrain` (1 Ray Train worker, Ray Data stream) vs the same step in a plain loop, "
+            f"| (b) `raytrain pretrain` (1 Ray Train worker, Ray Data stream) vs the same loop in one process "
+            "without Ray (`train/local.py`), "
             f"tokens/s | {ray_rate:,.0f} | {plain_rate:,.0f} | **{ray_rate / plain_rate:.2f}×** | ≥ 0.9× |",
             f"| (d) generation, new tokens/s: our KV cache vs `transformers` `generate` (greedy, 4 prompts, "
             f"{new} new tokens each) | {gen['ours']:,.0f} | {gen['hf']:,.0f} | **{gen['ours'] / gen['hf']:.2f}×** "

@@ -27,7 +27,7 @@ PER_CORE = 2  # trials at once in (a): this machine's cores
 def run() -> str:
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
-    from raytrain.train.launch import run_pretrain
+    from raytrain.stages import STAGES
 
     work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
     try:
@@ -49,24 +49,20 @@ def run() -> str:
         space_file.write_text("train.lr: {loguniform: [1e-5, 3e-2]}\n")
         space = load_space(space_file, config)
 
-        base_lr = config.train.lr
         swept = {}  # trials at once → the sweep's result; both sweeps draw the same learning rates (seed 0)
         for at_once in PER_CORE, None:
             sweep = new_sweep(f"asha-{at_once or 'default'}", "pretrain", None, None, TRIALS, "asha", space, seed=0)
             swept[at_once] = run_sweep(config, sweep, space, max_concurrent=at_once)
         started = time.perf_counter()
         for row in swept[PER_CORE]["rows"]:  # the same learning rates, each to the end, one after another
-            config.run.name = f"seq-{row['trial']}"
-            config.train.lr = float(row["train.lr"])
-            run_pretrain(config)
+            STAGES["pretrain"].run(config.with_values({"run.name": f"seq-{row['trial']}",
+                                                       "train.lr": float(row["train.lr"])}))
         sequential_s = time.perf_counter() - started
 
-        config.train.lr = base_lr
         single = new_sweep("single", "pretrain", None, None, 1, "none", [], seed=0)
         one_trial = run_sweep(config, single, [])["wall_s"]
-        config.run.name = "alone"
         started = time.perf_counter()
-        run_pretrain(config)
+        STAGES["pretrain"].run(config.with_values({"run.name": "alone"}))
         alone_s = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)

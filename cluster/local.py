@@ -41,7 +41,7 @@ class LocalCluster:
     """`ray start --head` plus `nodes - 1` `ray start --address` nodes whose processes all carry
     RAY_TMPDIR=<its own dir>, which is how they are found again."""
 
-    def __init__(self, nodes: int = 1, cpus: float = 2, tmpdir: str | None = None, port: int | None = None,
+    def __init__(self, nodes: int = 1, cpus: int = 2, tmpdir: str | None = None, port: int | None = None,
                  dashboard_port: int | None = None, token_file: str | None = None, node_env: dict | None = None):
         """token_file: turn on Ray's token authentication with the token in this file (RAY_AUTH_TOKEN_PATH; every
         client then needs RAY_AUTH_MODE=token and the same file or RAY_AUTH_TOKEN). node_env: more environment
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["start", "status", "stop"])
     parser.add_argument("--nodes", type=int, default=2, help="Ray nodes, the head included (default 2)")
-    parser.add_argument("--cpus", type=float, default=2, help="logical CPUs per node (default 2)")
+    parser.add_argument("--cpus", type=int, default=2, help="logical CPUs per node (default 2)")
     parser.add_argument("--state", type=Path, default=STATE, help="where the cluster is recorded (.ray-local)")
     parser.add_argument("--no-token", action="store_true", help="turn off token authentication (on by default, "
                                                                 "as Ray 2.60 does: a new token in STATE/auth_token)")

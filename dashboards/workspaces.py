@@ -13,16 +13,16 @@ import wandb_workspaces.workspaces as ws
 
 from raytrain import storage
 from raytrain.errors import ConfigError
-from raytrain.train.metrics import DPO_METRICS, METRICS, PPO_METRICS, REWARD_METRICS
+from raytrain.stages import STAGES, families
 from raytrain.train.panels import FAMILIES
 from raytrain.tune.record import SWEEP_FILE, Sweep
 from raytrain.tune.record import read_sweep as read_sweep_file
 
 PREFIX = "raytrain · "
 TITLES = {"pretrain": "pre-training", "finetune": "fine-tuning, reward model and DPO", "ppo": "PPO and GRPO"}
-# Family → the W&B job types of its runs: a run's job_type is its stage name; GRPO runs log "ppo".
-JOB_TYPES = {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo"), "ppo": ("ppo",)}
-LOGGED = frozenset((*METRICS, *REWARD_METRICS, *DPO_METRICS, *PPO_METRICS))
+# Family → the W&B job types of its runs: a run's job_type is its stage's name (GRPO runs are `raytrain ppo`'s).
+JOB_TYPES = families()
+LOGGED = frozenset(metric for stage in STAGES.values() for metric in stage.metrics)
 
 
 def stage_workspaces(entity: str, project: str) -> dict[str, ws.Workspace]:

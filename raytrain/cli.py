@@ -56,38 +56,8 @@ PREFS_DATA_FLAGS = [
     ("--responses-field", "data.chat.responses_field", {"help": "a list of responses (default: responses)"}),
     ("--ranking-field", "data.chat.ranking_field", {"help": "their indices, best first (default: ranking)"}),
 ]
-PRETRAIN_FLAGS = [
-    ("--data", "train.data", {"metavar": "DIR", "help": "prepared dataset folder"}),
-    ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
-    ("--steps", "train.steps", {"type": int}),
-    ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers"}),
-]
 # A config override: `section.key=value` with a section of Config (run, data, train, ...).
 OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})(\.\w+)+=")
-SFT_FLAGS = [
-    ("--data", "train.data", {"metavar": "DIR", "help": "fine-tuning dataset folder (raytrain data sft)"}),
-    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the pre-trained model to start from"}),
-    *PRETRAIN_FLAGS[1:],
-]
-REWARD_FLAGS = [
-    ("--data", "train.data", {"metavar": "DIR", "help": "preference dataset folder (raytrain data prefs)"}),
-    ("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": "the model to start from (an SFT run); DPO's "
-                                                                 "reference too"}),
-    *PRETRAIN_FLAGS[1:],
-]
-PPO_FLAGS = [
-    ("--policy", "ppo.policy", {"metavar": "CKPT|RUN", "help": "the policy to start from (an SFT run); the KL "
-                                                              "reference too"}),
-    ("--reward", "ppo.reward", {"metavar": "CKPT|RUN|python:mod:fn",
-                                "help": "a reward model (`raytrain reward` run) or a Python function "
-                                        "(prompts, responses) -> list[float]"}),
-    ("--prompts", "ppo.prompts", {"metavar": "SRC", "help": "'stdlib-qa', or JSONL files/folders of 'prompt' or "
-                                                           "'messages' records"}),
-    ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
-    ("--iterations", "ppo.iterations", {"type": int, "help": "rollout → update iterations"}),
-    ("--algorithm", "ppo.algorithm", {"choices": ["ppo", "grpo"]}),
-    ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers of the learner"}),
-]
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
 
 
@@ -107,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
-    from raytrain.pipeline import run_demo
-    from raytrain.rlhf.driver import run_ppo
-    from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
+    from raytrain.demo import run_demo
+    from raytrain.stages import STAGES
 
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,16 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                  SFT_DATA_FLAGS, run_sft_data_stage)
     _add_command(data_commands, "prefs", "ranked responses → token rows for a reward model (Ray Data)",
                  PREFS_DATA_FLAGS, run_prefs_data_stage)
-    _add_command(commands, "pretrain", "pre-train a model on Ray Train workers", PRETRAIN_FLAGS,
-                 run_pretrain, default_config="demo")
-    _add_command(commands, "sft", "fine-tune on conversations: loss on the answer tokens only", SFT_FLAGS,
-                 run_sft, default_config="demo")
-    _add_command(commands, "reward", "train a reward model on ranked responses (Bradley–Terry)", REWARD_FLAGS,
-                 run_reward, default_config="demo")
-    _add_command(commands, "dpo", "direct preference optimisation of an SFT model on ranked responses",
-                 REWARD_FLAGS, run_dpo, default_config="demo")
-    _add_command(commands, "ppo", "align a policy with PPO or GRPO: rollouts and rewards from Ray actor pools",
-                 PPO_FLAGS, run_ppo, default_config="demo")
+    for stage in STAGES.values():
+        _add_command(commands, stage.name, stage.help, stage.cli_flags(), stage.run, default_config="demo")
     _add_tune_command(commands)
     _add_model_commands(commands)
     _add_report_commands(commands)
@@ -158,7 +119,8 @@ def _name_leaf_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tune_command(commands) -> None:
-    from raytrain.tune.sweep import STAGES, tune_command
+    from raytrain.stages import STAGES
+    from raytrain.tune.sweep import tune_command
 
     tune = commands.add_parser("tune", help="sweep a stage's hyperparameters with Ray Tune (ASHA stops bad trials "
                                             "early)")
@@ -214,7 +176,7 @@ def _report(args) -> None:
 
 
 def _add_model_commands(commands) -> None:
-    from raytrain import model_commands
+    from raytrain import commands as handlers
 
     plan = commands.add_parser("plan", help="dry-run a parallel layout: memory per rank, fit, step time")
     plan.add_argument("--config", required=True, help="preset (llama-1b, llama-8b, llama-70b, …) or YAML file")
@@ -224,7 +186,7 @@ def _add_model_commands(commands) -> None:
     plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    plan.set_defaults(action=model_commands.plan)
+    plan.set_defaults(action=handlers.plan)
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint; pairwise "
                                                 "accuracy of a reward model")
@@ -232,7 +194,7 @@ def _add_model_commands(commands) -> None:
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")
     evaluate.add_argument("--batches", type=int, default=8, help="val batches to read (0: the whole split once)")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.set_defaults(action=model_commands.evaluate)
+    evaluate.set_defaults(action=handlers.evaluate)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (or an ONNX export)")
     _model_source(generate, "checkpoint or run folder")
@@ -245,7 +207,7 @@ def _add_model_commands(commands) -> None:
     generate.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i samples with seed + i")
     generate.add_argument("--chat", action="store_true", help="prompts are user turns; answer as the assistant")
     generate.add_argument("--system", help="with --chat: a system turn before each prompt")
-    generate.set_defaults(action=model_commands.generate)
+    generate.set_defaults(action=handlers.generate)
 
     score = commands.add_parser("score", help="a reward model's score of responses to a prompt")
     _model_source(score, "reward checkpoint or run folder")
@@ -253,7 +215,7 @@ def _add_model_commands(commands) -> None:
     score.add_argument("--response", action="append", required=True, help="an assistant reply; repeat to compare")
     score.add_argument("--system", help="a system turn before the prompt")
     score.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
-    score.set_defaults(action=model_commands.score)
+    score.set_defaults(action=handlers.score)
 
     convert = commands.add_parser("convert", help="Hugging Face Llama checkpoints in and out")
     directions = convert.add_subparsers(dest="direction", required=True)
@@ -261,11 +223,11 @@ def _add_model_commands(commands) -> None:
                                                 "LlamaForSequenceClassification for a reward model)")
     to_hf.add_argument("checkpoint")
     to_hf.add_argument("--out", required=True)
-    to_hf.set_defaults(action=model_commands.convert_to_hf)
+    to_hf.set_defaults(action=handlers.convert_to_hf)
     from_hf = directions.add_parser("from-hf", help="Hugging Face Llama folder → raytrain checkpoint")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("--out", required=True)
-    from_hf.set_defaults(action=model_commands.convert_from_hf)
+    from_hf.set_defaults(action=handlers.convert_from_hf)
 
     export = commands.add_parser("export", help="deployable models")
     formats = export.add_subparsers(dest="format", required=True)
@@ -297,7 +259,7 @@ def _add_submit_command(commands) -> None:
 
 
 def _submit(args) -> int:
-    from raytrain.submit import submit_command  # the job client loads only for this command
+    from raytrain.cluster.submit import submit_command  # the job client loads only for this command
 
     return submit_command(args)
 

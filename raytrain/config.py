@@ -19,6 +19,7 @@ import yaml
 
 from raytrain.errors import ConfigError
 from raytrain.model.config import TransformerConfig
+from raytrain.vocabulary import MIN_VOCAB_SIZE
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -26,7 +27,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How to reach Ray. Local defaults suit a small machine."""
 
@@ -45,7 +46,7 @@ class RuntimeConfig:
         _check(self.object_store_gib > 0, "runtime.object_store_gib", "must be > 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceConfig:
     """Where raw text comes from: files, folders, globs, s3:// or gs:// URIs, or `stdlib`."""
 
@@ -59,7 +60,7 @@ class SourceConfig:
         _check(bool(self.text_field), "data.source.text_field", "must not be empty")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     """Byte-level BPE training."""
 
@@ -69,8 +70,6 @@ class TokenizerConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        from raytrain.data.tokenizer import MIN_VOCAB_SIZE
-
         _check(
             self.vocab_size >= MIN_VOCAB_SIZE,
             "data.tokenizer.vocab_size",
@@ -80,7 +79,7 @@ class TokenizerConfig:
         _check(self.min_frequency >= 1, "data.tokenizer.min_frequency", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareConfig:
     """Tokenize, pack and shard a corpus with Ray Data."""
 
@@ -106,7 +105,7 @@ class PrepareConfig:
         _check(self.docs_per_batch >= 1, "data.prepare.docs_per_batch", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatDataConfig:
     """Record fields of fine-tuning data: `raytrain data sft` reads a prompt and a response, or a list of
     messages; `raytrain data prefs` a prompt with chosen and rejected, or responses and their ranking."""
@@ -125,7 +124,7 @@ class ChatDataConfig:
             _check(bool(getattr(self, name)), f"data.chat.{name}", "must not be empty")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -133,14 +132,14 @@ class DataConfig:
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The shared training loop: pre-training here; SFT, reward and PPO reuse it."""
 
     data: str = ""  # a prepared dataset folder (raytrain data prepare)
     tokenizer: str = ""  # optional: must be the tokenizer the data was prepared with
-    # sft, reward, dpo, ppo, grpo: set by their commands
-    objective: Literal["causal", "masked", "sft", "reward", "dpo", "ppo", "grpo"] = "causal"
+    # What the loop trains: one of a stage's objectives (raytrain/stages/); the stage commands set their own.
+    objective: str = "causal"
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
     steps: int = 100
@@ -164,11 +163,6 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
     dpo_beta: float = 0.1  # DPO: strength of the implicit KL penalty to the reference (β)
 
-    @property
-    def stage(self) -> str:
-        """The `raytrain` command that trains this objective (also the W&B job type)."""
-        return {"causal": "pretrain", "masked": "pretrain", "grpo": "ppo"}.get(self.objective, self.objective)
-
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
@@ -178,7 +172,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """The layout of the Ray Train workers: a DeviceMesh of dp_replicate × dp_shard × tp."""
 
@@ -230,7 +224,7 @@ class ParallelConfig:
         return self.dp_replicate * self.shard
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
     """`raytrain ppo`: rollouts from a pool of Ray actors, scores from another, the learner on the one loop.
 
@@ -290,14 +284,14 @@ class PPOConfig:
                f"must divide the {rollout} responses of an iteration (prompts_per_iteration × samples_per_prompt)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
     project: str = "raytrain"
     group: str = ""  # W&B run group; a sweep's trials are grouped by the sweep's name
 
 
-@dataclass
+@dataclass(frozen=True)
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
     fail_rank: int = 0
@@ -306,7 +300,7 @@ class DebugConfig:
     step_sleep_s: float = 0.0  # each step waits this long: a run that tests can stop midway (ray job stop)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
     root: str = "runs"  # run folders live in root/name; a URI (s3://bucket/runs) holds them on object storage
@@ -323,7 +317,7 @@ class RunConfig:
         return storage.join(storage.absolute(self.root), self.name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -345,6 +339,18 @@ class Config:
         from raytrain import storage
 
         storage.write_text(path, self.to_yaml())
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A new config with dotted keys set to `values`, rebuilt and checked like any config (configs are
+        frozen: this is how a stage resolves its own, and a sweep draws a trial's)."""
+        tree = self.to_dict()
+        for key, value in values.items():
+            *sections, leaf = key.split(".")
+            node = tree
+            for section in sections:
+                node = node[section]
+            node[leaf] = value
+        return config_from_dict(tree)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

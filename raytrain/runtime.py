@@ -175,6 +175,43 @@ def _without_noise(printer):
     return print_without_noise
 
 
+@contextlib.contextmanager
+def native_noise_hidden():
+    """While Ray Data runs actor pools from this process: drop FORWARDED_NOISE lines that Ray's C++ core worker
+    writes to this process's stderr itself (every Ray Data actor pool takes its constructor arguments as object
+    refs, and the core worker prints an error-level line for each such restartable actor, ray-project/ray#53727;
+    the refs live as long as the pool, so the restarts it warns of work). Everything else passes through; the
+    file descriptor is restored and every line written before leaving."""
+    import sys
+    import threading
+
+    sys.stderr.flush()
+    saved, (read_end, write_end) = os.dup(2), os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        """Pieces up to each newline or carriage return (progress bars redraw with the latter) pass on at once."""
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+            for piece in pieces:
+                if not FORWARDED_NOISE.search(piece.decode(errors="replace")):
+                    os.write(saved, piece)
+        os.write(saved, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=forward, name="raytrain-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
+        thread.join(timeout=5)
+        os.close(saved)
+
+
 def configure_worker_logging(config: RuntimeConfig) -> None:
     """In a Train worker: raytrain's own lines, and other libraries' only from runtime.log_level up."""
     logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))

@@ -187,11 +187,11 @@ STEPS = 20
 
 
 def pretrain(root, name, dataset, *overrides):
-    from raytrain.train.launch import run_pretrain
+    from raytrain.stages import STAGES
 
     config = load_config("tiny", [f"run.root='{root}'", f"run.name={name}", f"train.data='{dataset}'",
                                   f"train.steps={STEPS}", *overrides])
-    return run_pretrain(config)
+    return STAGES["pretrain"].run(config)
 
 
 def records(run_dir) -> list[dict]:

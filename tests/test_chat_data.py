@@ -130,7 +130,7 @@ def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
 @pytest.mark.ray
 def test_data_sft_writes_rows_masks_and_counts(capsys, tmp_path, tiny_tokenizer):
     from raytrain.cli import main
-    from raytrain.train.launch import check_training_config
+    from raytrain.stages import STAGES
 
     long_prompt = "tell me " * 60
     records = [
@@ -180,7 +180,7 @@ def test_data_sft_writes_rows_masks_and_counts(capsys, tmp_path, tiny_tokenizer)
 
     # Fine-tuning data is refused by pre-training, before any worker starts.
     with pytest.raises(DataError, match="holds sft data"):
-        check_training_config(load_config("tiny", [f"train.data='{out}'"]))
+        STAGES["pretrain"].preflight(load_config("tiny", [f"train.data='{out}'"]))
 
 
 @pytest.mark.ray

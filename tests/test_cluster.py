@@ -132,7 +132,7 @@ def test_bad_job_specs_are_refused_in_one_line(spec, fragment, tmp_path, capsys)
 
 def test_every_job_spec_reads_and_overrides_reach_the_entrypoint(capsys):
     from raytrain.cli import main
-    from raytrain.submit import read_job_spec
+    from raytrain.cluster.submit import read_job_spec
 
     specs = sorted((REPO / "jobs").glob("*.yaml"))
     assert {p.stem for p in specs} >= {"runtime_env", "demo", "pretrain-tiny", "pretrain-demo",

@@ -10,10 +10,10 @@ import pytest
 from dashboards.specs import NO_KEY, export_specs, has_api_key, load_spec, publish
 from dashboards.workspaces import JOB_TYPES, read_sweep, stage_workspaces, sweep_workspace
 from raytrain.errors import ConfigError, DataError
-from raytrain.train.metrics import DPO_METRICS, METRICS, PPO_METRICS, REWARD_METRICS
+from raytrain.stages import STAGES
 
-REGISTRY = {"pretrain": set(METRICS), "finetune": {*METRICS, *REWARD_METRICS, *DPO_METRICS},
-            "ppo": set(PPO_METRICS)}
+REGISTRY = {family: {m for s in STAGES.values() if s.family == family for m in s.metrics}
+            for family in ("pretrain", "finetune", "ppo")}
 SWEEP = """\
 name: lr-warmup
 stage: pretrain

@@ -8,11 +8,26 @@ from conftest import assert_same_curve, losses, metric, records
 
 from raytrain.config import load_config
 from raytrain.model.transformer import Transformer
-from raytrain.rlhf.ppo_math import dpo_loss, sequence_logp, token_logp
-from raytrain.train.metrics import DPO_METRICS
+from raytrain.rlhf.ppo_math import token_logp
+from raytrain.stages import STAGES
 from raytrain.train.objectives import IGNORE, DirectPreference
 
 PAD, ASSISTANT = 2, 5
+
+
+def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta: float):
+    """DPO (Rafailov et al., 2023) written out by hand on sequence log-probs [N]: the sums of
+    −log σ(β·((π_c − ref_c) − (π_r − ref_r))), of pairs ranked right and of the margin."""
+    margin = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
+    return torch.nn.functional.softplus(-margin).sum(), (margin > 0).sum(), margin.sum()
+
+
+def test_dpo_loss_by_hand():
+    loss, right, margin = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0]),
+                                   torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0]), beta=0.5)
+    # margins: 0.5·((−1 + 1.5) − (−2 + 1.5)) = 0.5; 0.5·((−3 + 2) − (−1 + 2)) = −1.
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)) + math.log1p(math.exp(1.0)))
+    assert right.item() == 1 and margin.item() == pytest.approx(-0.5)
 
 
 def prefs_rows() -> torch.Tensor:
@@ -42,7 +57,7 @@ def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
 
     def reply_logp(logits):  # by hand: the sampled tokens' log-probs over the reply positions
         mask = (targets[0] != IGNORE).float()
-        return sequence_logp(token_logp(logits, targets[0].clamp(min=0)), mask)
+        return (token_logp(logits, targets[0].clamp(min=0)) * mask).sum(dim=1)
 
     expected = dpo_loss(*reply_logp(policy_logits), *reply_logp(reference_logits), beta=0.5)
     torch.testing.assert_close(loss, expected[0])
@@ -55,22 +70,23 @@ def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
 def test_dpo_prefers_the_chosen_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_prefs_dataset,
                                                                            tmp_path):
     from raytrain.errors import ConfigError
-    from raytrain.train.launch import run_dpo
+    from raytrain.train.local import run_local
 
-    def dpo(name, *overrides):
+    def dpo(name, *overrides, in_process=False):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}",
                                       f"train.data='{tiny_prefs_dataset}'", f"train.init_from='{reference[0]}'",
                                       "train.steps=20", "train.lr=0.002", "train.dpo_beta=0.5", *overrides])
-        return run_dpo(config)
+        return run_local(config, STAGES["dpo"]) if in_process else STAGES["dpo"].run(config)
 
-    dpo("one", "parallel.workers=1")
+    # The one-worker curve from the same loop without Ray Train (test_pretrain shows the two agree).
+    dpo("one", "parallel.workers=1", in_process=True)
     one = losses(tmp_path / "one")
     assert one[1] == pytest.approx(math.log(2), abs=1e-6)  # the first step starts from the reference itself
     assert one[20] < one[1] - 0.05
     val = metric(tmp_path / "one", "val/loss")
     assert val[0] == pytest.approx(math.log(2), abs=1e-6) and val[20] < val[0]
     untracked = {"mem/tensor_peak_gib"}
-    assert set(DPO_METRICS) - untracked <= set(records(tmp_path / "one")[-1])
+    assert set(STAGES["dpo"].metrics) - untracked <= set(records(tmp_path / "one")[-1])
     # A worker dies at step 13: the restart reloads the policy from step 10 and the reference from --init.
     dpo("fsdp2", "parallel.workers=2", "debug.fail_at_step=13", "train.max_failures=1")
     assert (tmp_path / "fsdp2" / ".debug_failed_once").read_text() == "resumed from step 10\n"

@@ -16,10 +16,10 @@ from raytrain.export.folder import CONFIG_FILE
 from raytrain.export.graphs import DECODE, PREFILL, cache_names
 from raytrain.export.quantize import quantize
 from raytrain.export.runtime import OnnxModel
+from raytrain.inference import score_conversations
 from raytrain.model.config import TransformerConfig
 from raytrain.model.generate import generate
 from raytrain.model.transformer import Transformer
-from raytrain.model_commands import score_conversations
 from raytrain.train.checkpoint import save_model
 from tests.test_cli_errors import assert_one_line_error
 
@@ -179,7 +179,7 @@ def test_bad_input_is_refused_in_one_line(language_model, tiny_prefs_dataset, tm
 @pytest.mark.ray
 def test_int8_export_of_a_trained_run_measures_what_it_lost(reference, tiny_dataset, tmp_path, capsys):
     """The export's report and `raytrain eval --onnx` agree, and the fp32 model's numbers are PyTorch's."""
-    from raytrain.model_commands import evaluate
+    from raytrain.commands import evaluate
 
     run_dir, _ = reference
     out = export(capsys, run_dir, tmp_path / "int8", "--quantize", "int8", "--data", str(tiny_dataset),

@@ -5,15 +5,16 @@ from argparse import Namespace
 
 import pytest
 
+from raytrain.cli import main
+from raytrain.commands import plan_report
 from raytrain.config import load_config
 from raytrain.errors import ConfigError
-from raytrain.model_commands import plan
 from raytrain.parallel.plan import plan_ranks
 
 
 def run_plan(config: str, world: int, *overrides: str, seq_len: int | None = None) -> str:
-    return plan(Namespace(config=config, world=world, seq_len=seq_len, gpu_memory=80.0, peak_tflops=989.0, mfu=0.4,
-                          overrides=list(overrides)))
+    return plan_report(Namespace(config=config, world=world, seq_len=seq_len, gpu_memory=80.0, peak_tflops=989.0,
+                                 mfu=0.4, overrides=list(overrides)))[0]
 
 
 def replica_sum(text: str) -> tuple[str, str]:
@@ -55,3 +56,10 @@ def test_a_layout_that_cannot_split_the_model():
     with pytest.raises(ConfigError, match="sequence length 31 is not divisible by parallel.tp=2"):
         run_plan("tiny", 2, "parallel.tp=2", seq_len=31)
     run_plan("tiny", 2, "parallel.tp=2", "parallel.sequence_parallel=false", seq_len=31)
+
+
+def test_the_command_exits_non_zero_when_the_layout_does_not_fit(capsys):
+    assert main(["plan", "--config", "llama-8b", "--world", "64"]) == 0
+    assert "fits with 10% headroom" in capsys.readouterr().out
+    assert main(["plan", "--config", "llama-8b", "--world", "8"]) == 1  # 8B with 64-rank settings on one node
+    assert "does NOT fit" in capsys.readouterr().out

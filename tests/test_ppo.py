@@ -11,11 +11,13 @@ from raytrain.config import PPOConfig, load_config
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer
 from raytrain.rlhf.actors import call_reward, import_reward, rollout_pieces
-from raytrain.rlhf.experience import pack, response_logp, response_slices, rollout_tensors, unpack
+from raytrain.rlhf.experience import Experience, response_logp, response_slices, rollout_tensors
 from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.rlhf.ppo_math import policy_loss, value_loss
 from raytrain.rlhf.prompts import load_prompts
-from raytrain.train.metrics import PPO_METRICS
+from raytrain.stages import STAGES
+
+PPO_METRICS = STAGES["ppo"].metrics
 
 PAD = 2
 
@@ -32,10 +34,13 @@ def test_rollout_rows_align_each_response_token_with_the_logits_that_predicted_i
     by_hand = torch.log_softmax(logits[0, 3], -1)[20]
     assert logp[0, 3].item() == pytest.approx(by_hand.item(), abs=1e-6)
     assert response_slices(logp, prompts, responses)[1] == [logp[1, 4].item()]
-    rows = pack(tokens, mask=mask, old_logp=logp, ref_logp=ref, advantages=mask, returns=mask, old_values=mask)
-    back = unpack(rows)
-    assert torch.equal(back["tokens"], tokens) and torch.equal(back["mask"], mask)
-    torch.testing.assert_close(back["old_logp"], logp)
+    batch = Experience(tokens, mask=mask, old_logp=logp, ref_logp=ref, advantages=mask, returns=mask,
+                       old_values=mask)
+    # The typed batch slices and splits into micro-batches with its fields together, row for row.
+    first, second = batch.chunk(2)
+    assert len(batch) == 2 and len(first) == len(second) == 1
+    assert torch.equal(second.tokens, tokens[1:]) and torch.equal(second.mask, mask[1:])
+    torch.testing.assert_close(batch[torch.tensor([1, 0])].old_logp, logp.flip(0))
 
 
 def test_loss_is_the_clipped_policy_loss_plus_the_weighted_value_loss_and_grpo_adds_k3():
@@ -51,8 +56,8 @@ def test_loss_is_the_clipped_policy_loss_plus_the_weighted_value_loss_and_grpo_a
     old_logp = response_logp(logits, tokens) - 0.5 * mask  # the policy has moved since the rollout
     advantages = torch.linspace(-1, 1, 7).expand(2, 7) * mask
     returns, old_values = mask * 0.3, values[:, :-1] + 0.7 * mask
-    rows = pack(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages, returns=returns,
-                old_values=old_values)
+    rows = Experience(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages, returns=returns,
+                      old_values=old_values)
     ppo = PPOConfig(value_coef=0.25)
     objective = PolicyObjective(ppo)
     inputs, targets = objective(rows, 0, 0)
@@ -114,7 +119,6 @@ def test_python_rewards_are_imported_and_checked():
 def test_bad_ppo_inputs_are_refused_before_any_actor_starts(tmp_path, plain_tokenizer):
     from raytrain.data.tokenizer import tokenizer_hash
     from raytrain.errors import ConfigError
-    from raytrain.rlhf.driver import check_ppo_config
     from raytrain.train.checkpoint import save_model
 
     model_config = load_config("tiny").model
@@ -128,8 +132,10 @@ def test_bad_ppo_inputs_are_refused_before_any_actor_starts(tmp_path, plain_toke
     prompts.write_text(json.dumps({"prompt": "What does len do?"}) + "\n" + json.dumps({"prompt": "x " * 200}) + "\n")
 
     def check(*overrides):
-        return check_ppo_config(load_config("tiny", [f"ppo.policy='{tmp_path / 'policy'}'", f"ppo.prompts='{prompts}'",
-                                                     "ppo.reward=python:raytrain.rlhf.rewards:brevity", *overrides]))
+        return STAGES["ppo"].resolve(load_config("tiny", [f"ppo.policy='{tmp_path / 'policy'}'",
+                                                         f"ppo.prompts='{prompts}'",
+                                                         "ppo.reward=python:raytrain.rlhf.rewards:brevity",
+                                                         *overrides]))
 
     with pytest.raises(DataError, match="is not a reward model"):
         check(f"ppo.reward='{tmp_path / 'policy'}'")
@@ -141,8 +147,11 @@ def test_bad_ppo_inputs_are_refused_before_any_actor_starts(tmp_path, plain_toke
         check("ppo.reward=python:nowhere:f")
     with pytest.raises(DataError, match="1 prompts .* leave no room for ppo.max_new_tokens=32"):
         check()
-    spec = check("ppo.drop_long_prompts=true", "ppo.minibatches=4")
+    resolved, spec = check("ppo.drop_long_prompts=true", "ppo.minibatches=4")
     assert len(spec["train"]) + len(spec["val"]) == 1 and spec["length"] <= model_config.max_seq_len
+    # The stage's own settings are in the config it resolves, a new frozen one.
+    assert resolved.train.objective == "ppo" and not resolved.parallel.loss_parallel
+    assert resolved.train.global_batch == 16 // 4 and resolved.ppo.policy == str(tmp_path / "policy")
     with pytest.raises(ConfigError, match="PPO needs prompts"):
         check("ppo.prompts=''")
     with pytest.raises(ConfigError, match="ppo.samples_per_prompt"):
@@ -168,8 +177,7 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     """One run each where it counts: reward rises (PPO and GRPO, python reward), 1 vs 2 rollout actors agree,
     dp2 FSDP with a reward model survives a killed rollout actor, reward actor and worker with the numbers of an
     uninterrupted run, tp2 gives the same numbers, and the rollout actors end holding the trained weights."""
-    from raytrain.model_commands import generate
-    from raytrain.rlhf.driver import run_ppo
+    from raytrain.inference import generate_from_checkpoint
 
     policy = reference[0]
     prompts = tmp_path / "prompts.jsonl"
@@ -184,7 +192,7 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
                                       "train.warmup_steps=0", "train.min_lr_ratio=1", "train.log_every=1",
                                       "train.val_every=0", "train.checkpoint_every=2", "parallel.workers=1",
                                       *overrides])
-        return run_ppo(config)
+        return STAGES["ppo"].run(config)
 
     brevity = "ppo.reward=python:raytrain.rlhf.rewards:brevity"
     learn = ["ppo.prompts_per_iteration=16", "ppo.epochs=2"]
@@ -201,10 +209,8 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     assert all((s["kl"] is None) == (s["split"] == "val") for s in samples)  # KL of sampled answers only
     assert list((tmp_path / "ppo" / "wandb").glob("offline-run-*"))
     # The policy is a checkpoint like any other: it generates.
-    args = type("Args", (), {"checkpoint": str(tmp_path / "ppo"), "tokenizer": None, "chat": True, "system": None,
-                             "prompt": ["What does len do?"], "max_new_tokens": 8, "temperature": 0.0, "top_k": 0,
-                             "top_p": 1.0, "seed": 0})
-    assert len(generate(args)) == 1
+    assert len(generate_from_checkpoint(str(tmp_path / "ppo"), ["What does len do?"], chat=True, max_new_tokens=8,
+                                        temperature=0.0)) == 1
 
     ppo("one-actor", brevity, *learn, "ppo.iterations=2", "ppo.rollout_actors=1")  # constant lr: same weights
     one = metric(tmp_path / "one-actor", "ppo/reward_mean")

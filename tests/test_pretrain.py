@@ -16,10 +16,10 @@ def test_reference_run_writes_the_run_folder(reference):
     curve = losses(run_dir)
     assert curve[STEPS] < curve[1] - 0.3  # it learns
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    from raytrain.train.metrics import METRICS
+    from raytrain.stages import STAGES
 
     last = records[-1]
-    assert set(METRICS) <= set(last) and last["step"] == STEPS
+    assert set(STAGES["pretrain"].metrics) <= set(last) and last["step"] == STEPS
     assert records[0]["step"] == 0 and "val/loss" in records[0]  # validation before training
     assert 0 < last["perf/mfu"] < 1 and last["perf/tokens_per_s"] > 0
     assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 8 * 32
@@ -27,6 +27,36 @@ def test_reference_run_writes_the_run_folder(reference):
     steps_kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert steps_kept == ["step_000010", "step_000020"]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_the_same_loop_in_one_plain_process_matches_ray_train(reference, tiny_dataset, tmp_path):
+    """The real Worker without Ray Train (train/local.py: batches read in-process, checkpoints copied into the run
+    folder) gives the reference's losses and weights; a rerun resumes from its checkpoint."""
+    from conftest import metric
+
+    from raytrain.config import load_config
+    from raytrain.stages import STAGES
+    from raytrain.train.checkpoint import load_model
+    from raytrain.train.local import run_local
+
+    def local(steps):
+        config = load_config("tiny", [f"run.root='{tmp_path}'", "run.name=local", f"train.data='{tiny_dataset}'",
+                                      f"train.steps={steps}", "train.micro_batches=2", "tracking.mode=disabled"])
+        return run_local(config, STAGES["pretrain"])
+
+    import shutil
+
+    local(STEPS)
+    shutil.rmtree(tmp_path / "local" / "checkpoints" / "step_000020")  # as if it had stopped after step 10
+    summary = local(STEPS)  # resumes at step 10
+    assert summary["checkpoint"].endswith("step_000020") and summary["steps"] == STEPS
+    assert losses(reference[0]) == pytest.approx(losses(tmp_path / "local"), rel=1e-6, abs=0)
+    assert metric(reference[0], "val/loss") == pytest.approx(metric(tmp_path / "local", "val/loss"), rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "local" / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    ours, _ = load_model(tmp_path / "local")
+    theirs, _ = load_model(reference[0])
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=1e-6, atol=1e-7)
 
 
 def test_two_fsdp_workers_match_one(reference, tiny_dataset, tmp_path):
@@ -60,7 +90,7 @@ def test_killed_worker_costs_only_steps_since_checkpoint(reference, tiny_dataset
 
 
 def test_eval_generate_and_convert_from_the_run(reference, tiny_dataset, tmp_path, capsys):
-    from raytrain.model_commands import convert_from_hf, convert_to_hf, evaluate, generate
+    from raytrain.commands import convert_from_hf, convert_to_hf, evaluate, generate
     from raytrain.train.checkpoint import load_model
 
     run_dir, summary = reference

@@ -14,8 +14,11 @@ from raytrain.config import load_config
 from raytrain.errors import DataError
 from raytrain.report import write_report
 from raytrain.report.inputs import METRICS_FILE as REPORT_READS
-from raytrain.train.metrics import METRICS, METRICS_FILE, PPO_METRICS, REWARD_METRICS
-from raytrain.train.panels import FAMILIES, FAMILY_OF
+from raytrain.stages import STAGES, stage_of
+from raytrain.train.metrics import METRICS_FILE
+from raytrain.train.panels import FAMILIES
+
+METRICS, REWARD_METRICS, PPO_METRICS = (STAGES[name].metrics for name in ("pretrain", "reward", "ppo"))
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPACE = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.precision": {"choice": ["fp32", "bf16"]}}
@@ -68,7 +71,7 @@ def expected_family_pngs(runs: dict[str, tuple[str, tuple[str, ...]]]) -> set[st
     """A section is drawn when some run of its family logs one of its own metrics (val/* go with those)."""
     logged: dict[str, set[str]] = {}
     for objective, metrics in runs.values():
-        logged.setdefault(FAMILY_OF[objective], set()).update(m for m in metrics if not m.startswith("val/"))
+        logged.setdefault(stage_of(objective).family, set()).update(m for m in metrics if not m.startswith("val/"))
     return {f"{family}-{re.sub('[^a-z0-9]+', '-', section.title.lower())}.png"
             for family, metrics in logged.items() for section in FAMILIES[family]
             if set(section.metrics) & metrics}

@@ -10,8 +10,8 @@ from raytrain.config import load_config
 from raytrain.data.manifest import PreparedDataset
 from raytrain.errors import ConfigError, DataError
 from raytrain.model.transformer import Transformer
+from raytrain.stages import STAGES
 from raytrain.train.checkpoint import load_weights, save_model
-from raytrain.train.metrics import REWARD_METRICS
 from raytrain.train.objectives import (
     PairwiseReward,
     final_positions,
@@ -114,21 +114,22 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
         reference, tiny_prefs_dataset, tiny_sft_dataset, capsys, tmp_path):
     from raytrain.cli import main
     from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
-    from raytrain.train.launch import run_reward, run_sft
+    from raytrain.train.local import run_local
 
-    def reward(name, *overrides):
+    def reward(name, *overrides, in_process=False):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}",
                                       f"train.data='{tiny_prefs_dataset}'", f"train.init_from='{reference[0]}'",
                                       "train.steps=20", "train.lr=0.002", *overrides])
-        return run_reward(config)
+        return run_local(config, STAGES["reward"]) if in_process else STAGES["reward"].run(config)
 
-    summary = reward("one", "parallel.workers=1")
+    # The one-worker curve from the same loop without Ray Train (test_pretrain shows the two agree).
+    summary = reward("one", "parallel.workers=1", in_process=True)
     one = losses(tmp_path / "one")
     accuracy = metric(tmp_path / "one", "val/accuracy")
     assert accuracy[20] > max(0.6, accuracy[0] + 0.1), accuracy  # held-out rankings learnt
     record = records(tmp_path / "one")[-1]
     untracked = {"mem/tensor_peak_gib"}  # logged on CPU with debug.track_memory only
-    assert set(REWARD_METRICS) - untracked <= set(record) and record["step"] == 20 and "val/ppl" not in record
+    assert set(STAGES["reward"].metrics) - untracked <= set(record) and record["step"] == 20 and "val/ppl" not in record
     assert record["rm/loss"] == record["train/loss"] and 0 <= record["rm/accuracy"] <= 1
     meta = read_checkpoint_meta(resolve_checkpoint(summary["checkpoint"]))
     train_rows = PreparedDataset.open(tiny_prefs_dataset).split("train").num_rows
@@ -171,7 +172,8 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
     with pytest.raises(DataError, match="holds sft data .* `raytrain reward` reads `raytrain data prefs`"):
         reward("sft-data", f"train.data='{tiny_sft_dataset}'")
     with pytest.raises(DataError, match="holds prefs data .* `raytrain sft` reads `raytrain data sft`"):
-        run_sft(load_config("tiny", [f"train.data='{tiny_prefs_dataset}'", f"train.init_from='{reference[0]}'"]))
+        STAGES["sft"].run(load_config("tiny", [f"train.data='{tiny_prefs_dataset}'",
+                                               f"train.init_from='{reference[0]}'"]))
 
 
 def reward_step(world: int, sequence_parallel: bool):

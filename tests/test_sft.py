@@ -43,15 +43,19 @@ def test_padding_per_batch_keeps_the_loss():
 @pytest.mark.ray
 def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_sft_dataset,
                                                                            tiny_dataset, tmp_path):
-    from raytrain.train.launch import run_sft
+    from raytrain.stages import STAGES
+    from raytrain.train.local import run_local
 
-    def sft(name, *overrides):
+    run_sft = STAGES["sft"].run
+
+    def sft(name, *overrides, in_process=False):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}",
                                       f"train.data='{tiny_sft_dataset}'", f"train.init_from='{reference[0]}'",
                                       "train.steps=20", "train.lr=0.002", *overrides])
-        return run_sft(config)
+        return run_local(config, STAGES["sft"]) if in_process else run_sft(config)
 
-    summary = sft("one", "parallel.workers=1")
+    # The one-worker curve from the same loop without Ray Train (test_pretrain shows the two agree).
+    summary = sft("one", "parallel.workers=1", in_process=True)
     one = losses(tmp_path / "one")
     val = metric(tmp_path / "one", "val/loss")
     assert val[20] < val[0] - 0.3, val  # answers get likelier

@@ -74,9 +74,9 @@ def test_storage_on_s3_and_outputs_that_appear_only_when_complete(s3_bucket, tmp
 @pytest.mark.ray
 def test_prepare_to_s3_pretrain_from_it_and_resume_from_s3(s3_bucket, ray_session, corpus, tiny_tokenizer,
                                                            tiny_dataset, reference):
+    from raytrain.commands import evaluate
     from raytrain.data.prepare import run_prepare_stage
-    from raytrain.model_commands import evaluate
-    from raytrain.train.launch import run_pretrain
+    from raytrain.stages import STAGES
 
     data = f"{s3_bucket}/data"
     config = load_config("tiny", [f"data.source.inputs=['{corpus}']", f"data.prepare.tokenizer='{tiny_tokenizer}'",
@@ -89,9 +89,10 @@ def test_prepare_to_s3_pretrain_from_it_and_resume_from_s3(s3_bucket, ray_sessio
 
     # A worker dies at step 12: the run resumes from its step-10 checkpoint on S3 and reproduces the reference.
     runs = f"{s3_bucket}/runs"
-    summary = run_pretrain(load_config("tiny", [f"run.root='{runs}'", "run.name=on-s3", f"train.data='{data}'",
-                                                f"train.steps={STEPS}", "train.micro_batches=2",
-                                                "debug.fail_at_step=12", "tracking.mode=offline"]))
+    summary = STAGES["pretrain"].run(load_config("tiny", [f"run.root='{runs}'", "run.name=on-s3",
+                                                          f"train.data='{data}'", f"train.steps={STEPS}",
+                                                          "train.micro_batches=2", "debug.fail_at_step=12",
+                                                          "tracking.mode=offline"]))
     files = storage.list_files(f"{runs}/on-s3")
     for name in ("config.yaml", "metrics.jsonl", "summary.json", f"checkpoints/step_{STEPS:06d}/raytrain.json"):
         assert name in files, (name, files)

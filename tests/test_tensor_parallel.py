@@ -34,7 +34,8 @@ def one_step(world: int, checkpoint: str | None = None):
     grads = {name: p.grad.full_tensor() if world > 1 else p.grad for name, p in model.named_parameters()}
     optimizer.step()
     if checkpoint:
-        save_training_checkpoint(Path(checkpoint), [model], [optimizer], {"model": vars(config.model)},
+        save_training_checkpoint(Path(checkpoint), [model], [optimizer], {},
+                                 {"model": vars(config.model), "head": "lm", "weights_prefix": ""},
                                  write_meta=dist.get_rank() == 0)
     return float(loss.detach() / count), grads, str(getattr(logits, "placements", None)), model
 

@@ -40,7 +40,7 @@ from raytrain.data.sources import resolve_sources
 from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
 from raytrain.data.tokenizer import load_tokenizer, special_token_ids
 from raytrain.errors import DataError
-from raytrain.runtime import init_ray
+from raytrain.runtime import init_ray, native_noise_hidden
 
 log = logging.getLogger("raytrain")
 Conversation = list[dict[str, str]]
@@ -305,21 +305,22 @@ def run_chat_data_stage(data: ChatData, config: Config) -> str:
     out, tokenizer_dir = row_output(prep)
     row_len, inputs = prep.seq_len + (1 if data.kind == "sft" else 0), config.data.source.inputs
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
-        init_ray(config.runtime)
-        start = time.perf_counter()
-        log.info("%s: %s → %s", data.command.removeprefix("raytrain "), ", ".join(inputs), out)
-        # Read and checked first: the most responses any example ranks fixes the prefs row columns.
-        examples = read_examples(data, inputs, config.data.chat, prep.seed, prep.val_fraction).materialize()
-        responses = int(examples.max("responses") or 1)
-        columns = row_columns(data.kind, responses)
-        tokenized = examples.map_batches(
-            TokenizeExamples, fn_constructor_args=(tokenizer_dir, data.kind, row_len, responses, prep.seed,
-                                                   prep.val_fraction),
-            compute=ActorPoolStrategy(min_size=1, max_size=tokenize_actor_count(prep)),
-            batch_size=prep.docs_per_batch, batch_format="pyarrow")
-        sink = ExampleShardDatasink(tmp, row_len, int(prep.shard_mib * 2**20), columns)
-        tokenized.write_datasink(sink)
-        manifest = _finish(data, tmp, sink, config, tokenizer_dir, columns, time.perf_counter() - start)
+        init_ray(config.runtime)  # outside the stderr filter: a new local Ray's processes keep their own stderr
+        with native_noise_hidden():
+            start = time.perf_counter()
+            log.info("%s: %s → %s", data.command.removeprefix("raytrain "), ", ".join(inputs), out)
+            # Read and checked first: the most responses any example ranks fixes the prefs row columns.
+            examples = read_examples(data, inputs, config.data.chat, prep.seed, prep.val_fraction).materialize()
+            responses = int(examples.max("responses") or 1)
+            columns = row_columns(data.kind, responses)
+            tokenized = examples.map_batches(
+                TokenizeExamples, fn_constructor_args=(tokenizer_dir, data.kind, row_len, responses, prep.seed,
+                                                       prep.val_fraction),
+                compute=ActorPoolStrategy(min_size=1, max_size=tokenize_actor_count(prep)),
+                batch_size=prep.docs_per_batch, batch_format="pyarrow")
+            sink = ExampleShardDatasink(tmp, row_len, int(prep.shard_mib * 2**20), columns)
+            tokenized.write_datasink(sink)
+            manifest = _finish(data, tmp, sink, config, tokenizer_dir, columns, time.perf_counter() - start)
     ex, train, val = manifest["examples"], manifest["splits"]["train"], manifest["splits"]["val"]
     log.info("%s: %d examples (%d truncated, %d dropped%s) → train %d / val %d rows of %d tokens, %d / %d %s, "
              "in %.1fs → %s", data.command.removeprefix("raytrain "), ex["read"], ex["truncated"], ex["dropped"],

@@ -32,7 +32,7 @@ from raytrain.data.packing import TOKEN_DTYPE, is_val_document, pack_rows, rows_
 from raytrain.data.sources import read_documents, resolve_sources
 from raytrain.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_file, tokenizer_hash
 from raytrain.errors import DataError
-from raytrain.runtime import cluster_cpus, init_ray
+from raytrain.runtime import cluster_cpus, init_ray, native_noise_hidden
 
 log = logging.getLogger("raytrain")
 MAX_TOKENIZE_ACTORS = 8
@@ -170,21 +170,22 @@ def run_prepare_stage(config: Config) -> str:
     out, tokenizer_dir = row_output(prep)
     files = resolve_sources(config.data.source.inputs, config.data.source.other_files_as_text)
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
-        init_ray(config.runtime)
-        start = time.perf_counter()
-        actors = tokenize_actor_count(prep)
-        log.info("prepare: %d files, %d tokenizer actors → %s", len(files), actors, out)
-        documents = read_documents(config.data.source, files)
-        tokenized = documents.map_batches(
-            TokenizeDocuments,
-            fn_constructor_args=(tokenizer_dir, prep.seed, prep.val_fraction),
-            compute=ActorPoolStrategy(min_size=1, max_size=actors),
-            batch_size=prep.docs_per_batch,
-            batch_format="pyarrow",
-        )
-        sink = TokenShardDatasink(tmp, prep.seq_len + 1, int(prep.shard_mib * 2**20))
-        tokenized.write_datasink(sink)
-        manifest = _finish(tmp, sink, config, tokenizer_dir, files, time.perf_counter() - start)
+        init_ray(config.runtime)  # outside the stderr filter: a new local Ray's processes keep their own stderr
+        with native_noise_hidden():
+            start = time.perf_counter()
+            actors = tokenize_actor_count(prep)
+            log.info("prepare: %d files, %d tokenizer actors → %s", len(files), actors, out)
+            documents = read_documents(config.data.source, files)
+            tokenized = documents.map_batches(
+                TokenizeDocuments,
+                fn_constructor_args=(tokenizer_dir, prep.seed, prep.val_fraction),
+                compute=ActorPoolStrategy(min_size=1, max_size=actors),
+                batch_size=prep.docs_per_batch,
+                batch_format="pyarrow",
+            )
+            sink = TokenShardDatasink(tmp, prep.seq_len + 1, int(prep.shard_mib * 2**20))
+            tokenized.write_datasink(sink)
+            manifest = _finish(tmp, sink, config, tokenizer_dir, files, time.perf_counter() - start)
     _log_summary(out, manifest)
     return out
 

@@ -57,9 +57,6 @@ class BatchOrder:
             return np.arange(self.num_rows)
         return _epoch_permutation(self.num_rows, self.seed, epoch)
 
-    def epoch_of(self, step: int) -> int:
-        return step * self.global_batch // self.num_rows
-
     def consumer_rows(self, step: int, consumer: int = 0, num_consumers: int = 1) -> np.ndarray:
         """Row ids of consumer's slice of global batch `step`."""
         local = self.local_batch(num_consumers)
@@ -160,18 +157,26 @@ def stream_batches(
     start_step: int = 0,
     num_steps: int,
     read_cpus: float = 0.0,
+    ray_data: bool = True,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (step, rows [local_batch, seq_len + 1]) for this consumer, in step order; fine-tuning data
     yields [local_batch, 2, seq_len + 1]: tokens and loss mask.
 
-    Read tasks reserve no CPU by default: the worker that consumes them already holds its CPUs,
-    and a reservation could starve them when workers (or a placement group not yet released
-    by the previous run) take every CPU of the cluster.
+    Through Ray Data (read tasks ahead of the consumer), or with ray_data=False read in this process (a loop run
+    without Ray): the same rows either way. Read tasks reserve no CPU by default: the worker that consumes them
+    already holds its CPUs, and a reservation could starve them when workers (or a placement group not yet
+    released by the previous run) take every CPU of the cluster.
     """
-    import ray.data
-
     if not 0 <= consumer < num_consumers:
         raise DataError(f"consumer {consumer} is outside 0..{num_consumers - 1}")
+    if not ray_data:
+        shards = dataset.split(split)
+        for step in range(start_step, start_step + num_steps):
+            yield step, read_rows(shards, order.consumer_rows(step, consumer, num_consumers), dataset.row_len,
+                                  dataset.columns)
+        return
+    import ray.data
+
     source = GlobalBatchDatasource(
         dataset.split(split), dataset.row_len, order, consumer, num_consumers, start_step, num_steps,
         dataset.columns,

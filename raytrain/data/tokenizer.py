@@ -12,20 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from raytrain import storage
 from raytrain.data.chat import CHAT_TEMPLATE
 from raytrain.errors import DataError
+from raytrain.vocabulary import SPECIAL_TOKENS
 
 TOKENIZER_FILE = "tokenizer.json"
-# Fixed ids 0..6, in this order, for every raytrain tokenizer.
-SPECIAL_TOKENS = {
-    "bos": "<|bos|>",
-    "eos": "<|eos|>",
-    "pad": "<|pad|>",
-    "system": "<|system|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "mask": "<|mask|>",
-}
-BYTE_ALPHABET = 256
-MIN_VOCAB_SIZE = BYTE_ALPHABET + len(SPECIAL_TOKENS)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:

@@ -31,8 +31,9 @@ from raytrain.export.quality import (
 )
 from raytrain.export.quantize import QUANTIZATIONS, quantize
 from raytrain.export.runtime import OnnxModel
-from raytrain.model_commands import check_evaluation_data, checkpoint_tokenizer, validation_metrics
-from raytrain.train.checkpoint import load_model, model_head, resolve_checkpoint
+from raytrain.inference import validation_metrics
+from raytrain.train.checkpoint import checkpoint_tokenizer, load_model, model_head, resolve_checkpoint
+from raytrain.train.evaluate import check_evaluation_data
 
 PARITY_LIMIT = 1e-4  # |logit difference| the fp32 graphs may show against the model
 PROTOBUF_LIMIT = 2 << 30  # one ONNX file holds at most 2 GiB inline
@@ -40,10 +41,19 @@ PROMPTS = 16  # validation prompts the agreement and speed are measured on
 
 
 def export_command(args: argparse.Namespace) -> dict:
-    if args.quantize not in QUANTIZATIONS:
-        raise DataError(f"unknown --quantize {args.quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    """`raytrain export onnx`'s arguments → export_onnx."""
+    return export_onnx(args.checkpoint, args.out, quantization=args.quantize, data=args.data, batches=args.batches,
+                       batch_size=args.batch_size, tokenizer=args.tokenizer, overwrite=args.overwrite)
+
+
+def export_onnx(source: str, out: str, *, quantization: str = "none", data: str | None = None, batches: int = 8,
+                batch_size: int = 16, tokenizer: str | None = None, overwrite: bool = False) -> dict:
+    """A checkpoint or run folder → the export folder `out` (appears only when complete); prints and returns
+    what the export kept of the model, measured on `data` (default: the checkpoint's own prepared data)."""
+    if quantization not in QUANTIZATIONS:
+        raise DataError(f"unknown --quantize {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     started = time.perf_counter()
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(source)
     model, meta = load_model(checkpoint)
     if meta.get("objective") == "masked":
         raise DataError(f"'{checkpoint}' is a masked language model; export takes causal language models "
@@ -51,17 +61,16 @@ def export_command(args: argparse.Namespace) -> dict:
     if 4 * model.num_params() >= PROTOBUF_LIMIT:
         raise DataError(f"'{checkpoint}' has {model.num_params():,} parameters: over 2 GiB in fp32, which needs "
                         "ONNX external data files; export does not write those yet")
-    tokenizer_dir = checkpoint_tokenizer(meta, args.tokenizer)
-    dataset = PreparedDataset.open(args.data) if args.data else default_dataset(meta)
+    tokenizer_dir = checkpoint_tokenizer(meta, tokenizer)
+    dataset = PreparedDataset.open(data) if data else default_dataset(meta)
     if dataset is not None:
         check_evaluation_data(meta, dataset)
-    out = args.out
-    with local_output_dir(out, CONFIG_FILE, args.overwrite) as staging, \
+    with local_output_dir(out, CONFIG_FILE, overwrite) as staging, \
             tempfile.TemporaryDirectory(prefix="raytrain-fp32-") as scratch:
-        fp32 = staging if args.quantize == "none" else Path(scratch)
+        fp32 = staging if quantization == "none" else Path(scratch)
         graphs = export_graphs(model, fp32)
         finish_folder(fp32, graphs, "none", model, meta, checkpoint, tokenizer_dir)
-        summary = {"quantization": args.quantize, "fp32_bytes": folder_bytes(fp32, graphs)}
+        summary = {"quantization": quantization, "fp32_bytes": folder_bytes(fp32, graphs)}
         reference = OnnxModel(fp32)
         pad = reference.export["special_tokens"]["pad"]
         check = parity_error if model.score is None else score_parity_error
@@ -69,12 +78,12 @@ def export_command(args: argparse.Namespace) -> dict:
         if summary["parity"] > PARITY_LIMIT:
             raise RuntimeError(f"the fp32 graphs differ from the model by up to {summary['parity']:.2e} (limit "
                                f"{PARITY_LIMIT}): an export bug, please report it")
-        if args.quantize != "none":
+        if quantization != "none":
             for name in graphs:
-                quantize(fp32 / name, staging / name, args.quantize)
-            finish_folder(staging, graphs, args.quantize, model, meta, checkpoint, tokenizer_dir)
+                quantize(fp32 / name, staging / name, quantization)
+            finish_folder(staging, graphs, quantization, model, meta, checkpoint, tokenizer_dir)
         summary["bytes"] = folder_bytes(staging, graphs)
-        summary.update(measure(model, OnnxModel(staging), dataset, args.batches, args.batch_size))
+        summary.update(measure(model, OnnxModel(staging), dataset, batches, batch_size))
         config = read_config(staging)
         write_config(staging, {**{k: v for k, v in config.items() if k != "format"}, "quality": summary})
     summary["wall_s"] = time.perf_counter() - started

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from raytrain.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformerConfig:
     vocab_size: int = 8192
     d_model: int = 256

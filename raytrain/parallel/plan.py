@@ -199,6 +199,11 @@ def step_estimate(config: Config, world: int, seq_len: int, peak_tflops: float, 
     return {"step_s": seconds, "tokens_per_s": tokens / seconds, "bubble": bubble, "flops_per_step": flops}
 
 
+def layout_fits(plans: list[RankPlan], gpu_memory_gib: float) -> bool:
+    """Every rank's estimate fits its device with the headroom left."""
+    return max(p.total_gib for p in plans) <= HEADROOM * gpu_memory_gib
+
+
 def format_plan(config: Config, world: int, seq_len: int, plans: list[RankPlan], gpu_memory_gib: float,
                 peak_tflops: float, mfu: float) -> str:
     model, parallel = config.model, config.parallel
@@ -245,7 +250,7 @@ def format_plan(config: Config, world: int, seq_len: int, plans: list[RankPlan],
         f"parameters over the ranks of one replica, replicated ones once: {sum(p.owned_params for p in replica):,} "
         f"(model: {total:,})",
         f"largest rank: {max(p.total_gib for p in plans):.1f} GiB of {gpu_memory_gib:g} GiB "
-        f"({'fits' if max(p.total_gib for p in plans) <= HEADROOM * gpu_memory_gib else 'does NOT fit'} "
+        f"({'fits' if layout_fits(plans, gpu_memory_gib) else 'does NOT fit'} "
         f"with {1 - HEADROOM:.0%} headroom)",
         f"step: {estimate['flops_per_step'] / 1e15:.1f} PFLOP → {estimate['step_s']:.2f} s at {mfu:.0%} MFU of "
         f"{peak_tflops:g} TFLOP/s per rank (pipeline bubble {estimate['bubble']:.0%}); "

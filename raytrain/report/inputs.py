@@ -13,13 +13,13 @@ from typing import Any
 import yaml
 
 from raytrain.errors import DataError
-from raytrain.train.panels import FAMILY_OF
+from raytrain.stages import all_objectives, stage_of
 from raytrain.tune.record import SWEEP_FILE, read_sweep
 from raytrain.tune.record import Sweep as SweepRecord
 from raytrain.tune.results import TRIALS_FILE, best_row
 
 CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"  # train/metrics.py's name; importing it would load torch for a few plots
+METRICS_FILE = "metrics.jsonl"  # train/metrics.py's name
 SUMMARY_FILE = "summary.json"
 TRIAL_COLUMNS = ("trial", "status", "steps", "final", "best", "run_dir")
 
@@ -34,7 +34,7 @@ class Run:
 
     @property
     def family(self) -> str:
-        return FAMILY_OF[self.objective]
+        return stage_of(self.objective).family
 
     def logs(self, metric: str) -> bool:
         return any(is_number(record.get(metric)) for record in self.records)
@@ -103,9 +103,9 @@ def load_run(path: Path) -> Run:
     config = _read_mapping(path / CONFIG_FILE)
     train, run = config.get("train") or {}, config.get("run") or {}
     objective = str(train.get("objective", "causal"))
-    if objective not in FAMILY_OF:
+    if objective not in all_objectives():
         raise DataError(f"{path / CONFIG_FILE}: train.objective is '{objective}'; expected one of "
-                        f"{', '.join(FAMILY_OF)}")
+                        f"{', '.join(all_objectives())}")
     records = read_metrics(path / METRICS_FILE)
     summary_file = path / SUMMARY_FILE
     summary = _read_mapping(summary_file) if summary_file.is_file() else _summary_of(records)

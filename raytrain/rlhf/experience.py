@@ -3,16 +3,49 @@
 Each sample is its prompt followed by its response, right-padded to one length L (causal attention lets
 padding after a sequence change nothing before it). Per-token tensors sit on the *shifted* grid of L − 1
 positions: entry t belongs to token t + 1, predicted by the logits at t. `mask` marks response tokens there.
-Rows travel through the one loop as one float64 tensor [B, len(FIELDS), L] (token ids are exact in float64).
+Rows travel through the one loop as an `Experience`: named tensors that slice, chunk and move together.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from raytrain.rlhf.ppo_math import gae, group_advantages, kl_estimate, token_logp, token_rewards, whiten
 
-FIELDS = ("tokens", "mask", "old_logp", "ref_logp", "advantages", "returns", "old_values")
+
+@dataclass(frozen=True)
+class Experience:
+    """A batch of scored samples: tokens [B, L] (long) and, on the shifted grid [B, L − 1] (float32), the
+    response mask, the log-probs of the policy that sampled them and of the reference, advantages, returns and
+    the value model's values (zeros without one)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    old_values: torch.Tensor
+
+    def _map(self, fn) -> Experience:
+        return Experience(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index) -> Experience:
+        return self._map(lambda tensor: tensor[index])
+
+    def to(self, device) -> Experience:
+        return self._map(lambda tensor: tensor.to(device))
+
+    def chunk(self, pieces: int) -> list[Experience]:
+        """Micro-batches, as torch.Tensor.chunk splits rows."""
+        size = -(-len(self) // pieces)
+        return [self[start:start + size] for start in range(0, len(self), size)]
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -64,19 +97,3 @@ def grpo_advantages(scores: torch.Tensor, group: int, mask: torch.Tensor) -> tor
     """GRPO: each response's group-normalised reward on every one of its tokens (samples of a prompt are
     consecutive)."""
     return group_advantages(scores.view(-1, group)).reshape(-1, 1) * mask
-
-
-def pack(tokens: torch.Tensor, **per_token: torch.Tensor) -> torch.Tensor:
-    """[B, len(FIELDS), L] float64 rows; shifted-grid tensors get one trailing zero."""
-    columns = [tokens.double()]
-    for name in FIELDS[1:]:
-        columns.append(torch.nn.functional.pad(per_token[name].double(), (0, 1)))
-    return torch.stack(columns, dim=1)
-
-
-def unpack(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The fields of packed rows: tokens as long [b, L], the rest float32 on the shifted grid [b, L − 1]."""
-    fields = {"tokens": rows[:, 0].long()}
-    for index, name in enumerate(FIELDS[1:], start=1):
-        fields[name] = rows[:, index, :-1].float()
-    return fields

@@ -1,4 +1,4 @@
-"""PPO's and GRPO's loss on the one loop: an objective over packed experience rows (rlhf/experience.py).
+"""PPO's and GRPO's loss on the one loop: an objective over experience batches (rlhf/experience.py).
 
 The model is the policy with, for PPO, the value model beside it (`PolicyAndValue`). Every loss is a sum over
 response tokens that the loop divides by the global minibatch's response-token count: the token mean
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from raytrain.config import PPOConfig
-from raytrain.rlhf.experience import response_logp, unpack
+from raytrain.rlhf.experience import Experience, response_logp
 from raytrain.rlhf.ppo_math import entropy, kl_estimate, policy_loss, value_loss
 
 # Sums after [loss, count]: their metric names (divided by the response-token count).
@@ -35,27 +35,30 @@ class PolicyObjective:
     reference = False
     blank = None
 
+    @classmethod
+    def logged(cls) -> tuple[str, ...]:
+        return ("train/loss", *PPO_SUMS)
+
     def __init__(self, ppo: PPOConfig):
         self.ppo = ppo
-        self.kl_coef = ppo.kl_coef  # GRPO's β in the loss; the worker keeps it current
+        self.kl_coef = ppo.kl_coef  # GRPO's β in the loss; the experience source keeps it current
 
-    def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, dict]:
-        targets = unpack(rows)
-        return targets["tokens"], targets
+    def __call__(self, batch: Experience, step: int, first_row: int) -> tuple[torch.Tensor, Experience]:
+        return batch.tokens, batch
 
-    def count(self, targets: dict) -> torch.Tensor:
-        return targets["mask"].sum()
+    def count(self, targets: Experience) -> torch.Tensor:
+        return targets.mask.sum()
 
-    def loss(self, outputs, targets: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, outputs, targets: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         logits, values = outputs
-        ppo, mask = self.ppo, targets["mask"]
-        logp = response_logp(logits, targets["tokens"])
-        policy, clipped, approx_kl = policy_loss(logp, targets["old_logp"], targets["advantages"], mask, ppo.clip)
+        ppo, mask = self.ppo, targets.mask
+        logp = response_logp(logits, targets.tokens)
+        policy, clipped, approx_kl = policy_loss(logp, targets.old_logp, targets.advantages, mask, ppo.clip)
         total = policy
         zero = policy.new_zeros(())
         value = zero
         if values is not None:
-            value = value_loss(values[:, :-1], targets["old_values"], targets["returns"], mask, ppo.value_clip)
+            value = value_loss(values[:, :-1], targets.old_values, targets.returns, mask, ppo.value_clip)
             total = total + ppo.value_coef * value
         with torch.set_grad_enabled(ppo.entropy_coef > 0 and torch.is_grad_enabled()):
             token_entropy = entropy(logits[:, :-1], mask)
@@ -63,7 +66,7 @@ class PolicyObjective:
             total = total - ppo.entropy_coef * token_entropy
         kl = zero
         if ppo.algorithm == "grpo":  # GRPO keeps the policy near the reference in the loss, with k3
-            kl = (kl_estimate(logp, targets["ref_logp"], "k3") * mask).sum()
+            kl = (kl_estimate(logp, targets.ref_logp, "k3") * mask).sum()
             total = total + self.kl_coef * kl
         sums = [self.count(targets), policy, value, clipped, approx_kl, token_entropy, kl]
         return total, torch.stack([s.detach().double() for s in sums])

@@ -19,16 +19,14 @@ import torch.nn.functional as F
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(π‖π_ref) from the sampled tokens, Δ = log π − log π_ref (Schulman, 2020):
 
-    k1 = Δ (unbiased, can be negative), k2 = Δ²/2, k3 = e^(−Δ) − 1 + Δ (unbiased and ≥ 0).
+    k1 = Δ (unbiased, can be negative: the reward's penalty), k3 = e^(−Δ) − 1 + Δ (unbiased and ≥ 0: GRPO's loss).
     """
     delta = logp - ref_logp
     if kind == "k1":
         return delta
-    if kind == "k2":
-        return delta.pow(2) / 2
     if kind == "k3":
         return torch.expm1(-delta) + delta
-    raise ValueError(f"KL estimator {kind!r} is not one of k1, k2, k3")
+    raise ValueError(f"KL estimator {kind!r} is not one of k1, k3")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -139,22 +137,6 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
-
-
-def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
-             ref_rejected_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al., 2023) on sequence log-probs [N]: Σ −log σ(β·((π_c − ref_c) − (π_r − ref_r))).
-
-    Returns sums (loss, pairs where the implicit reward ranks chosen first, implicit reward margin).
-    """
-    margin = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
-    loss = F.softplus(-margin).sum()
-    return loss, (margin > 0).sum().detach(), margin.sum().detach()
-
-
-def sequence_logp(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] per-token log-probs → [B] log-probability of each masked sequence."""
-    return (token_logp * mask.to(token_logp.dtype)).sum(dim=1)
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Checkpoints: torch.distributed.checkpoint shards plus `raytrain.json`, resharded on load.
 
 A checkpoint folder holds the DCP files (one per rank, written in parallel) with the keys
-`model` and, for training checkpoints, `optim`; and `raytrain.json` with the model config,
-the step and what the run was trained on. DCP reshards on load, so a checkpoint saved by
+`model` and, for training checkpoints, `optim` and `stage` (what the stage's batch source needs to resume:
+PPO's iteration and KL coefficient); and `raytrain.json` with the model config, the step, the stage, the
+model's head and what the run was trained on. DCP reshards on load, so a checkpoint saved by
 any number of ranks loads under any other, and in a single process for eval and export.
 """
 
@@ -31,13 +32,10 @@ from raytrain.model.transformer import Transformer, TransformerConfig
 META_FILE = "raytrain.json"
 CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints/step_NNNNNN/ (Ray Train's run name)
 DCP_METADATA = ".metadata"
-FORMAT = "raytrain.checkpoint/1"
+FORMAT = "raytrain.checkpoint/2"  # /2: the stage, head and weights prefix are named in raytrain.json
 
 
 NEW_HEAD = "score."  # the one part of a model that may start fresh (a reward model's head)
-# PPO and GRPO checkpoints hold the policy (and PPO's value model) side by side, under these prefixes.
-POLICY_OBJECTIVES = ("ppo", "grpo")
-POLICY_PREFIX = "policy."
 # Optimizer state keyed by parameter name: the same keys under every layout and pipeline split.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -53,21 +51,28 @@ def _training_state(parts: list[torch.nn.Module], optimizers: list) -> tuple[dic
     return {"model": model_state, "optim": optim_state}, owned
 
 
-def save_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list, meta: dict,
-                             write_meta: bool) -> None:
+def save_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list, stage_state: dict,
+                             meta: dict, write_meta: bool) -> None:
     state, _ = _training_state(parts, optimizers)
-    dcp.save(state, checkpoint_id=str(folder))
+    with single_process_quiet():  # a loop run in one process (train/local.py) has no process group
+        dcp.save({**state, "stage": stage_state}, checkpoint_id=str(folder))
     if write_meta:
         write_checkpoint_meta(folder, meta)
 
 
-def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list) -> dict:
+def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimizers: list,
+                             stage_state: dict) -> tuple[dict, dict]:
+    """Load model and optimizer state in place; returns (raytrain.json, the stage's state). `stage_state`
+    names the stage's keys (its current values)."""
+    meta = read_checkpoint_meta(folder)
     state, owned = _training_state(parts, optimizers)
-    dcp.load(state, checkpoint_id=str(folder))
+    state["stage"] = dict(stage_state)
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
     for part, optimizer, keys in zip(parts, optimizers, owned, strict=True):
         set_state_dict(part, optimizer, model_state_dict={k: state["model"][k] for k in keys},
                        optim_state_dict=state["optim"], options=FLAT)
-    return read_checkpoint_meta(folder)
+    return meta, state["stage"]
 
 
 def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
@@ -81,7 +86,7 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
         with storage.local_copy(folder) as local:
             return load_weights(local, model)
     meta = read_checkpoint_meta(folder)
-    prefix = POLICY_PREFIX if meta.get("objective") in POLICY_OBJECTIVES else ""
+    prefix = meta["weights_prefix"]
     wanted = get_model_state_dict(model)
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     stored = {key.removeprefix("model.") for key in saved}
@@ -98,8 +103,8 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
 
 
 def model_head(meta: dict) -> str:
-    """The output layer of a checkpoint's model: a reward model's score head, else the language-model head."""
-    return "score" if meta.get("objective") == "reward" else "lm"
+    """The output layer of a checkpoint's model: "score" (a reward model's) or "lm"."""
+    return meta["head"]
 
 
 @contextlib.contextmanager
@@ -118,7 +123,11 @@ def read_checkpoint_meta(folder: str | Path) -> dict:
     path = storage.join(folder, META_FILE)
     if not storage.is_file(path):
         raise DataError(f"'{folder}' is not a raytrain checkpoint (no {META_FILE})")
-    return json.loads(storage.read_text(path))
+    meta = json.loads(storage.read_text(path))
+    if meta.get("format") != FORMAT:
+        raise DataError(f"'{folder}' is a {meta.get('format')} checkpoint; this raytrain reads {FORMAT}: train it "
+                        "again, or convert it with the raytrain that wrote it (convert to-hf, then from-hf here)")
+    return meta
 
 
 def resolve_checkpoint(path: str | Path) -> str | Path:
@@ -171,4 +180,15 @@ def save_model(folder: Path, model: Transformer, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with single_process_quiet():
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
-    write_checkpoint_meta(folder, {"model": vars(model.config), **meta})
+    head = "score" if model.score is not None else "lm"
+    write_checkpoint_meta(folder, {"model": vars(model.config), "head": head, "weights_prefix": "", **meta})
+
+
+def checkpoint_tokenizer(meta: dict, override: str | None) -> str:
+    """The tokenizer folder (or URI) a checkpoint's data used, or --tokenizer."""
+    from raytrain.data.tokenizer import TOKENIZER_FILE
+
+    folder = override or meta["tokenizer"]["path"]
+    if not storage.is_file(storage.join(folder, TOKENIZER_FILE)):
+        raise DataError(f"tokenizer '{folder}' not found; pass --tokenizer DIR")
+    return folder

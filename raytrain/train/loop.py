@@ -1,48 +1,45 @@
-"""The one per-worker training loop, run by every Ray Train worker.
+"""The one per-worker training loop, for every stage, inside Ray Train, under torchrun or in one process.
 
-Gradient accumulation, clipping, the LR schedule, validation, checkpoints, metrics and the
-report cadence live here once; a stage contributes its data and its objective (inputs and
-targets, the model head, the loss and its metrics). The loss is a sum (over target tokens, or
-ranked pairs) divided by its count over the whole global batch, so a step computes the same
-gradient under any data-parallel layout.
+Gradient accumulation, clipping, the LR schedule, validation, checkpoints, metrics and the report cadence live
+here once. A stage (raytrain/stages/) contributes its batch source (prepared rows, or PPO's experience), its
+objective (inputs and targets, the model head, the loss and its metrics) and a few hooks (a frozen reference,
+extra checkpoint facts). The loss is a sum (over target tokens, or ranked pairs) divided by its count over the
+whole global batch, so a step computes the same gradient under any data-parallel layout.
+
+The loop runs in rounds: a round is one step of pre-training or fine-tuning, one iteration (rollout, then
+epochs × minibatches steps) of PPO; train.log_every, val_every and checkpoint_every count rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from raytrain import storage
-from raytrain.config import Config, config_from_dict
-from raytrain.data.manifest import PreparedDataset
-from raytrain.data.stream import BatchOrder, stream_batches
-from raytrain.evaluate import forward_loss_sums, split_sums, with_reference
-from raytrain.model.flops import train_flops_per_token
+from raytrain.config import Config
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
-from raytrain.parallel.layout import build_layout, gradient_sync, parallelize, plain_ddp
+from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
 from raytrain.parallel.tensor_parallel import loss_context
-from raytrain.runtime import configure_ray_data, configure_worker_logging
 from raytrain.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
     load_weights,
     save_training_checkpoint,
 )
+from raytrain.train.evaluate import with_reference
 from raytrain.train.memory import TensorMemory, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
-from raytrain.train.objectives import build_objective, score_statistics
 from raytrain.train.optim import build_optimizer, lr_at
 
 FAILED_ONCE_MARKER = ".debug_failed_once"
@@ -56,36 +53,44 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def train_worker(loop_config: dict) -> None:
-    config = config_from_dict(loop_config["config"])
-    Worker(config, loop_config["run_dir"]).run()
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where a worker runs, given to it: its rank, the world, its device, whether its batches stream through Ray
+    Data, and how a finished checkpoint folder (this rank's files) is handed over: Ray Train's report, or a copy
+    into the run folder."""
+
+    rank: int
+    world: int
+    device: torch.device
+    ray_data: bool
+    publish: Callable[[Path, int, dict], None]  # (local folder, step, metrics)
 
 
 class Worker:
-    def __init__(self, config: Config, run_dir: str):
-        """run_dir: the run folder, a path or a URI."""
-        self.config = config
+    def __init__(self, config: Config, run_dir: str, stage, context: WorkerContext, extras: dict | None = None):
+        """run_dir: the run folder, a path or a URI; stage: its Stage (raytrain/stages/); extras: what the stage's
+        hooks need beside the config (PPO: its actor pools)."""
+        self.config, self.stage, self.context = config, stage, context
         self.train = config.train
         self.run_dir = run_dir
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.extras = extras or {}
+        self.rank, self.world, self.device = context.rank, context.world, context.device
         torch.set_num_threads(max(1, int(config.parallel.cpus_per_worker)))
-        configure_worker_logging(config.runtime)
-        configure_ray_data(dataclasses.replace(config.runtime, progress=False))
         self.layout = build_layout(config.parallel, self.world, self.device)
-        self._open_data()
         self.bf16 = self.train.precision == "bf16"
+        self.source = stage.batch_source(self)
+        self.objective = self.source.objective
         # CUDA's allocator counts tensor memory itself; on CPU a dispatch mode does, when asked (it is slow).
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
         self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel and self.objective.head == "lm"
 
-        self._build_model()
-        self.reference = self._build_reference()
-        self.resumed: dict = {}  # the checkpoint's raytrain.json when resuming
+        self.parts, self.modules, stage_ids = stage.build_model(self)
+        self.optimizers = [build_optimizer(part, self.train) for part in self.parts]
+        self._build_schedule(stage_ids)
+        self.reference = stage.build_reference(self)
         self.start_step = self._restore()
-        self.tokens_per_step = self.train.global_batch * self.seq_len
-        self.flops_per_token = self._flops_per_token()
+        self.tokens_per_step = self.train.global_batch * self.source.seq_len
+        self.flops_per_token = self.source.flops_per_token()
         self.log = None
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
@@ -94,27 +99,13 @@ class Worker:
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
                      f"{self.start_step}")
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
-                                  config.train.stage, quiet=config.runtime.log_level not in ("debug", "info"))
+                                  stage.name, quiet=config.runtime.log_level not in ("debug", "info"))
 
-    def _open_data(self) -> None:
-        """The stage's data and objective: prepared rows, their batch order and what the loss is."""
-        self.dataset = PreparedDataset.open(self.train.data)
-        self.seq_len = self.dataset.seq_len
-        self.order = BatchOrder(self.dataset.split("train").num_rows, self.train.global_batch, self.train.seed)
-        self.local_batch = self.order.local_batch(self.layout.dp)
-        special = self.dataset.manifest["tokenizer"]["special_tokens"]
-        # Pad per batch, except under pipelining, whose stages keep the shapes of their first step.
-        self.objective = build_objective(self.train.objective, seed=self.train.seed,
-                                         global_batch=self.train.global_batch, mask_fraction=self.train.mask_fraction,
-                                         special=special, multiple=self.layout.tp if self.layout.pp == 1 else 0,
-                                         dpo_beta=self.train.dpo_beta)
-        self.has_val = self.dataset.split("val").num_rows > 0
+    # -- the model --------------------------------------------------------------------------------------
 
-    def _flops_per_token(self) -> float:
-        return train_flops_per_token(self.config.model, self.seq_len, self.objective.head)
-
-    def _build_model(self) -> None:
-        """The model parts this rank holds (the whole model, or its pipeline stages), parallelized."""
+    def build_parts(self) -> tuple[list[torch.nn.Module], list[torch.nn.Module], list[int]]:
+        """The model parts this rank holds (the whole model, or its pipeline stages), their parallelized modules
+        and their pipeline stage indices: what a stage's build_model hook returns unless it builds its own."""
         parallel, layout = self.config.parallel, self.layout
         if layout.pp > 1:
             stages = build_stage_parts(self.config.model, self.train.seed, layout.pp, layout.pp_rank,
@@ -123,49 +114,43 @@ class Worker:
             model = Transformer(self.config.model, head=self.objective.head)
             model.init_weights(self.train.seed)
             stages = [(0, model)]
-        self.parts = [part.to(self.device) for _, part in stages]
-        self.modules = [parallelize(part, parallel, layout, self.device, self.bf16) for part in self.parts]
-        self.optimizers = [build_optimizer(part, self.train) for part in self.parts]
+        parts = [part.to(self.device) for _, part in stages]
+        return parts, [self.parallelize(part) for part in parts], [index for index, _ in stages]
+
+    def parallelize(self, part: torch.nn.Module) -> torch.nn.Module:
+        return parallelize(part, self.config.parallel, self.layout, self.device, self.bf16)
+
+    def _build_schedule(self, stage_ids: list[int]) -> None:
+        parallel, layout = self.config.parallel, self.layout
         n_stages = layout.pp * parallel.pp_virtual_stages
-        self.last_stage = any(index == n_stages - 1 for index, _ in stages)
+        self.last_stage = layout.pp == 1 or n_stages - 1 in stage_ids
         self.schedule = None
         if layout.pp > 1:
             wrapped = [(index, CallWithCausal(module, self.objective.causal))
-                       for (index, _), module in zip(stages, self.modules, strict=True)]
+                       for index, module in zip(stage_ids, self.modules, strict=True)]
             self.schedule = build_schedule(parallel.pp_schedule, wrapped, n_stages, self.device, layout.pp_group,
                                            self.train.micro_batches, self._pipeline_loss)
         self.loss_scale = 1.0
 
-    def _build_reference(self) -> torch.nn.Module | None:
-        """DPO's frozen reference: the starting model (train.init_from), in the policy's layout, never updated.
-        A restart loads it from there again, so it is not part of the checkpoints."""
-        if not self.objective.reference:
-            return None
-        model = Transformer(self.config.model).to(self.device)
-        # Sharded like the policy; under plain replication it stays a bare copy (DDP is for gradients).
-        module = model if plain_ddp(self.config.parallel) else parallelize(model, self.config.parallel, self.layout,
-                                                                           self.device, self.bf16)
-        load_weights(self.train.init_from, module)
-        return module.requires_grad_(False).eval()
-
     def _restore(self) -> int:
         """Resume from the run folder's latest complete checkpoint (rank 0 picks it for all), else start fresh."""
-        folder = self._broadcast(latest_checkpoint(self.run_dir) if self.rank == 0 else None)
+        folder = self.broadcast(latest_checkpoint(self.run_dir) if self.rank == 0 else None)
         if folder is None:
-            self._start_fresh()
+            self.stage.start_fresh(self)
             return 0
         with storage.local_copy(folder) as local:
-            self.resumed = load_training_checkpoint(local, self.modules, self.optimizers)
-        self._note_debug_resume()
-        return self.resumed["step"]
+            meta, state = load_training_checkpoint(local, self.modules, self.optimizers, self.source.state())
+        self.source.load_state(state)
+        self._note_debug_resume(meta["step"])
+        return meta["step"]
 
-    def _start_fresh(self) -> None:
-        """A new run's weights: train.init_from's, or the random initialisation."""
+    def load_init_weights(self) -> None:
+        """train.init_from's weights into every part, if a run starts from a model."""
         if self.train.init_from:
             for module in self.modules:
                 load_weights(self.train.init_from, module)
 
-    def _broadcast(self, value):
+    def broadcast(self, value):
         """Rank 0's value on every rank."""
         if self.world > 1:
             holder = [value]
@@ -189,41 +174,44 @@ class Worker:
         """What rank 0's lines start with; a sweep's trials print side by side, so theirs name the trial."""
         return f"[raytrain {self.config.run.name}]" if self.config.tracking.group else "[raytrain]"
 
+    # -- the loop ---------------------------------------------------------------------------------------
+
     def run(self) -> None:
-        steps = self.train.steps
-        stream = stream_batches(self.dataset, self.order, consumer=self.layout.dp_rank, num_consumers=self.layout.dp,
-                                start_step=self.start_step, num_steps=steps - self.start_step)
-        # the objective's [loss sum, count, …], then input positions computed (fewer than rows × seq_len when
-        # padding is trimmed)
-        interval = None
-        timer = {"compute": 0.0, "data": 0.0, "steps": 0}
+        source, train = self.source, self.train
+        per_round = source.steps_per_round
+        first, rounds = self.start_step // per_round, source.rounds
+        batches = source.batches(self.start_step)
+        interval, timer = None, _new_timer()
         started = time.perf_counter()
         metrics: dict[str, float] = {}
-        if self.start_step == 0 and self.has_val and self.train.val_every > 0:
-            self._log(0, self._validate())
-        for step in range(self.start_step, steps):
-            self._debug_hooks(step)
-            tick = time.perf_counter()
-            _, rows = next(stream)
-            timer["data"] += time.perf_counter() - tick
-            with self._tracked_memory():
-                sums = self._train_step(step, torch.from_numpy(rows).long().to(self.device))
-            interval = sums if interval is None else interval + sums
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            timer["compute"] += time.perf_counter() - tick
-            timer["steps"] += 1
-            done = step + 1
-            last = done == steps
-            if done % self.train.log_every == 0 or last:
-                metrics = self._interval_metrics(step, interval, timer)
-                if self.has_val and (last or (self.train.val_every and done % self.train.val_every == 0)):
-                    metrics.update(self._validate())
+        if first == 0 and source.has_val and train.val_every > 0:
+            self._log(0, source.validate(0))
+        for round_ in range(first, rounds):
+            for _ in range(per_round):
+                tick = time.perf_counter()
+                step, batch = next(batches)  # a stream's read, or PPO's rollout at a round's first step
+                timer["data"] += time.perf_counter() - tick
+                self._debug_hooks(step)
+                with self._tracked_memory():
+                    sums = self._train_step(step, batch)
+                interval = sums if interval is None else interval + sums
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timer["compute"] += time.perf_counter() - tick
+                timer["steps"] += 1
+            done, done_rounds = (round_ + 1) * per_round, round_ + 1
+            last = done_rounds == rounds
+            extra = source.round_metrics(round_)
+            if done_rounds % train.log_every == 0 or last:
+                metrics = {**self._interval_metrics(done - 1, interval, timer), **extra}
+                source.on_log(done)
+                if source.has_val and (last or (train.val_every and done_rounds % train.val_every == 0)):
+                    metrics.update(source.validate(done))
                 self._log(done, metrics, started)
-                interval = None
-                timer = {"compute": 0.0, "data": 0.0, "steps": 0}
-            if done % self.train.checkpoint_every == 0 or last:
+                interval, timer = None, _new_timer()
+            if done_rounds % train.checkpoint_every == 0 or last:
                 self._checkpoint(done, metrics)
+        source.finish(rounds * per_round)
         if self.log is not None:
             self.log.close()
 
@@ -233,12 +221,12 @@ class Worker:
         self.memory.track(training_tensors(self.parts, self.optimizers))
         return self.memory
 
-    def _train_step(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+    def _train_step(self, step: int, rows) -> torch.Tensor:
         """One optimizer step; returns [loss sum, target count, positions] where this rank computed the loss."""
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, self.train)
-        first_row = self.layout.dp_rank * self.local_batch
+        first_row = self.layout.dp_rank * self.source.local_batch
         if self.schedule is not None:
             sums = self._pipeline_step(step, rows, first_row)
         else:
@@ -251,13 +239,13 @@ class Worker:
             optimizer.zero_grad(set_to_none=True)
         return sums
 
-    def _global_count(self, targets: list[torch.Tensor]) -> torch.Tensor:
+    def _global_count(self, targets: list) -> torch.Tensor:
         """What the loss is a sum over (target tokens, or ranked pairs) in the whole global batch (every pp
         and tp rank holds the same targets)."""
         counts = torch.stack([self.objective.count(t) for t in targets]).sum().double()
         return all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
 
-    def _accumulate_step(self, step: int, rows: torch.Tensor, first_row: int) -> torch.Tensor:
+    def _accumulate_step(self, step: int, rows, first_row: int) -> torch.Tensor:
         (module,) = self.modules
         micro = rows.chunk(self.train.micro_batches)
         pairs = [with_reference(self.objective, self.reference, *self.objective(m, step, first_row + i * len(micro[0])),
@@ -299,7 +287,7 @@ class Worker:
         loss_sum = torch.stack([loss.detach().double() for loss in losses]).sum() / self.loss_scale
         return loss_sum, self.objective.count(targets).double()
 
-    def _pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def pipeline_eval(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.loss_scale = 1.0
         losses: list[torch.Tensor] = []
         with self.compute():
@@ -328,34 +316,15 @@ class Worker:
             **tensor_peak_gib(self.device, self.memory),
         }
 
-    def _validate(self) -> dict[str, float]:
-        if self.schedule is not None:
-            sums_of = self._pipeline_eval
-        else:
-            sums_of = forward_loss_sums(self.modules[0], self.objective, self.compute, self.reference)
-        totals = self._split_sums(sums_of, "val", self.train.val_batches)
-        return self.objective.metrics(totals, "val")
-
-    def _split_sums(self, sums_of, split: str, batches: int) -> torch.Tensor:
-        """sums_of summed over a split's batches and the data-parallel ranks, in eval mode."""
+    @contextlib.contextmanager
+    def eval_mode(self):
         for module in self.modules:
             module.eval()
-        totals = split_sums(self.dataset, self.objective, sums_of, split=split, batches=batches,
-                            global_batch=self.train.global_batch, consumer=self.layout.dp_rank,
-                            num_consumers=self.layout.dp, device=self.device)
-        for module in self.modules:
-            module.train()
-        return self.dp_sum(totals)
-
-    def _score_statistics(self) -> dict[str, float]:
-        """A reward model's score mean and std over every response of the train split, for PPO to normalise."""
-        (module,) = self.modules
-
-        def sums_of(inputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-            with self.compute():
-                return self.objective.score_sums(module(inputs, causal=True), ends)
-
-        return score_statistics(self._split_sums(sums_of, "train", 0))
+        try:
+            yield
+        finally:
+            for module in self.modules:
+                module.train()
 
     def _log(self, step: int, metrics: dict[str, float], started: float | None = None) -> None:
         if self.log is None:
@@ -363,39 +332,41 @@ class Worker:
         self.log.log(step, metrics)
         if "train/loss" in metrics:
             elapsed = time.perf_counter() - started
-            log.info(f"{self.tag} " + progress_line(step, self.train.steps, metrics, elapsed, step - self.start_step))
+            total = self.source.rounds * self.source.steps_per_round
+            log.info(f"{self.tag} " + progress_line(step, total, metrics, elapsed, step - self.start_step))
         else:
             log.info(f"{self.tag} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+
     def _checkpoint_meta(self, step: int) -> dict:
-        meta = {
+        """The one raytrain.json writer: what every checkpoint says of itself, then what its stage adds."""
+        return {
             "step": step,
             "model": vars(self.config.model),
+            "stage": self.stage.name,
             "objective": self.train.objective,
-            "mask_fraction": self.train.mask_fraction,
+            "head": self.stage.head,
+            "weights_prefix": self.stage.weights_prefix,
             "tokens_seen": step * self.tokens_per_step,
-            "data": str(self.dataset.root),
-            "tokenizer": self.dataset.manifest["tokenizer"],
             "seed": self.train.seed,
             "world_size": self.world,
+            **self.source.checkpoint_meta(),
+            **self.stage.checkpoint_meta(self),
         }
-        if self.objective.head == "score":
-            meta["reward"] = self._score_statistics()
-        return meta
 
     def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         meta = self._checkpoint_meta(step)
         with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as folder:
-            save_training_checkpoint(Path(folder), self.modules, self.optimizers, meta, self.rank == 0)
-            ray.train.report({"step": step, **metrics},
-                             checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{step:06d}")
+            save_training_checkpoint(Path(folder), self.modules, self.optimizers, self.source.state(), meta,
+                                     self.rank == 0)
+            self.context.publish(Path(folder), step, metrics)
 
-    def _note_debug_resume(self) -> None:
+    def _note_debug_resume(self, step: int) -> None:
         """After debug.fail_at_step's exit, the marker records the step the run resumed from (tests read it)."""
         marker = storage.join(self.run_dir, FAILED_ONCE_MARKER)
         if self.rank == 0 and self.config.debug.fail_at_step >= 0 and storage.exists(marker):
-            storage.write_text(marker, f"resumed from step {self.resumed['step']}\n")
+            storage.write_text(marker, f"resumed from step {step}\n")
 
     def _debug_hooks(self, step: int) -> None:
         """debug.step_sleep_s, then debug.fail_at_step."""
@@ -406,3 +377,7 @@ class Worker:
             storage.write_text(marker, "")
             log.info(f"[raytrain] debug.fail_at_step: worker {self.rank} exits at step {step}")
             os._exit(1)
+
+
+def _new_timer() -> dict:
+    return {"compute": 0.0, "data": 0.0, "steps": 0}

@@ -13,9 +13,8 @@ import torch
 from raytrain import storage
 
 log = logging.getLogger("raytrain")
-# The one list of metric names: code, dashboards and tests use these. Every stage logs LOOP_METRICS; a
-# language model adds val/ppl (METRICS is theirs), a reward model REWARD_METRICS, DPO DPO_METRICS, PPO
-# PPO_METRICS.
+# The metric names every stage's loop logs; each stage adds its objective's and its batch source's (the stage
+# registry, raytrain/stages/, lists a stage's whole set: code, dashboards and tests read them there).
 LOOP_METRICS = (
     "train/loss",
     "train/lr",
@@ -28,16 +27,7 @@ LOOP_METRICS = (
     "perf/data_wait_frac",
     "mem/peak_gib",
     "mem/tensor_peak_gib",
-    "val/loss",
 )
-METRICS = (*LOOP_METRICS, "val/ppl")
-REWARD_METRICS = (*LOOP_METRICS, "rm/loss", "rm/accuracy", "rm/margin", "val/accuracy", "val/margin")
-DPO_METRICS = (*LOOP_METRICS, "dpo/loss", "dpo/accuracy", "dpo/margin", "val/accuracy", "val/margin")
-# PPO (GRPO logs ppo/kl_loss instead of ppo/value_loss); its held-out numbers are rewards, not a loss.
-PPO_METRICS = (*(m for m in LOOP_METRICS if m != "val/loss"), "ppo/reward_mean", "ppo/reward_std", "ppo/kl",
-               "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "ppo/kl_loss", "ppo/clipfrac", "ppo/approx_kl",
-               "ppo/entropy", "ppo/response_len", "ppo/weight_sync_s", "perf/rollout_tokens_per_s",
-               "perf/rollout_time_frac", "perf/iteration_s", "val/reward_mean", "val/response_len")
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
@@ -199,3 +189,24 @@ def progress_line(step: int, total: int, metrics: dict[str, float], elapsed: flo
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def write_summary(run_dir: str | Path, checkpoint: str | None, wall_s: float) -> dict:
+    """summary.json from the run's metrics.jsonl (also written by a sweep for a trial stopped at a report)."""
+    records = [json.loads(line) for line in storage.read_text(storage.join(run_dir, METRICS_FILE)).splitlines()
+               if line]
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if any(key.startswith("val/") for key in r)]
+    tokens = train[-1]["train/tokens_seen"] if train else 0
+    summary = {
+        "steps": train[-1]["step"] if train else 0,
+        "tokens_seen": tokens,
+        "wall_s": round(wall_s, 2),
+        "tokens_per_s": round(sum(r["perf/tokens_per_s"] for r in train) / len(train), 1) if train else 0.0,
+        "final": train[-1] if train else {},
+        "val_first": val[0] if val else {},
+        "val_last": val[-1] if val else {},
+        "checkpoint": checkpoint,
+    }
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    return summary

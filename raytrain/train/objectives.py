@@ -87,6 +87,11 @@ class Objective:
     head = "lm"
     reference = False
 
+    @classmethod
+    def logged(cls) -> tuple[str, ...]:
+        """The metric names `metrics` gives (the stage registry lists them for dashboards, reports, sweeps)."""
+        return ("train/loss", "val/loss", "val/ppl")
+
     def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
                  trim_multiple: int = 0):
         self.kind = kind
@@ -164,6 +169,11 @@ class PairwiseReward:
     causal = True
     prefix = "rm"  # of the training metrics
     reference = False  # whether targets need a frozen reference model's outputs (with_reference)
+
+    @classmethod
+    def logged(cls) -> tuple[str, ...]:
+        values = ("loss", "accuracy", "margin")
+        return ("train/loss", *(f"{cls.prefix}/{v}" for v in values), *(f"val/{v}" for v in values))
 
     def __init__(self, pad_id: int, multiple: int = 1):
         self.pad_id = pad_id
@@ -260,14 +270,3 @@ def score_statistics(totals: torch.Tensor) -> dict[str, float]:
     n = float(totals[0])
     mean = float(totals[1]) / n
     return {"mean": mean, "std": math.sqrt(max(float(totals[2]) / n - mean**2, 0.0)), "responses": int(n)}
-
-
-def build_objective(kind: str, *, seed: int, global_batch: int, mask_fraction: float, special: dict[str, int],
-                    multiple: int, dpo_beta: float = 0.1) -> Objective | PairwiseReward:
-    """The objective of `train.objective`; `multiple`: inputs trimmed to a multiple of it (0: never trimmed)."""
-    if kind == "reward":
-        return PairwiseReward(special["pad"], multiple)
-    if kind == "dpo":
-        return DirectPreference(special["pad"], special["assistant"], dpo_beta, multiple)
-    return Objective(kind, seed=seed, global_batch=global_batch, mask_fraction=mask_fraction,
-                     mask_id=special["mask"], trim_multiple=multiple)

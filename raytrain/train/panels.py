@@ -1,6 +1,6 @@
 """How the logged metrics are laid out for people: the W&B workspaces (`dashboards/`) and `raytrain report`
 both draw these sections. A panel is the metrics plotted on one set of axes; every metric of the registry
-(train/metrics.py) is on some panel of its stage family.
+(each stage's `metrics`) is on some panel of its stage family.
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ PPO_RESPONSES = Section("Responses", (("ppo/response_len", "val/response_len"),)
 PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollout_time_frac",),
                                     ("perf/iteration_s",), ("ppo/weight_sync_s",)))
 
-# Stage family → its sections, most telling first.
+# Stage family (each stage names its own, raytrain/stages/) → its sections, most telling first.
 FAMILIES: dict[str, tuple[Section, ...]] = {
     "pretrain": (LOSS, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
     "finetune": (LOSS, REWARD_MODEL, DPO, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
     "ppo": (PPO_REWARD, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
             MEMORY),
 }
-# train.objective → family.
-FAMILY_OF = {"causal": "pretrain", "masked": "pretrain", "sft": "finetune", "reward": "finetune",
-             "dpo": "finetune", "ppo": "ppo", "grpo": "ppo"}

@@ -64,10 +64,9 @@ def write_results(sweep_dir: str, sweep, rows: list[dict], wall_s: float) -> dic
     if best is None:
         raise ConfigError(f"no trial of sweep '{sweep.name}' reported {sweep.metric}; see the trials' run folders "
                           f"in {sweep_dir} and {trials_file}")
-    config = load_config(storage.join(best["run_dir"], "config.yaml"))
-    config.run.root = posixpath.dirname(sweep_dir)  # sweep_dir is absolute: a path or a URI
-    config.run.name = f"{sweep.name}-best"
-    config.tracking.group = ""
+    config = load_config(storage.join(best["run_dir"], "config.yaml")).with_values({
+        "run.root": posixpath.dirname(sweep_dir),  # sweep_dir is absolute: a path or a URI
+        "run.name": f"{sweep.name}-best", "tracking.group": ""})
     storage.write_text(best_file, f"# sweep '{sweep.name}': {best['trial']}, {sweep.metric} "
                                   f"{float(best['final']):.6g}\n" + config.to_yaml())
     print(table(rows, sweep, best))

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from raytrain import storage
-from raytrain.config import FLOAT_TEXT, Config, config_from_dict
+from raytrain.config import FLOAT_TEXT, Config
 from raytrain.errors import ConfigError
 from raytrain.tune.record import RANGES, Dimension, _one_distribution
 
@@ -49,7 +49,7 @@ def parse_dimension(where: str, key: str, spec: Any, config: Config) -> Dimensio
         _check_range(where, kind, values, hint)
     for value in values:
         try:
-            with_values(config, {key: value})
+            config.with_values({key: value})
         except ConfigError as exc:
             raise ConfigError(f"{where}: the value {value!r} is not valid here: {exc}") from None
     return Dimension(key, kind, tuple(values))
@@ -95,18 +95,6 @@ def key_type(key: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def with_values(config: Config, values: dict[str, Any]) -> Config:
-    """`config` with dotted keys set to `values`, rebuilt and checked like any config."""
-    tree = config.to_dict()
-    for key, value in values.items():
-        *sections, leaf = key.split(".")
-        node = tree
-        for section in sections:
-            node = node[section]
-        node[leaf] = value
-    return config_from_dict(tree)
 
 
 def to_tune(space: list[Dimension]) -> dict[str, Any]:

@@ -21,38 +21,26 @@ from raytrain import storage
 from raytrain.config import Config, config_from_dict
 from raytrain.errors import ConfigError
 from raytrain.runtime import environ, init_ray
-from raytrain.train.metrics import DPO_METRICS, METRICS, METRICS_FILE, PPO_METRICS, REWARD_METRICS
+from raytrain.stages import STAGES, get_stage
+from raytrain.train.metrics import METRICS_FILE
 from raytrain.tune.record import SWEEP_FILE, Sweep, read_sweep, write_sweep
 from raytrain.tune.results import trial_rows, write_results
-from raytrain.tune.space import Dimension, space_to_yaml_tree, to_tune, with_values
+from raytrain.tune.space import Dimension, space_to_yaml_tree, to_tune
 
 log = logging.getLogger("raytrain")
-STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
-# What a sweep of a stage optimises unless --metric says otherwise, and the metrics a stage logs.
-DEFAULT_METRIC = {"pretrain": ("val/loss", "min"), "sft": ("val/loss", "min"), "reward": ("val/accuracy", "max"),
-                  "dpo": ("val/loss", "min"), "ppo": ("val/reward_mean", "max")}
-STAGE_METRICS = {"pretrain": METRICS, "sft": METRICS, "reward": REWARD_METRICS, "dpo": DPO_METRICS,
-                 "ppo": PPO_METRICS}
 TRIAL_DRIVER_CPUS = 0.01  # the Tune trial only waits on its TorchTrainer's controller
 PLACEMENT_GROUP_WAIT_S = 30.0
 TUNE_FOLDER = "tune"  # Tune's own experiment state, inside the sweep folder
 
 
-def stage_runner(stage: str):
-    from raytrain.rlhf.driver import run_ppo
-    from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
-
-    return {"pretrain": run_pretrain, "sft": run_sft, "reward": run_reward, "dpo": run_dpo, "ppo": run_ppo}[stage]
-
-
-def check_sweep(config: Config, sweep: Sweep, space: list[Dimension]) -> None:
-    """Before any trial: the stage accepts the base config and the metric is in every report of a trial."""
-    from raytrain.rlhf.driver import check_ppo_config
-    from raytrain.train.launch import check_layout, check_training_config
-
-    if sweep.metric not in STAGE_METRICS[sweep.stage]:
+def check_sweep(config: Config, sweep: Sweep, space: list[Dimension]) -> Config:
+    """Before any trial: the stage accepts the base config and every value the space can draw, and the metric is
+    in every report of a trial. Returns the base config the trials start from (paths made absolute: trials run
+    in their own working folders)."""
+    stage = get_stage(sweep.stage)
+    if sweep.metric not in stage.metrics:
         raise ConfigError(f"--metric {sweep.metric} is not a metric `raytrain {sweep.stage}` logs; choose one of "
-                          f"{', '.join(m for m in STAGE_METRICS[sweep.stage] if m != 'train/tokens_seen')}")
+                          f"{', '.join(m for m in stage.metrics if m != 'train/tokens_seen')}")
     train = config.train
     if train.checkpoint_every % train.log_every:
         raise ConfigError(f"a sweep reports at each checkpoint: train.checkpoint_every={train.checkpoint_every} must "
@@ -61,53 +49,34 @@ def check_sweep(config: Config, sweep: Sweep, space: list[Dimension]) -> None:
         raise ConfigError(f"{sweep.metric} must be in every report (one per checkpoint): make "
                           f"train.checkpoint_every={train.checkpoint_every} a multiple of train.val_every="
                           f"{train.val_every}")
-    if sweep.stage not in ("pretrain", "ppo"):  # pre-training keeps causal or masked; ppo sets ppo or grpo
-        config.train.objective = sweep.stage
-    if sweep.stage == "ppo":
-        row_length = check_ppo_config(config)["length"]
-
-        def check(variant: Config) -> None:
-            check_layout(variant, row_length)
-    else:
-        check = check_training_config
-    check(config)
+    stage.preflight(config)
     for dim in space:  # each value the space can draw, with the base config's other keys
         for value in dim.values:
             try:
-                check(with_values(config, {dim.key: value}))
+                stage.preflight(config.with_values({dim.key: value}))
             except ConfigError as exc:
                 raise ConfigError(f"search space key '{dim.key}': the value {value!r} cannot run: {exc}") from None
-    # Trials run in their own working folders.
-    for section, key in (("train", "tokenizer"), ("ppo", "policy"), ("ppo", "reward"), ("ppo", "prompts")):
+    absolute = {}
+    for section, key in (("train", "data"), ("train", "init_from"), ("train", "tokenizer"), ("ppo", "policy"),
+                         ("ppo", "reward"), ("ppo", "prompts")):
         value = getattr(getattr(config, section), key)
         if value and Path(value).exists():
-            setattr(getattr(config, section), key, str(Path(value).absolute()))
-
-
-def total_steps(config: Config, stage: str) -> int:
-    """The optimizer step a finished trial reports last."""
-    if stage == "ppo":
-        return config.ppo.iterations * config.ppo.epochs * config.ppo.minibatches
-    return config.train.steps
+            absolute[f"{section}.{key}"] = str(Path(value).absolute())
+    return config.with_values(absolute)
 
 
 def reports(config: Config, stage: str) -> int:
     """How many times a trial reports (ASHA's time axis): one per checkpoint, and one at the end."""
-    length = config.ppo.iterations if stage == "ppo" else config.train.steps
-    return math.ceil(length / config.train.checkpoint_every)
+    return math.ceil(get_stage(stage).rounds(config) / config.train.checkpoint_every)
 
 
 def trial_resources(config: Config, stage: str) -> dict[str, float]:
-    from raytrain.train.launch import use_gpus
+    from raytrain.cluster.resources import use_gpus
 
-    parallel, ppo = config.parallel, config.ppo
+    parallel, actors = config.parallel, get_stage(stage).actor_resources(config)
     cpus = parallel.workers * parallel.cpus_per_worker + TRIAL_DRIVER_CPUS
     gpus = float(parallel.workers) if use_gpus(config) else 0.0  # as the trial's TorchTrainer will decide
-    if stage == "ppo":
-        actors = ppo.rollout_actors + ppo.reward_actors
-        cpus += actors * ppo.actor_cpus
-        gpus += actors * ppo.actor_gpus
-    return {"CPU": cpus, "GPU": gpus}
+    return {"CPU": cpus + actors["CPU"], "GPU": gpus + actors["GPU"]}
 
 
 def concurrency(config: Config, stage: str, space: list[Dimension], limit: int | None) -> int:
@@ -115,7 +84,7 @@ def concurrency(config: Config, stage: str, space: list[Dimension], limit: int |
     needs = [trial_resources(config, stage)]
     for dim in space:
         for value in dim.values:
-            needs.append(trial_resources(with_values(config, {dim.key: value}), stage))
+            needs.append(trial_resources(config.with_values({dim.key: value}), stage))
     free = ray.available_resources()
     most = {kind: max(need[kind] for need in needs) for kind in ("CPU", "GPU")}
     fits = {kind: int(free.get(kind, 0.0) // most[kind]) for kind in most if most[kind] > 0}
@@ -131,11 +100,10 @@ def run_trial(params: dict, *, stage: str, base: dict, sweep_dir: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = with_values(config_from_dict(base), params)
-    config.run.root = sweep_dir
-    config.run.name = tune.get_context().get_trial_name()
-    config.tracking.group = posixpath.basename(sweep_dir)
-    stage_runner(stage)(config, callbacks=(TuneReportCallback(),))
+    config = config_from_dict(base).with_values({**params, "run.root": sweep_dir,
+                                                 "run.name": tune.get_context().get_trial_name(),
+                                                 "tracking.group": posixpath.basename(sweep_dir)})
+    get_stage(stage).run(config, callbacks=(TuneReportCallback(),))
 
 
 def trial_name(trial) -> str:
@@ -148,12 +116,12 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    check_sweep(config, sweep, space)
+    config = check_sweep(config, sweep, space)
     sweep_dir = storage.join(storage.absolute(config.run.root), sweep.name)  # a folder or a URI
     _claim_sweep_dir(sweep_dir, sweep)
     init_ray(config.runtime)
     trials_at_once = concurrency(config, sweep.stage, space, max_concurrent)
-    most_reports = max([reports(config, sweep.stage)] + [reports(with_values(config, {d.key: v}), sweep.stage)
+    most_reports = max([reports(config, sweep.stage)] + [reports(config.with_values({d.key: v}), sweep.stage)
                                                          for d in space for v in d.values])
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=most_reports, grace_period=1,
                                reduction_factor=2) if sweep.scheduler == "asha" else FIFOScheduler())
@@ -185,14 +153,15 @@ def run_sweep(config: Config, sweep: Sweep, space: list[Dimension], max_concurre
     wall_s = time.perf_counter() - started
     _wait_for_placement_groups(groups_before)
     _complete_run_folders(grid, sweep_dir)
-    rows = trial_rows(grid, sweep, sweep_dir, lambda params: total_steps(with_values(config, params), sweep.stage))
+    stage = get_stage(sweep.stage)
+    rows = trial_rows(grid, sweep, sweep_dir, lambda params: stage.total_steps(config.with_values(params)))
     return {**write_results(sweep_dir, sweep, rows, wall_s), "trials_at_once": trials_at_once}
 
 
 def _complete_run_folders(grid, sweep_dir: str) -> None:
     """A trial that Tune stops at a report (ASHA, also at its last one) dies before its stage writes
     summary.json: write it from the trial's metrics.jsonl, its last reported checkpoint and its time."""
-    from raytrain.train.launch import write_summary
+    from raytrain.train.metrics import write_summary
 
     for result in grid:
         run_dir = storage.join(sweep_dir, posixpath.basename(result.path))
@@ -235,7 +204,7 @@ def new_sweep(name: str, stage: str, metric: str | None, mode: str | None, sampl
               space: list[Dimension], seed: int) -> Sweep:
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage}: choose one of {', '.join(STAGES)}")
-    default_metric, default_mode = DEFAULT_METRIC[stage]
+    default_metric, default_mode = STAGES[stage].sweep_metric
     if samples < 1:
         raise ConfigError("--samples must be >= 1")
     if metric not in (None, default_metric) and mode is None:

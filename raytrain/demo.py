@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -19,18 +17,17 @@ from raytrain.data.prepare import run_prepare_stage
 from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
-from raytrain.evaluate import unigram_baseline
-from raytrain.export.commands import export_command
-from raytrain.model_commands import generate, score_conversations
+from raytrain.export.commands import export_onnx
+from raytrain.inference import generate_from_checkpoint, score_conversations
 from raytrain.report import write_report
-from raytrain.rlhf.driver import run_ppo
-from raytrain.rlhf.learner import SAMPLES_FILE
+from raytrain.rlhf.experience_source import SAMPLES_FILE
+from raytrain.stages import STAGES
 from raytrain.train.checkpoint import load_model
-from raytrain.train.launch import run_dpo, run_pretrain, run_reward, run_sft
+from raytrain.train.evaluate import unigram_baseline
 from raytrain.train.metrics import METRICS_FILE
 
 log = logging.getLogger("raytrain")
-STAGES = 10
+STEPS = 10
 # Fine-tuning after pre-training: fewer steps, a gentler learning rate (the pre-training config's other keys hold).
 SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 # The reward model from the fine-tuned model: a lower learning rate (at 1e-3 it learns the train pairs and no
@@ -47,57 +44,76 @@ PPO_LR = 2e-4
 KL_WINDOW = 5  # iterations the reported KL is averaged over (one iteration's 16 answers are a noisy estimate)
 
 
+def demo_configs(config: Config) -> dict[str, Config]:
+    """Each step's own config, built whole from the user's (configs are frozen: no stage's resolution reaches
+    another's). Keys: the data steps (tokenizer, prepare, sft-data, prefs-data) and the stages."""
+    base = config.run.dir
+    pretrain = config.with_values({
+        "run.root": str(base), "run.name": "pretrain",
+        "data.tokenizer.out": str(base / "tokenizer"), "data.tokenizer.overwrite": True,
+        "data.prepare.tokenizer": str(base / "tokenizer"), "data.prepare.out": str(base / "data"),
+        "data.prepare.overwrite": True, "train.data": str(base / "data")})
+
+    def chat_data(source: str, out: str) -> Config:
+        return pretrain.with_values({"data.source.inputs": [source], "data.prepare.out": str(base / out)})
+
+    def post_training(name: str, data: str, init: str, steps: int, lr: float, warmup: int) -> Config:
+        """A post-training stage's run from `init`, one checkpoint at the end."""
+        return pretrain.with_values({"run.name": name, "train.data": str(base / data), "train.init_from":
+                                     str(base / init), "train.steps": steps, "train.lr": lr,
+                                     "train.warmup_steps": warmup, "train.checkpoint_every": steps})
+
+    ppo = pretrain.with_values({
+        "run.name": "ppo", "train.lr": PPO_LR, "train.warmup_steps": 0, "train.log_every": 1, "train.val_every": 10,
+        "train.checkpoint_every": PPO_OVERRIDES["iterations"], "ppo.policy": str(base / "sft"),
+        "ppo.reward": str(base / "reward"), "ppo.prompts": STDLIB_QA,
+        **{f"ppo.{key}": value for key, value in PPO_OVERRIDES.items()}})
+    return {"tokenizer": pretrain, "prepare": pretrain, "pretrain": pretrain,
+            "sft-data": chat_data(STDLIB_QA, "sft-data"),
+            "sft": post_training("sft", "sft-data", "pretrain", SFT_STEPS, SFT_LR, SFT_WARMUP),
+            "prefs-data": chat_data(STDLIB_PREFS, "prefs-data"),
+            "reward": post_training("reward", "prefs-data", "sft", REWARD_STEPS, REWARD_LR, REWARD_WARMUP),
+            "dpo": post_training("dpo", "prefs-data", "sft", DPO_STEPS, DPO_LR, DPO_WARMUP),
+            "ppo": ppo}
+
+
 def run_demo(config: Config) -> None:
     base = config.run.dir
+    configs = demo_configs(config)
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"
     sft_data_dir, sft_run = base / "sft-data", base / "sft"
     prefs_data_dir, reward_run, dpo_run = base / "prefs-data", base / "reward", base / "dpo"
     ppo_run, onnx_dir = base / "ppo", base / "onnx-int8"
-    data = config.data
-    config = dataclasses.replace(
-        config,
-        run=dataclasses.replace(config.run, root=str(base), name="pretrain"),
-        data=dataclasses.replace(
-            data,
-            tokenizer=dataclasses.replace(data.tokenizer, out=str(tokenizer_dir), overwrite=True),
-            prepare=dataclasses.replace(data.prepare, tokenizer=str(tokenizer_dir), out=str(data_dir),
-                                        overwrite=True),
-        ),
-        train=dataclasses.replace(config.train, data=str(data_dir)),
-    )
-    log.info("demo [1/%d] tokenizer on %s", STAGES, ", ".join(data.source.inputs))
-    run_tokenizer_stage(config)
-    log.info("demo [2/%d] token shards", STAGES)
-    run_prepare_stage(config)
-    log.info("demo [3/%d] pre-training", STAGES)
-    shutil.rmtree(train_run, ignore_errors=True)  # the demo starts fresh rather than resuming
-    pretrained = run_pretrain(config)
-    report_pretraining(pretrained, data_dir, train_run)
+    seed, val_fraction = config.data.prepare.seed, config.data.prepare.val_fraction
 
-    log.info("demo [4/%d] fine-tuning data: %s", STAGES, STDLIB_QA)
-    run_sft_data_stage(chat_data_config(config, STDLIB_QA, sft_data_dir))
-    log.info("demo [5/%d] supervised fine-tuning from the pre-trained model", STAGES)
-    tuned = run_sft(fresh_stage_config(config, sft_run, sft_data_dir, train_run, SFT_STEPS, SFT_LR, SFT_WARMUP))
-    report_fine_tuning(tuned, sft_run, config.data.prepare.seed, config.data.prepare.val_fraction)
+    def stage(name: str) -> dict:
+        shutil.rmtree(base / name, ignore_errors=True)  # the demo starts fresh rather than resuming
+        return STAGES[name].run(configs[name])
 
-    log.info("demo [6/%d] preference data: %s", STAGES, STDLIB_PREFS)
-    run_prefs_data_stage(chat_data_config(config, STDLIB_PREFS, prefs_data_dir))
-    log.info("demo [7/%d] reward model from the fine-tuned model", STAGES)
-    rewarded = run_reward(fresh_stage_config(config, reward_run, prefs_data_dir, sft_run, REWARD_STEPS,
-                                             REWARD_LR, REWARD_WARMUP))
-    report_reward_model(rewarded, reward_run, config.data.prepare.seed, config.data.prepare.val_fraction)
-    log.info("demo [8/%d] DPO from the fine-tuned model on the same preferences", STAGES)
-    optimised = run_dpo(fresh_stage_config(config, dpo_run, prefs_data_dir, sft_run, DPO_STEPS, DPO_LR, DPO_WARMUP))
-    report_dpo(optimised)
-    log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools)", STAGES)
-    aligned = run_ppo(ppo_stage_config(config, ppo_run, sft_run, reward_run))
-    report_ppo(aligned, ppo_run)
+    log.info("demo [1/%d] tokenizer on %s", STEPS, ", ".join(config.data.source.inputs))
+    run_tokenizer_stage(configs["tokenizer"])
+    log.info("demo [2/%d] token shards", STEPS)
+    run_prepare_stage(configs["prepare"])
+    log.info("demo [3/%d] pre-training", STEPS)
+    report_pretraining(stage("pretrain"), data_dir, train_run)
+
+    log.info("demo [4/%d] fine-tuning data: %s", STEPS, STDLIB_QA)
+    run_sft_data_stage(configs["sft-data"])
+    log.info("demo [5/%d] supervised fine-tuning from the pre-trained model", STEPS)
+    report_fine_tuning(stage("sft"), sft_run, seed, val_fraction)
+
+    log.info("demo [6/%d] preference data: %s", STEPS, STDLIB_PREFS)
+    run_prefs_data_stage(configs["prefs-data"])
+    log.info("demo [7/%d] reward model from the fine-tuned model", STEPS)
+    report_reward_model(stage("reward"), reward_run, seed, val_fraction)
+    log.info("demo [8/%d] DPO from the fine-tuned model on the same preferences", STEPS)
+    report_dpo(stage("dpo"))
+    log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools)", STEPS)
+    report_ppo(stage("ppo"), ppo_run)
     page = write_report([train_run, sft_run, reward_run, dpo_run, ppo_run], base / "report")
-    log.info("demo [10/%d] the PPO policy → ONNX, int8, on onnxruntime", STAGES)
+    log.info("demo [10/%d] the PPO policy → ONNX, int8, on onnxruntime", STEPS)
     print("\nexport:")
-    export_command(argparse.Namespace(checkpoint=str(ppo_run), out=str(onnx_dir), quantize="int8",
-                                      data=str(sft_data_dir), batches=8, batch_size=16, tokenizer=None,
-                                      overwrite=True))
+    export_onnx(str(ppo_run), str(onnx_dir), quantization="int8", data=str(sft_data_dir), overwrite=True)
 
     print(f"\ndemo outputs in {base}/")
     print(f"  tokenizer  {tokenizer_dir}/tokenizer.json  (with the chat template)")
@@ -113,16 +129,6 @@ def run_demo(config: Config) -> None:
     print(f"             raytrain generate --chat --onnx {onnx_dir} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "
           "--response 'Join two or more pathname components.' --response 'Join two'")
-
-
-def ppo_stage_config(config: Config, run: Path, policy: Path, reward: Path) -> Config:
-    shutil.rmtree(run, ignore_errors=True)
-    return dataclasses.replace(
-        config, run=dataclasses.replace(config.run, name=run.name),
-        train=dataclasses.replace(config.train, lr=PPO_LR, warmup_steps=0, log_every=1, val_every=10,
-                                  checkpoint_every=PPO_OVERRIDES["iterations"]),
-        ppo=dataclasses.replace(config.ppo, policy=str(policy), reward=str(reward), prompts=STDLIB_QA,
-                                **PPO_OVERRIDES))
 
 
 def report_ppo(summary: dict, run: Path) -> None:
@@ -144,22 +150,6 @@ def report_ppo(summary: dict, run: Path) -> None:
     print(f"    after  ({last['reward']:+.2f}): {last['response']}")
 
 
-def chat_data_config(config: Config, source: str, out: Path) -> Config:
-    return dataclasses.replace(config, data=dataclasses.replace(
-        config.data, source=dataclasses.replace(config.data.source, inputs=[source]),
-        prepare=dataclasses.replace(config.data.prepare, out=str(out))))
-
-
-def fresh_stage_config(config: Config, run: Path, data: Path, init: Path, steps: int, lr: float,
-                       warmup: int) -> Config:
-    """A post-training stage's run: fresh (the demo does not resume), from `init`, one checkpoint at the end."""
-    shutil.rmtree(run, ignore_errors=True)
-    return dataclasses.replace(
-        config, run=dataclasses.replace(config.run, name=run.name),
-        train=dataclasses.replace(config.train, data=str(data), init_from=str(init), steps=steps, lr=lr,
-                                  warmup_steps=warmup, checkpoint_every=steps))
-
-
 def report_pretraining(summary: dict, data_dir: Path, run: Path) -> None:
     before, after = summary["val_first"], summary["val_last"]
     unigram = unigram_baseline(PreparedDataset.open(data_dir))
@@ -168,9 +158,8 @@ def report_pretraining(summary: dict, data_dir: Path, run: Path) -> None:
           f"unigram baseline {unigram:.3f} (ppl {math.exp(unigram):.0f})")
     print(f"{summary['tokens_seen']:,.0f} tokens at {summary['tokens_per_s']:,.0f} tokens/s, "
           f"MFU {summary['final']['perf/mfu']:.1%}, wall {summary['wall_s']:.0f}s")
-    generate(argparse.Namespace(checkpoint=str(run), onnx=None, prompt=["def ", "import "], tokenizer=None,
-                                max_new_tokens=48, temperature=0.7, top_k=40, top_p=0.95, seed=0, chat=False,
-                                system=None))
+    generate_from_checkpoint(str(run), ["def ", "import "], max_new_tokens=48, temperature=0.7, top_k=40,
+                             top_p=0.95, seed=0)
 
 
 def report_fine_tuning(summary: dict, run: Path, seed: int, val_fraction: float) -> None:
@@ -180,9 +169,8 @@ def report_fine_tuning(summary: dict, run: Path, seed: int, val_fraction: float)
           f"(questions on modules never trained on), wall {summary['wall_s']:.0f}s")
     held_out = next(p for p in stdlib_qa() if p.kind == "what_does" and is_val_module(p.module, seed, val_fraction))
     print(f"a held-out question; reference answer: {held_out.answer}")
-    generate(argparse.Namespace(checkpoint=str(run), onnx=None, prompt=[held_out.question], tokenizer=None,
-                                max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, seed=0, chat=True,
-                                system=None))
+    generate_from_checkpoint(str(run), [held_out.question], max_new_tokens=48, temperature=0.0, top_k=0,
+                             top_p=1.0, seed=0, chat=True)
 
 
 def report_reward_model(summary: dict, run: Path, seed: int, val_fraction: float) -> None:

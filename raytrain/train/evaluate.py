@@ -1,4 +1,5 @@
-"""Sums over a prepared split: validation metrics, and the reward model's score statistics."""
+"""Sums over a prepared split: validation metrics of a training run or of any model (torch, or an ONNX export on
+onnxruntime), and the reward model's score statistics."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
+from raytrain.errors import DataError
+from raytrain.train.checkpoint import model_head
 
 
 @torch.no_grad()
 def split_sums(dataset: PreparedDataset, objective, sums_of, *, batches: int, global_batch: int, consumer: int,
-               num_consumers: int, device: torch.device, split: str = "val") -> torch.Tensor:
+               num_consumers: int, device: torch.device, split: str = "val", ray_data: bool = True) -> torch.Tensor:
     """This consumer's share of the summed `sums_of(inputs, targets)` vectors over a split's first `batches`
     batches (0: all), in file order, each row read at most once.
 
@@ -28,7 +31,7 @@ def split_sums(dataset: PreparedDataset, objective, sums_of, *, batches: int, gl
     whole = -(-rows // global_batch)
     totals = None
     for step, batch in stream_batches(dataset, order, split=split, consumer=consumer, num_consumers=num_consumers,
-                                      num_steps=min(batches, whole) if batches else whole):
+                                      num_steps=min(batches, whole) if batches else whole, ray_data=ray_data):
         if objective.blank is not None:
             batch[step * global_batch + consumer * local + np.arange(local) >= rows] = objective.blank
         inputs, targets = objective(torch.from_numpy(batch).long().to(device), step, consumer * local)
@@ -69,3 +72,15 @@ def unigram_baseline(dataset: PreparedDataset) -> float:
     log_probs = np.log((counts + 1) / (counts.sum() + vocab))  # add-one: unseen tokens stay finite
     val_tokens = read_rows(val, np.arange(val.num_rows), dataset.row_len)[:, 1:].reshape(-1)
     return float(-log_probs[val_tokens].mean())
+
+
+def check_evaluation_data(meta: dict, dataset: PreparedDataset) -> None:
+    """A checkpoint is evaluated on data of its kind, tokenized with its tokenizer."""
+    reward = model_head(meta) == "score"
+    if reward != (dataset.kind == "prefs"):
+        wanted = "`raytrain data prefs`" if reward else "`raytrain data prepare` or `raytrain data sft`"
+        raise DataError(f"'{dataset.root}' holds {dataset.kind} data; a {'reward' if reward else 'language'} "
+                        f"model is evaluated on {wanted} output")
+    if dataset.manifest["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
+        raise DataError(f"'{dataset.root}' was tokenized differently from the checkpoint's training data; "
+                        "evaluate on data prepared with the same tokenizer")

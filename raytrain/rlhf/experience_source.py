@@ -1,0 +1,271 @@
+"""PPO's and GRPO's batch source for the one loop: each round, experience made by the rollout and reward pools.
+
+Per round (an iteration): sync the policy's weights to the rollout actors (gathered whole from the FSDP/TP
+shards, versioned); rank 0 has the rollout pool generate responses to the iteration's prompts and the reward
+pool score them and give the reference log-probs (responses go from rollout to reward actor as object refs);
+every rank gets the batch, computes the old log-probs and values on its data-parallel slice, and the same
+advantages from the whole batch; then `epochs` × `minibatches` steps, each a minibatch of the experience.
+Prompt order, sampling seeds and minibatch order are functions of (seed, iteration), so a resumed run, or one
+with more actors, sees the same batches; the adaptive KL coefficient is the source's state in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import ray
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from raytrain import storage
+from raytrain.data.stream import BatchOrder
+from raytrain.data.tokenizer import load_tokenizer
+from raytrain.model.flops import train_flops_per_token
+from raytrain.rlhf.actors import rollout_pieces
+from raytrain.rlhf.experience import (
+    Experience,
+    grpo_advantages,
+    ppo_advantages,
+    response_logp,
+    rollout_tensors,
+    sequence_kl,
+)
+from raytrain.rlhf.objective import PolicyObjective
+from raytrain.rlhf.ppo_math import AdaptiveKLController
+from raytrain.train.loop import all_reduce_sum
+from raytrain.train.metrics import StepLog
+
+PROMPTS_FILE = "prompts.json"  # written by the stage: token ids of the prompts and what the run starts from
+SAMPLES_FILE = "samples.jsonl"
+ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"
+SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
+# What the source logs beside the objective's metrics.
+EXPERIENCE_METRICS = ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/response_len",
+                      "ppo/weight_sync_s", "perf/rollout_tokens_per_s", "perf/rollout_time_frac", "perf/iteration_s",
+                      "val/reward_mean", "val/response_len")
+
+
+class ExperienceSource:
+    def __init__(self, worker):
+        self.worker = worker
+        self.ppo = ppo = worker.config.ppo
+        self.spec = json.loads(storage.read_text(storage.join(worker.run_dir, PROMPTS_FILE)))
+        self.seq_len = self.spec["length"]
+        self.order = BatchOrder(len(self.spec["train"]), ppo.prompts_per_iteration, worker.train.seed)
+        self.local_batch = worker.train.global_batch // worker.layout.dp
+        self.steps_per_round = ppo.epochs * ppo.minibatches
+        self.rounds = ppo.iterations
+        self.objective = PolicyObjective(ppo)
+        self.has_val = bool(self.spec["val"]) and ppo.val_prompts > 0
+        self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+        self.iterations_done = 0
+        self.session = uuid.uuid4().hex[:8]  # weights of another attempt never count as current
+        self.synced: tuple | None = None
+        self.round_stats: dict[str, float] = {}
+        if worker.rank == 0:
+            pools = worker.extras["pools"]
+            self.rollout, self.rewards = pools.handles("rollout"), pools.handles("reward")
+            self.tokenizer = load_tokenizer(self.spec["tokenizer"]["path"])
+        self.samples: StepLog | None = None  # opened once the worker knows its start step (after a resume)
+
+    @property
+    def critic(self) -> bool:
+        return self.ppo.algorithm == "ppo"
+
+    def flops_per_token(self) -> float:
+        model = self.worker.config.model
+        value = train_flops_per_token(model, self.seq_len, "score") if self.critic else 0.0
+        return train_flops_per_token(model, self.seq_len, "lm") + value
+
+    # -- what a checkpoint holds ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """What a resumed run needs beside its step: the iterations done (the prompt position: iteration i takes
+        the BatchOrder's batch i) and β for the next one."""
+        return {"iterations_done": self.iterations_done, "kl_coef": self.kl.value}
+
+    def load_state(self, state: dict) -> None:
+        self.iterations_done, self.kl.value = int(state["iterations_done"]), float(state["kl_coef"])
+
+    def checkpoint_meta(self) -> dict:
+        return {"mask_fraction": self.spec["mask_fraction"], "data": self.ppo.prompts,
+                "tokenizer": self.spec["tokenizer"], "ppo": {"policy": self.spec["policy"]}}
+
+    # -- the rounds -----------------------------------------------------------------------------------------
+
+    def batches(self, start_step: int) -> Iterator[tuple[int, Experience]]:
+        worker = self.worker
+        if start_step != self.iterations_done * self.steps_per_round:
+            raise RuntimeError(f"the checkpoint of step {start_step} holds the PPO state after iteration "
+                               f"{self.iterations_done}; it was written by another ppo.epochs × ppo.minibatches")
+        for iteration in range(self.iterations_done, self.rounds):
+            step = iteration * self.steps_per_round
+            tick = time.perf_counter()
+            sync_s = self._sync_weights(step)
+            self.batch = self._rollout(iteration)
+            rollout_s = time.perf_counter() - tick - sync_s
+            experience, stats, self.kls = self._experience(self.batch)
+            self.objective.kl_coef = self.kl.value
+            self.round_stats = {**stats, "ppo/kl_coef": self.kl.value, "ppo/weight_sync_s": sync_s,
+                                "perf/rollout_tokens_per_s": stats["ppo/response_len"] * len(self.kls)
+                                / max(self.batch["generate_s"], 1e-9)}
+            self.round_started, self.rollout_s = tick, rollout_s
+            for epoch in range(self.ppo.epochs):
+                generator = torch.Generator().manual_seed(worker.train.seed * 1_000_003 + iteration * 1_009 + epoch)
+                order = torch.randperm(len(experience), generator=generator)
+                for minibatch in order.split(worker.train.global_batch):
+                    rank = worker.layout.dp_rank
+                    mine = minibatch[rank * self.local_batch:(rank + 1) * self.local_batch]
+                    yield step, experience[mine].to(worker.device)
+                    step += 1
+
+    def round_metrics(self, round_: int) -> dict[str, float]:
+        """The iteration's rollout statistics and timing; then β for the next iteration."""
+        metrics = dict(self.round_stats)
+        metrics["perf/iteration_s"] = time.perf_counter() - self.round_started
+        metrics["perf/rollout_time_frac"] = self.rollout_s / metrics["perf/iteration_s"]
+        if self.ppo.kl_target > 0:
+            self.kl.update(metrics["ppo/kl"], len(self.kls))
+        self.iterations_done = round_ + 1
+        return metrics
+
+    def on_log(self, step: int) -> None:
+        self._write_samples(step, "train", self.batch, self.kls)
+
+    def finish(self, step: int) -> None:
+        """The rollout actors end holding the final policy (the stage checks they match the checkpoint)."""
+        self._sync_weights(step)
+
+    def _sync_weights(self, step: int) -> float:
+        """Gather the whole policy from its shards (every rank takes part) and load it into every rollout
+        actor; returns the seconds it took. Skipped when the actors already hold this step's weights."""
+        worker = self.worker
+        version = (self.session, step)
+        if version == self.synced:
+            return 0.0
+        tick = time.perf_counter()
+        (module,) = worker.modules
+        # Gathered whole to rank 0's CPU; a single CPU worker's parameters are already that (ray.put copies them).
+        offload = worker.world > 1 or worker.device.type != "cpu"
+        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+        if worker.rank == 0:
+            self.weights = ray.put(state)
+            ray.get([actor.load.remote(version, [self.weights]) for actor in self.rollout])
+        self.synced = version
+        return time.perf_counter() - tick
+
+    def _rollout(self, iteration: int) -> dict:
+        """The iteration's samples, scored, on every rank: G samples of each of its prompts."""
+        batch = None
+        if self.worker.rank == 0:
+            group, seed = self.ppo.samples_per_prompt, self.worker.train.seed
+            prompts = [self.spec["train"][int(i)] for i in self.order.consumer_rows(iteration) for _ in range(group)]
+            seeds = [(seed * 1_000_003 + iteration * 10_007 + k) % 2**63 for k in range(len(prompts))]
+            fail = iteration == self.worker.config.debug.fail_actor_at_iteration
+            batch = self._generate_and_score(prompts, seeds, self.ppo.temperature, fail)
+        return self.worker.broadcast(batch)
+
+    def _generate_and_score(self, prompts: list[list[int]], seeds: list[int], temperature: float,
+                            fail: bool = False) -> dict:
+        """Rank 0: the rollout actors generate the samples in pieces; a reward actor scores each piece as soon as
+        it exists (the responses pass between them as an object ref)."""
+        ppo, special = self.ppo, self.spec["special"]
+        settings = {"max_new_tokens": ppo.max_new_tokens, "eos_id": special["eos"], "pad_id": special["pad"],
+                    "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
+        tick = time.perf_counter()
+        generated, scored = [], []
+        for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
+            fails = fail and i == 0
+            responses = self.rollout[i % len(self.rollout)].generate.remote(
+                self.synced, [self.weights], prompts[start:end], seeds[start:end], settings,
+                self._marker("rollout") if fails else None)
+            generated.append(responses)
+            scored.append(self.rewards[i % len(self.rewards)].score.remote(
+                prompts[start:end], responses, self._marker("reward") if fails else None))
+        responses = [r for part in ray.get(generated) for r in part]
+        generate_s = time.perf_counter() - tick
+        results = ray.get(scored)
+        return {"prompts": prompts, "responses": responses, "generate_s": generate_s,
+                "scores": [s for part, _ in results for s in part],
+                "ref_logps": [lp for _, part in results for lp in part]}
+
+    def _marker(self, pool: str) -> str:
+        return storage.join(self.worker.run_dir, ACTOR_FAILED_MARKER.format(pool))
+
+    def _experience(self, batch: dict) -> tuple[Experience, dict[str, float], torch.Tensor]:
+        """The batch as experience with advantages (the same on every rank), its statistics and its sequence KLs."""
+        ppo = self.ppo
+        tokens, mask, ref = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
+                                            self.spec["special"]["pad"])
+        old_logp, values = self._logp_values(tokens)
+        scores = torch.tensor(batch["scores"])
+        if self.critic:
+            advantages, returns = ppo_advantages(scores, old_logp, ref, values, mask, self.kl.value, ppo.score_clip,
+                                                 ppo.gamma, ppo.lam)
+        else:
+            advantages, returns, values = grpo_advantages(scores, ppo.samples_per_prompt, mask), mask * 0, mask * 0
+        kl = sequence_kl(old_logp, ref, mask)
+        stats = {"ppo/reward_mean": float(scores.mean()), "ppo/reward_std": float(scores.std(correction=0)),
+                 "ppo/kl": float(kl.mean()), "ppo/response_len": float(mask.sum(1).mean())}
+        experience = Experience(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages,
+                                returns=returns, old_values=values)
+        return experience, stats, kl
+
+    def _logp_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current policy's log-probs and the value model's values of every row (zeros without a critic):
+        each data-parallel rank computes its slice, then all ranks share them."""
+        worker = self.worker
+        rows = len(tokens) // worker.layout.dp
+        mine = slice(worker.layout.dp_rank * rows, (worker.layout.dp_rank + 1) * rows)
+        local = tokens[mine].to(worker.device)
+        (module,) = worker.modules
+        module.eval()
+        with torch.no_grad(), worker.compute():
+            logits, values = module(local)
+        module.train()
+        shares = torch.zeros((2, len(tokens), tokens.shape[1] - 1), dtype=torch.float64, device=worker.device)
+        shares[0, mine] = response_logp(logits, local).double()
+        if values is not None:
+            shares[1, mine] = values[:, :-1].double()
+        shares = all_reduce_sum(shares) / worker.layout.tp
+        return shares[0].float().cpu(), shares[1].float().cpu()
+
+    # -- held-out reward and samples ------------------------------------------------------------------------
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Greedy responses to the held-out prompts from the current policy: their mean reward and length. (Their
+        log-ratio to the reference is no KL estimate, greedy tokens not being samples: ppo/kl is the KL.)"""
+        self._sync_weights(step)
+        batch = None
+        if self.worker.rank == 0:
+            prompts = self.spec["val"][: self.ppo.val_prompts]
+            batch = self._generate_and_score(prompts, [0] * len(prompts), temperature=0.0)
+        batch = self.worker.broadcast(batch)
+        _, mask, _ = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
+                                     self.spec["special"]["pad"])
+        self._write_samples(step, "val", batch)
+        return {"val/reward_mean": float(torch.tensor(batch["scores"]).mean()),
+                "val/response_len": float(mask.sum(1).mean())}
+
+    def _write_samples(self, step: int, split: str, batch: dict, kl: torch.Tensor | None = None) -> None:
+        """The first few (prompt, response, reward, KL) to samples.jsonl and a W&B table: reward hacking and
+        length blow-up show in them."""
+        worker = self.worker
+        if worker.rank != 0 or self.ppo.samples_logged == 0:
+            return
+        if self.samples is None:
+            self.samples = StepLog(worker.run_dir, SAMPLES_FILE, worker.log.local_dir, worker.start_step)
+        count = min(self.ppo.samples_logged, len(batch["prompts"]))
+        decode = self.tokenizer.decode_batch
+        prompts = decode(batch["prompts"][:count], skip_special_tokens=True)
+        responses = decode(batch["responses"][:count], skip_special_tokens=True)
+        rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i]) if kl is not None else None]
+                for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+        self.samples.append([dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows])
+        if worker.log is not None and worker.log.wandb is not None:
+            import wandb
+
+            worker.log.wandb.log({f"{split}/samples": wandb.Table(columns=SAMPLE_COLUMNS, data=rows)}, step=step)

@@ -1,0 +1,39 @@
+"""`raytrain dpo`: the policy's implicit reward against a frozen reference (the starting SFT model) through the
+pairwise loss, on the reward model's preference rows."""
+
+from __future__ import annotations
+
+from raytrain.parallel.layout import plain_ddp
+from raytrain.stages.base import PreparedDataStage
+from raytrain.train.checkpoint import load_weights
+from raytrain.train.objectives import DirectPreference
+
+
+class DirectPreferenceOptimisation(PreparedDataStage):
+    name = "dpo"
+    order = 40
+    help = "direct preference optimisation of an SFT model on ranked responses"
+    objectives = ("dpo",)
+    family = "finetune"
+    objective_class = DirectPreference
+    data_kind = "prefs"
+    pipeline = False
+    whole_logits = True
+    starts_from, what = "an SFT run", "DPO"
+
+    def make_objective(self, config, special, multiple):
+        return DirectPreference(special["pad"], special["assistant"], config.train.dpo_beta, multiple)
+
+    def build_reference(self, worker):
+        """The frozen reference in the policy's layout, never updated; a restart loads it from train.init_from
+        again, so it is not part of the checkpoints."""
+        from raytrain.model.transformer import Transformer
+
+        model = Transformer(worker.config.model).to(worker.device)
+        # Sharded like the policy; under plain replication it stays a bare copy (DDP is for gradients).
+        module = model if plain_ddp(worker.config.parallel) else worker.parallelize(model)
+        load_weights(worker.train.init_from, module)
+        return module.requires_grad_(False).eval()
+
+
+STAGE = DirectPreferenceOptimisation()

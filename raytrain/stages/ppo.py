@@ -1,0 +1,219 @@
+"""`raytrain ppo` (and `ppo.algorithm=grpo`): the policy from an SFT run, rewards from a reward model or a Python
+function, rollouts and rewards from Ray actor pools beside the learner's Ray Train workers. The learner is the
+one loop; its batches come from the experience source (rlhf/experience_source.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import ray
+
+from raytrain import storage
+from raytrain.config import Config
+from raytrain.errors import ConfigError, DataError
+from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
+from raytrain.stages.base import Stage
+from raytrain.train.checkpoint import load_weights
+
+log = logging.getLogger("raytrain")
+
+
+class ProximalPolicyOptimisation(Stage):
+    name = "ppo"
+    order = 50
+    help = "align a policy with PPO or GRPO: rollouts and rewards from Ray actor pools"
+    objectives = ("ppo", "grpo")
+    family = "ppo"
+    objective_class = PolicyObjective
+    sweep_metric = ("val/reward_mean", "max")
+    weights_prefix = "policy."  # the value model sits beside it, under "value."
+    pipeline = False
+    whole_logits = True
+    in_process = False  # its batches come from Ray actors
+
+    @property
+    def source_metrics(self) -> tuple[str, ...]:
+        from raytrain.rlhf.experience_source import EXPERIENCE_METRICS
+
+        return EXPERIENCE_METRICS
+
+    def objective_of(self, config: Config) -> str:
+        return config.ppo.algorithm
+
+    def rounds(self, config: Config) -> int:
+        return config.ppo.iterations
+
+    def total_steps(self, config: Config) -> int:
+        return config.ppo.iterations * config.ppo.epochs * config.ppo.minibatches
+
+    def actor_resources(self, config: Config) -> dict[str, float]:
+        ppo = config.ppo
+        actors = ppo.rollout_actors + ppo.reward_actors
+        return {"CPU": actors * ppo.actor_cpus, "GPU": actors * ppo.actor_gpus}
+
+    def preflight(self, config: Config) -> Config:
+        return self.resolve(config)[0]
+
+    def cli_flags(self) -> list[tuple[str, str, dict]]:
+        return [
+            ("--policy", "ppo.policy", {"metavar": "CKPT|RUN", "help": "the policy to start from (an SFT run); "
+                                                                      "the KL reference too"}),
+            ("--reward", "ppo.reward", {"metavar": "CKPT|RUN|python:mod:fn",
+                                        "help": "a reward model (`raytrain reward` run) or a Python function "
+                                                "(prompts, responses) -> list[float]"}),
+            ("--prompts", "ppo.prompts", {"metavar": "SRC", "help": "'stdlib-qa', or JSONL files/folders of "
+                                                                   "'prompt' or 'messages' records"}),
+            ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
+            ("--iterations", "ppo.iterations", {"type": int, "help": "rollout → update iterations"}),
+            ("--algorithm", "ppo.algorithm", {"choices": list(self.objectives)}),
+            ("--workers", "parallel.workers", {"type": int, "help": "Ray Train workers of the learner"}),
+        ]
+
+    def resolve(self, config: Config) -> tuple[Config, dict]:
+        """Everything that can be checked before an actor or worker starts: the config the workers run (frozen),
+        and what they read (prompts.json): the prompts' token ids, the row length and the checkpoints the models
+        start from."""
+        from raytrain.data.tokenizer import load_tokenizer, special_token_ids
+        from raytrain.rlhf.actors import PYTHON_REWARD, call_reward, import_reward
+        from raytrain.rlhf.experience import round_up
+        from raytrain.rlhf.prompts import PromptSet, load_prompts
+        from raytrain.train.checkpoint import model_head, read_checkpoint_meta, resolve_checkpoint
+
+        ppo, train = config.ppo, config.train
+        if not ppo.policy:
+            raise ConfigError("PPO starts from a policy: pass --policy runs/NAME (an SFT run) or a checkpoint "
+                              "folder (ppo.policy)")
+        if not ppo.reward:
+            raise ConfigError("PPO needs a reward: pass --reward runs/NAME (a `raytrain reward` run), a checkpoint "
+                              "folder, or python:module:function (ppo.reward)")
+        if not ppo.prompts:
+            raise ConfigError("PPO needs prompts: pass --prompts stdlib-qa or JSONL files of 'prompt' records "
+                              "(ppo.prompts)")
+        policy = str(storage.absolute(resolve_checkpoint(ppo.policy)))
+        meta = read_checkpoint_meta(policy)
+        if model_head(meta) != "lm":
+            raise DataError(f"--policy '{ppo.policy}' is a reward model; start PPO from a language model (an SFT "
+                            "run)")
+        reward = value_init = policy
+        if ppo.reward.startswith(PYTHON_REWARD):
+            call_reward(import_reward(ppo.reward), ppo.reward, ["What does len do?"], ["Return the length."])
+            reward = ppo.reward
+        else:
+            reward = value_init = str(storage.absolute(resolve_checkpoint(ppo.reward)))
+            reward_meta = read_checkpoint_meta(reward)
+            if model_head(reward_meta) != "score" or "reward" not in reward_meta:
+                raise DataError(f"--reward '{ppo.reward}' is not a reward model (its stage trained "
+                                f"'{reward_meta.get('objective')}'); pass a `raytrain reward` run or python:mod:fn")
+            if reward_meta["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
+                raise DataError(f"--reward '{ppo.reward}' and --policy '{ppo.policy}' use different tokenizers; "
+                                "train the reward model from this policy's line of checkpoints")
+            if reward_meta["model"] != meta["model"]:
+                raise DataError(f"--reward '{ppo.reward}' has another architecture than the policy; the value "
+                                "model starts from it, so it must match the policy's model")
+        tokenizer = load_tokenizer(meta["tokenizer"]["path"])  # a folder or a URI
+        prompts = load_prompts(ppo.prompts, tokenizer, train.seed, config.data.prepare.val_fraction,
+                               config.data.chat.prompt_field, config.data.chat.messages_field)
+        max_seq_len = meta["model"]["max_seq_len"]  # the policy's own architecture, whatever the config says
+        room = max_seq_len - ppo.max_new_tokens
+        long = sum(len(p) > room for p in prompts.train + prompts.val)
+        if long and not ppo.drop_long_prompts:
+            raise DataError(f"{long} prompts (the longest {prompts.longest} tokens) leave no room for "
+                            f"ppo.max_new_tokens={ppo.max_new_tokens} within the policy's max_seq_len "
+                            f"{max_seq_len}; shorten them, lower ppo.max_new_tokens, or skip them with "
+                            "ppo.drop_long_prompts=true")
+        if long:
+            log.info("ppo: skipping %d prompts longer than %d tokens (ppo.drop_long_prompts)", long, room)
+            prompts = PromptSet([p for p in prompts.train if len(p) <= room],
+                                [p for p in prompts.val if len(p) <= room])
+        if not prompts.train:
+            raise DataError(f"no training prompt fits in {room} tokens; lower ppo.max_new_tokens")
+        length = min(round_up(prompts.longest + ppo.max_new_tokens, config.parallel.tp), max_seq_len)
+        resolved = config.with_values({
+            "model": meta["model"], "ppo.policy": policy, "ppo.reward": reward,
+            # The one loop's step is one optimizer step on a minibatch of responses.
+            "train.objective": ppo.algorithm,
+            "train.global_batch": ppo.prompts_per_iteration * ppo.samples_per_prompt // ppo.minibatches,
+            "train.steps": self.total_steps(config), "train.data": "", "train.init_from": "",
+            "parallel.loss_parallel": False})  # log-probs need whole logits
+        self.check_layout(resolved, length)
+        spec = {"train": prompts.train, "val": prompts.val, "length": length, "policy": policy,
+                "value_init": value_init, "tokenizer": meta["tokenizer"], "special": special_token_ids(tokenizer),
+                "mask_fraction": meta.get("mask_fraction", 0.15)}
+        return resolved, spec
+
+    def run(self, config: Config, callbacks: tuple = ()) -> dict:
+        from raytrain.cluster.resources import check_placement, use_gpus
+        from raytrain.rlhf.actors import PYTHON_REWARD, ActorPools
+        from raytrain.rlhf.experience_source import PROMPTS_FILE
+        from raytrain.runtime import init_ray
+        from raytrain.train.launch import fit
+
+        resolved, spec = self.resolve(config)
+        ppo = resolved.ppo
+        init_ray(resolved.runtime)
+        check_placement(resolved, use_gpus(resolved), f" plus {ppo.rollout_actors + ppo.reward_actors} actors × "
+                                                      f"ppo.actor_cpus={ppo.actor_cpus}",
+                        self.actor_resources(resolved)["CPU"])
+        run_dir = resolved.run.location  # a path or a URI
+        storage.write_text(storage.join(run_dir, PROMPTS_FILE), json.dumps(spec))
+        log.info("ppo: %d train / %d held-out prompts; %d rollout and %d reward actor(s) (%s reward)",
+                 len(spec["train"]), len(spec["val"]), ppo.rollout_actors, ppo.reward_actors,
+                 "Python" if ppo.reward.startswith(PYTHON_REWARD) else "model")
+        pools = ActorPools.create(ppo, vars(resolved.model), ppo.reward, ppo.policy, spec["tokenizer"]["path"],
+                                  spec["special"]["pad"])
+        try:
+            summary = fit(resolved, self, f"{ppo.iterations} iterations of {ppo.prompts_per_iteration} prompts × "
+                                          f"{ppo.samples_per_prompt} samples ({ppo.algorithm})", callbacks,
+                          extras={"pools": ActorPools(pools.rollout, pools.reward)})  # names, not handles
+            summary["rollout_weights_max_diff"] = synced_weights_diff(pools, summary["checkpoint"])
+            storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+            return summary
+        finally:
+            pools.kill()
+
+    # -- hooks on the workers ---------------------------------------------------------------------------
+
+    def batch_source(self, worker):
+        from raytrain.rlhf.experience_source import ExperienceSource
+
+        return ExperienceSource(worker)
+
+    def build_model(self, worker):
+        """The policy and, for PPO, the value model (a score head on every position) beside it."""
+        from raytrain.model.transformer import Transformer
+
+        def built(head: str, seed: int):
+            model = Transformer(worker.config.model, head=head)
+            model.init_weights(seed)
+            return model.to(worker.device)
+
+        policy = built("lm", worker.train.seed)
+        value = built("score", worker.train.seed + 1) if worker.config.ppo.algorithm == "ppo" else None
+        modules = [worker.parallelize(m) if m is not None else None for m in (policy, value)]
+        return [PolicyAndValue(policy, value)], [PolicyAndValue(*modules)], [0]
+
+    def start_fresh(self, worker) -> None:
+        """A new run: the policy from --policy, the value model from the reward model."""
+        (module,) = worker.modules
+        spec = worker.source.spec
+        load_weights(spec["policy"], module.policy)
+        if module.value is not None:
+            load_weights(spec["value_init"], module.value)
+
+
+def synced_weights_diff(pools, checkpoint: str | None) -> float | None:
+    """The largest difference between a rollout actor's weights and the final checkpoint's policy: 0 when the
+    last sync delivered the trained weights."""
+    from raytrain.rlhf.actors import NAMESPACE
+    from raytrain.train.checkpoint import load_model
+
+    if checkpoint is None:
+        return None
+    model, _ = load_model(checkpoint)
+    actor = ray.get_actor(pools.rollout[0], namespace=NAMESPACE)
+    _, weights = ray.get(actor.weights.remote())
+    return max(float((weights[k] - v).abs().max()) for k, v in model.state_dict().items())
+
+
+STAGE = ProximalPolicyOptimisation()
