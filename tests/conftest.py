@@ -18,6 +18,10 @@ def _free_port() -> int:
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Ray Train's controller polls its workers every 2 s by default: a run's end (and each report's registration)
+# waits up to that long. The suite's runs take seconds, so it polls more often (Ray passes it to every
+# controller and worker); nothing a test asserts depends on it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The suite's Ray is private: its own temp dir (so no `ray start` address file is found and none of ours is
 # seen by others; short, as Ray's socket paths must fit in 107 bytes), never an address from the environment.
 SUITE_RAY_TMPDIR = tempfile.mkdtemp(prefix="raytrain-test-")
