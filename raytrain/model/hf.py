@@ -1,12 +1,15 @@
-"""Hugging Face interop: our parameter names are LlamaForCausalLM's, less the `model.` prefix.
+"""Hugging Face interop for the families of model/config.py: our parameter names are transformers', less the
+`model.` prefix, so a checkpoint converts by renaming nothing but the prefix.
 
-A reward model (score head) is LlamaForSequenceClassification with one label: `score.weight` beside the
-trunk, read at the last token that is not <|pad|> (pad_token_id), as our reward objective reads it.
+A reward model (score head) is {Family}ForSequenceClassification with one label: `score.weight` beside the trunk,
+read at the last token that is not the pad token (pad_token_id), as our reward objective reads it. What a family's
+checkpoint may hold that our decoder does not compute is refused by name (`config_from_hf`), never dropped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,16 +18,45 @@ from safetensors.torch import load_file, save_file
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
 
+log = logging.getLogger("raytrain")
 HF_PREFIX = "model."
+ARCHITECTURE = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+# What each family computes beyond plain Llama: Qwen2 always biases q/k/v, Qwen3 always normalises q and k.
+FAMILY_OPTIONS = {"llama": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}, "mistral": {}}
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                      "truncate")}
+ROPE_FIELDS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_len",
+               "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow",
+               "attention_factor": "rope_attention_factor", "truncate": "rope_truncate"}
 
 
-def hf_config(config: TransformerConfig, head: str = "lm") -> dict:
+def rope_parameters(config: TransformerConfig) -> dict:
+    kind = "default" if config.rope_scaling == "none" else config.rope_scaling
+    params = {"rope_type": kind, "rope_theta": config.rope_theta}
+    for key in ROPE_KEYS.get(kind, ()):
+        value = getattr(config, ROPE_FIELDS[key])
+        if key != "attention_factor" or value:  # 0: transformers' own default
+            params[key] = value
+    return params
+
+
+def hf_config(config: TransformerConfig, head: str = "lm", special: dict | None = None) -> dict:
+    """config.json for transformers; special: the tokenizer's bos/eos/pad ids (raytrain's by default)."""
+    special = special or {"bos": 0, "eos": 1, "pad": 2}
+    name = ARCHITECTURE[config.family]
     classifier = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
                   "problem_type": "regression"} if head == "score" else {}
+    rope = rope_parameters(config)
+    family = {"llama": {"attention_bias": False, "mlp_bias": False},
+              "qwen2": {"use_sliding_window": False}, "qwen3": {"attention_bias": False, "use_sliding_window": False},
+              "mistral": {"sliding_window": config.sliding_window or None}}[config.family]
     return {
         **classifier,
-        "architectures": ["LlamaForSequenceClassification" if head == "score" else "LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [f"{name}ForSequenceClassification" if head == "score" else f"{name}ForCausalLM"],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.hidden_dim,
@@ -34,44 +66,96 @@ def hf_config(config: TransformerConfig, head: str = "lm") -> dict:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
+        # Both spellings: transformers 4.x reads rope_theta and rope_scaling, 5.x rope_parameters.
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": None if rope["rope_type"] == "default" else
+        {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        **family,
         "torch_dtype": "float32",
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 2,
+        "bos_token_id": special.get("bos"),
+        "eos_token_id": special.get("eos"),
+        "pad_token_id": special.get("pad"),
     }
 
 
+def _refuse(source: Path, what: str, why: str) -> None:
+    raise DataError(f"{source}: {what} is not supported: {why}")
+
+
+def _rope_from_hf(hf: dict, source: Path) -> dict:
+    """Our rope fields from either spelling (rope_parameters, or rope_theta + rope_scaling with type/rope_type)."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta") or 10000.0))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        _refuse(source, "partial_rotary_factor", "rotary positions over part of each head are not implemented")
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind not in ROPE_KEYS:
+        _refuse(source, f"rope type {kind!r}", f"raytrain implements {', '.join(['default', *ROPE_KEYS])}")
+    if kind == "yarn" and (params.get("mscale") or params.get("mscale_all_dim")):
+        _refuse(source, "yarn's mscale/mscale_all_dim", "DeepSeek's attention-scale variant is not implemented")
+    fields = {"rope_theta": theta, "rope_scaling": kind}
+    for key in ROPE_KEYS[kind]:
+        if params.get(key) is not None:
+            fields[ROPE_FIELDS[key]] = type(getattr(TransformerConfig, ROPE_FIELDS[key]))(params[key])
+    if kind == "yarn" and "rope_original_max_len" not in fields:
+        fields["rope_original_max_len"] = hf["max_position_embeddings"]
+    return fields
+
+
+def _sliding_window(hf: dict, family: str) -> int:
+    """The window the checkpoint's attention uses (0: none)."""
+    window = hf.get("sliding_window") or 0
+    if family == "mistral":
+        return window
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        return window if "sliding_attention" in (hf.get("layer_types") or ["sliding_attention"]) else 0
+    return 0
+
+
 def config_from_hf(hf: dict, source: Path) -> TransformerConfig:
-    if hf.get("model_type") not in ("llama", None) or hf.get("hidden_act", "silu") != "silu":
-        raise DataError(f"{source}: model_type {hf.get('model_type')!r} is not a Llama-family model")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise DataError(f"{source}: rope scaling {rope or hf.get('rope_scaling')} is not supported yet")
+    family = hf.get("model_type", "llama")
+    if family not in ARCHITECTURE:
+        _refuse(source, f"model_type {family!r}", f"raytrain imports {', '.join(ARCHITECTURE)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(source, f"hidden_act {hf['hidden_act']!r}", "the MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        _refuse(source, "mlp_bias", "the MLP projections have no biases")
+    if hf.get("attention_bias") and family in ("llama", "qwen3", "mistral"):
+        _refuse(source, f"attention_bias with {family}", "it biases o_proj too; only Qwen2's q/k/v biases are "
+                "implemented")
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
-        raise DataError(f"{source}: head_dim × heads must equal hidden_size")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    max_len = hf.get("max_position_embeddings", 2048)
+    window = _sliding_window(hf, family)
+    if window and window < max_len:
+        # Within the window, sliding-window attention is plain causal attention: cap the length there.
+        log.warning("%s: attention slides over %d tokens; model.max_seq_len is capped at %d (of %d) so every "
+                    "position sees what the checkpoint's attention sees", source, window, window, max_len)
+        max_len = window
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads", heads),
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
         ffn_hidden=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=max_len,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        family=family,
+        head_size=0 if head_dim * heads == hf["hidden_size"] else head_dim,
+        sliding_window=window,
+        **FAMILY_OPTIONS[family],
+        **_rope_from_hf(hf, source),
     )
 
 
-def save_hf(model: Transformer, out: Path) -> None:
+def save_hf(model: Transformer, out: Path, special: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -81,7 +165,7 @@ def save_hf(model: Transformer, out: Path) -> None:
         tensors[key] = tensor.detach().contiguous().cpu()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     head = "score" if model.score is not None else "lm"
-    (out / "config.json").write_text(json.dumps(hf_config(model.config, head), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(model.config, head, special), indent=2))
 
 
 def load_hf(folder: Path) -> Transformer:
@@ -102,7 +186,7 @@ def load_hf(folder: Path) -> Transformer:
     problems = model.load_state_dict(state, strict=False)
     if problems.missing_keys or problems.unexpected_keys:
         raise DataError(
-            f"{folder}: weights do not match a Llama model (missing {problems.missing_keys[:4]}, "
+            f"{folder}: weights do not match a {config.family} model (missing {problems.missing_keys[:4]}, "
             f"unexpected {problems.unexpected_keys[:4]})"
         )
     return model

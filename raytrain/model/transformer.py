@@ -1,4 +1,5 @@
-"""A Llama-family decoder in one file, with no distributed code.
+"""A Llama-family decoder in one file, with no distributed code; the options of model/config.py make it Qwen2.5,
+Qwen3 or Mistral too.
 
 Token embedding → n × [RMSNorm → grouped-query attention with rotary positions → residual,
 RMSNorm → SwiGLU MLP → residual] → RMSNorm → output head. Parameter names follow Hugging
@@ -29,12 +30,45 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(config: TransformerConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim / 2], scale of cos and sin) as transformers' rope types define them."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    factor, kind = config.rope_factor, config.rope_scaling
+    if kind == "linear":  # positions divided by the factor
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # long wavelengths slowed by the factor, short ones kept, a smooth blend between
+        original = config.rope_original_max_len
+        low_wavelen, high_wavelen = original / config.rope_low_freq_factor, original / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":  # interpolate the low frequencies, extrapolate the high, a linear ramp between
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(config.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+        if config.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        extrapolated = 1 - ramp
+        inv_freq = inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
+        attention = config.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv_freq, attention
+    return inv_freq, 1.0
+
+
+def rotary_tables(config: TransformerConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [length, head_dim] in the rotate-half layout (as Hugging Face Llama)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq, scale = rope_frequencies(config)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,16 +100,23 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        # Qwen3: each head of q and k normalised over its head_dim, one weight shared by the heads
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, causal: bool, mask=None, cache: KVCache | None = None):
         batch, length, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
-        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         # The tables start at this call's first position and may run longer: a sequence-parallel pipeline
         # stage receives a slice of the sequence, whose whole length is known only here, after the gather.
@@ -134,7 +175,7 @@ class Transformer(nn.Module):
         self.score = nn.Linear(config.d_model, 1, bias=False) if head == "score" else None
         if config.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rotary_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -148,6 +189,9 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                param.zero_()
                 continue
             scale = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale

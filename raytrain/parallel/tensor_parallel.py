@@ -43,15 +43,20 @@ PROJECTIONS = {
 ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, causal, mask, cache): only x is laid out
 
 
-def block_plan(sequence_parallel: bool) -> dict:
+def block_plan(sequence_parallel: bool, qk_norm: bool = False) -> dict:
+    # Qwen3's per-head norms run on this rank's heads (dim 2 of [batch, length, heads, head_dim]); their shared
+    # weight's gradient is summed over the ranks' heads by DTensor.
+    head_norms = {"self_attn.q_norm": Replicated(Shard(2), gather=False),
+                  "self_attn.k_norm": Replicated(Shard(2), gather=False)} if qk_norm else {}
     if not sequence_parallel:
         # Norms replicated as DTensors, so every parameter is one: an optimizer's foreach step fails on a
         # group that mixes DTensors and plain tensors (a reward model's replicated head joins the split matrices).
-        return {**PROJECTIONS, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+        return {**PROJECTIONS, **head_norms, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel(),
                 "input_layernorm": Replicated(Replicate()), "post_attention_layernorm": Replicated(Replicate())}
     rest = (None,) * (ATTENTION_ARGS - 1)
     return {
         **PROJECTIONS,
+        **head_norms,
         "input_layernorm": SequenceParallel(),
         "self_attn": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)),
         "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
@@ -82,7 +87,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
                           split_loss: bool) -> None:
     """Split the model, or the pipeline stage, in place (a stage may lack embedding or head)."""
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(sequence_parallel))
+        parallelize_module(block, tp_mesh, block_plan(sequence_parallel, model.config.qk_norm))
     stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream between blocks
     root_plan = {}
     if model.embed_tokens is not None:
@@ -106,11 +111,12 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
 class Replicated(ParallelStyle):
     """A module too small to split (the final norm and score head of a reward model): its weights replicated
     DTensors (so the optimizer sees DTensors only), its input gathered from `input_layout`, its output a plain
-    tensor that every tp rank holds whole."""
+    tensor that every tp rank holds whole. gather=False: the input stays split as `input_layout` says, and so
+    does the output (each rank's part)."""
 
-    def __init__(self, input_layout: Placement):
+    def __init__(self, input_layout: Placement, gather: bool = True):
         super().__init__()
-        self.input_layout = input_layout
+        self.input_layout, self.gather = input_layout, gather
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(name, part, mesh):
@@ -121,7 +127,7 @@ class Replicated(ParallelStyle):
             x = inputs[0]
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
-            return (x.redistribute(mesh, [Replicate()]), *inputs[1:])
+            return (x.redistribute(mesh, [Replicate()]) if self.gather else x, *inputs[1:])
 
         return distribute_module(module, device_mesh, replicate, input_fn=gather,
                                  output_fn=lambda part, output, mesh: output.to_local())
