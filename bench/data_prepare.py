@@ -16,7 +16,7 @@ from raytrain.config import load_config
 from raytrain.data.packing import pack_rows
 from raytrain.data.prepare import run_prepare_stage, write_shard
 from raytrain.data.sources import iter_local_documents, resolve_sources
-from raytrain.data.tokenizer import load_tokenizer, special_token_ids
+from raytrain.data.tokenizer import load_tokenizer
 from raytrain.data.tokenizer_stage import run_tokenizer_stage
 from raytrain.runtime import init_ray
 
@@ -27,7 +27,7 @@ COPIES = 8  # the larger corpus: the stdlib written out this many times as JSONL
 def baseline(inputs: list[str], tokenizer_dir: Path, out: Path) -> int:
     """What a user would write without raytrain: one process, encode_batch_fast, pyarrow."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    eos = special_token_ids(tokenizer)["eos"]
+    eos = tokenizer.special["eos"]
     texts = [text for text, _ in iter_local_documents(resolve_sources(inputs)) if text]
     encoded = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     rows, _ = pack_rows([np.array([*e.ids, eos], np.int32) for e in encoded], SEQ_LEN + 1)

@@ -100,14 +100,34 @@ def convert_to_hf(args: argparse.Namespace) -> None:
 def convert_from_hf(args: argparse.Namespace) -> None:
     storage.require_local(args.hf_dir, "the Hugging Face folder of convert from-hf", "download it first")
     storage.require_local(args.out, "--out of convert from-hf", "convert here, then upload the folder")
-    model = load_hf(Path(args.hf_dir))
-    out = Path(args.out)
+    from raytrain.config import load_config
+    from raytrain.data.prepare import tokenizer_info
+    from raytrain.data.tokenizer import TOKENIZER_FILE, copy_tokenizer
+
+    source, out = Path(args.hf_dir), Path(args.out)
     if (out / "raytrain.json").exists():
         raise DataError(f"'{out}' already holds a checkpoint; choose another --out")
-    save_model(out, model, {"step": 0, "stage": "pretrain", "objective": TrainConfig.objective,
-                            "mask_fraction": TrainConfig.mask_fraction, "seed": 0, "source": str(args.hf_dir)})
-    print(f"{args.hf_dir} → {out} ({model.num_params():,} parameters); start a run from it with "
-          f"train.init_from={out}")
+    model = load_hf(source)
+    meta = {"step": 0, "stage": "pretrain", "objective": TrainConfig.objective,
+            "mask_fraction": TrainConfig.mask_fraction, "seed": 0, "source": str(source)}
+    config = load_config("demo", [f"train.init_from={out.absolute()}"])
+    if (source / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(source)  # its template, pad and special tokens checked before anything is written
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise DataError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+                            f"embedding {model.config.vocab_size}; they are not a pair")
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        copy_tokenizer(source, out / "tokenizer")
+        meta["tokenizer"] = tokenizer_info(str((out / "tokenizer").absolute()))
+        config = config.with_values({"data.prepare.tokenizer": meta["tokenizer"]["path"]})
+    save_model(out, model, meta)
+    # A starting config: the demo's settings with this model and its tokenizer (stages take the model from --init).
+    config.with_values({"model": vars(model.config)}).save(out / "config.yaml")
+    c = model.config
+    print(f"{source} → {out}: {c.family}, {model.num_params():,} parameters, {c.n_layers} layers, d_model "
+          f"{c.d_model}, rope {c.rope_scaling}, max_seq_len {c.max_seq_len}"
+          + (f"; tokenizer → {out / 'tokenizer'}" if "tokenizer" in meta else "; no tokenizer.json beside it")
+          + f"\nstart a run from it with --init {out} (config: --config {out / 'config.yaml'})")
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -9,9 +9,7 @@ import functools
 
 import torch
 
-from raytrain.data.chat import encode_conversation, encode_prompt
 from raytrain.data.manifest import PreparedDataset
-from raytrain.data.tokenizer import special_token_ids
 from raytrain.model.generate import generate as generate_tokens
 from raytrain.stages import STAGES
 from raytrain.train.checkpoint import load_model, model_head
@@ -31,7 +29,8 @@ def validation_metrics(model, meta: dict, dataset: PreparedDataset, batches: int
                  if s.head == model_head(meta) and getattr(s, "data_kind", None) == dataset.kind)
     name = meta["objective"] if meta["objective"] in stage.objectives else stage.objectives[0]
     config = stage_config(name, meta["seed"], batch_size, meta["mask_fraction"])
-    objective = stage.make_objective(config, dataset.manifest["tokenizer"]["special_tokens"], 1)
+    objective = stage.make_objective(config, dataset.manifest["tokenizer"]["special_tokens"], 1,
+                                     **dataset.objective_options)
     totals = split_sums(dataset, objective, forward_loss_sums(model, objective), batches=batches,
                         global_batch=batch_size, consumer=0, num_consumers=1, device=torch.device("cpu"),
                         ray_data=False)
@@ -51,13 +50,10 @@ def generate_texts(model, tokenizer, prompts: list[str], *, chat: bool = False, 
                    seed: int = 0) -> list[str]:
     """Each prompt's continuation (chat: each prompt a user turn, answered as the assistant); prompt i samples
     with seed + i."""
-    special = special_token_ids(tokenizer)
-    if chat:
-        ids = [encode_prompt(tokenizer, p, system) for p in prompts]
-    else:
-        ids = [[special["bos"], *tokenizer.encode(p).ids] for p in prompts]
+    ids = [tokenizer.encode_prompt(p, system) if chat else tokenizer.text_prompt(p) for p in prompts]
     run = model.generate if hasattr(model, "generate") else functools.partial(generate_tokens, model)
-    outputs = run(ids, max_new_tokens, eos_id=special["eos"], pad_id=special["pad"], temperature=temperature,
+    # A chat reply stops at the template's end of turn, text at eos.
+    outputs = run(ids, max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad, temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed)
     return [tokenizer.decode(out, skip_special_tokens=True) for out in outputs]
 
@@ -82,8 +78,8 @@ def generate_from_checkpoint(checkpoint: str, prompts: list[str], **settings) ->
 def score_conversations(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[float]:
     """A reward model's score of each conversation (its last turn the reply scored), tokenized as the training
     rows were: in the chat format, cut from the left when longer than the model's context."""
-    pad = special_token_ids(tokenizer)["pad"]
-    rows = [encode_conversation(tokenizer, turns)[0][-model.config.max_seq_len:] for turns in conversations]
+    pad = tokenizer.pad
+    rows = [tokenizer.encode_conversation(turns)[0][-model.config.max_seq_len:] for turns in conversations]
     tokens = torch.full((len(rows), max(map(len, rows))), pad)
     for i, ids in enumerate(rows):
         tokens[i, : len(ids)] = torch.tensor(ids)

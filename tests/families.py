@@ -46,3 +46,69 @@ def save_family(family: str, folder: Path, seed: int = 0):
     model = hf_model(family, seed)
     model.save_pretrained(folder)
     return model
+
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = (  # Qwen2.5's shape: a default system turn when the conversation has none
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+CHATML_MARKED_TEMPLATE = (  # ChatML whose assistant turns carry generation markers
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+    "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+MISTRAL_TEMPLATE = (  # Mistral v0.1's: no system role, roles must alternate
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+# style: (special tokens, tokenizer_config special keys, chat template); no pad where the family ships none
+TOKENIZERS = {
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|finetune_right_pad_id|>"],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, LLAMA3_TEMPLATE),
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+               {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, CHATML_TEMPLATE),
+    "chatml-marked": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                      {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+                      CHATML_MARKED_TEMPLATE),
+    "mistral": (["<unk>", "<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+                MISTRAL_TEMPLATE),
+}
+FAMILY_TOKENIZER = {"llama": "llama3", "qwen2": "chatml", "qwen3": "chatml-marked", "mistral": "mistral"}
+
+
+def save_tokenizer(style: str, folder: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE trained here on standard-library docstrings, with the style's special tokens and chat
+    template, in the layout AutoTokenizer reads (tokenizer.json + tokenizer_config.json)."""
+    import json
+    import pydoc
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials, settings, template = TOKENIZERS[style]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [pydoc.getdoc(__import__(name)) for name in ("json", "argparse", "pathlib", "collections", "re")]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if settings.get("bos_token"):  # as Llama's tokenizer.json: encode() adds bos unless told not to
+        bos = settings["bos_token"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096, "chat_template": template,
+              "clean_up_tokenization_spaces": False, **settings}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder

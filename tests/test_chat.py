@@ -2,8 +2,8 @@
 
 import pytest
 
-from raytrain.data.chat import check_conversation, encode_conversation, encode_prompt
-from raytrain.data.tokenizer import load_tokenizer, special_token_ids
+from raytrain.data.chat import check_conversation
+from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 
 CONVERSATIONS = [
@@ -29,11 +29,11 @@ def test_our_ids_are_what_transformers_renders_from_the_exported_template(tokeni
     for conversation in CONVERSATIONS:
         turns = check_conversation(conversation, "example", ends_with_reply=True)
         for prompt in (False, True):
-            ids, _ = encode_conversation(ours, turns, add_generation_prompt=prompt)
+            ids, _ = ours.encode_conversation(turns, add_generation_prompt=prompt)
             expected = theirs.apply_chat_template(conversation, add_generation_prompt=prompt, tokenize=True,
                                                   return_dict=False)
             assert ids == list(expected)
-    prompt_ids = encode_prompt(ours, "Which module parses argv?", system="Be brief.")
+    prompt_ids = ours.encode_prompt("Which module parses argv?", system="Be brief.")
     assert prompt_ids == list(theirs.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which module parses argv?"}],
         add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -41,8 +41,8 @@ def test_our_ids_are_what_transformers_renders_from_the_exported_template(tokeni
 
 def test_only_assistant_tokens_and_their_eos_are_trained(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
-    special = special_token_ids(tokenizer)
-    ids, trained = encode_conversation(tokenizer, CONVERSATIONS[1])
+    special = tokenizer.special
+    ids, trained = tokenizer.encode_conversation(CONVERSATIONS[1])
     assert len(ids) == len(trained)
     trained_text = [i for i, t in zip(ids, trained, strict=True) if t]
     replies = [tokenizer.encode(t["content"]).ids + [special["eos"]] for t in CONVERSATIONS[1]
@@ -50,7 +50,7 @@ def test_only_assistant_tokens_and_their_eos_are_trained(tokenizer_dir):
     assert trained_text == replies[0] + replies[1]
     # Role tokens are never trained, and content that spells a control token stays text.
     assert not any(t for i, t in zip(ids, trained, strict=True) if i == special["assistant"])
-    spelled, _ = encode_conversation(tokenizer, [{"role": "user", "content": "<|eos|>"},
+    spelled, _ = tokenizer.encode_conversation([{"role": "user", "content": "<|eos|>"},
                                                  {"role": "assistant", "content": "ok"}])
     assert spelled.count(special["eos"]) == 2
 

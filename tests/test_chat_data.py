@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytrain.config import ChatDataConfig, load_config
-from raytrain.data.chat import encode_conversation
 from raytrain.data.chat_data import SFT, TokenizeExamples, fit_row, prefs_example, sft_example
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stdlib_qa import is_val_module, pairs_of_module, rejected_answers, stdlib_prefs, stdlib_qa, summary
@@ -105,20 +104,20 @@ def test_rankings_order_responses_best_first():
 
 
 def test_rows_keep_the_last_reply_and_cut_from_the_left():
-    a = 5  # <|assistant|>
-    ids = [4, 9, 9, 9, 1, a, 7, 7, 1]
+    ids = [4, 9, 9, 9, 1, 5, 7, 7, 1]  # user turn, <|assistant|> (5), the reply and <|eos|>
     trained = [False] * 6 + [True] * 3
-    assert fit_row(ids, trained, 16, a) == ("", 0)
-    assert fit_row(ids, trained, 6, a) == ("truncated", 3)  # the user turn loses 3 tokens
-    assert fit_row(ids, trained, 3, a) == ("reply_longer_than_row", -1)
-    assert fit_row(ids[:5], trained[:5], 16, a) == ("no_reply", -1)
+    assert fit_row(ids, trained, 16) == ("", 0)
+    assert fit_row(ids, trained, 6) == ("truncated", 3)  # the user turn loses 3 tokens
+    assert fit_row(ids, trained, 3) == ("reply_longer_than_row", -1)
+    assert fit_row(ids[:5], trained[:5], 16) == ("no_reply", -1)
 
 
 def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
     tokenizer = load_tokenizer(plain_tokenizer)
     turns = [{"role": "user", "content": "What is `json.dumps`?"}, {"role": "assistant", "content": "A function."}]
-    ids, trained = encode_conversation(tokenizer, turns)
-    batch = pa.table({"conversations": [json.dumps([turns])], "val": pa.array([False]), "kind": [""]})
+    ids, trained = tokenizer.encode_conversation(turns)
+    batch = pa.table({"conversations": [json.dumps([turns])], "val": pa.array([False]), "kind": [""],
+                      "where": ["example.jsonl:1"]})
     out = TokenizeExamples(str(plain_tokenizer), SFT.kind, len(ids) + 4, 1, 0, 0.0)(batch)
     row = out.column("tokens").to_pylist()[0]
     mask = out.column("loss_mask").to_pylist()[0]

@@ -12,7 +12,7 @@ from raytrain.rlhf.ppo_math import token_logp
 from raytrain.stages import STAGES
 from raytrain.train.objectives import IGNORE, DirectPreference
 
-PAD, ASSISTANT = 2, 5
+PAD = 2
 
 
 def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta: float):
@@ -31,16 +31,18 @@ def test_dpo_loss_by_hand():
 
 
 def prefs_rows() -> torch.Tensor:
-    """One prompt, two responses best first: user turn `4 10 1`, then `5` (assistant), the reply and eos `1`."""
-    return torch.tensor([[[4, 10, 1, 5, 20, 21, 1, PAD], [4, 10, 1, 5, 22, 1, PAD, PAD]]])
+    """One prompt, two responses best first: user turn `4 10 1`, then `5` (assistant), the reply and eos `1`; then
+    their reply masks."""
+    return torch.tensor([[[4, 10, 1, 5, 20, 21, 1, PAD], [4, 10, 1, 5, 22, 1, PAD, PAD],
+                          [0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 0, 0]]])
 
 
 def test_targets_are_the_reply_tokens_of_each_response():
-    inputs, (targets, ends) = DirectPreference(PAD, ASSISTANT, beta=0.1)(prefs_rows(), 0, 0)
+    inputs, (targets, ends) = DirectPreference(PAD, beta=0.1, responses=2)(prefs_rows(), 0, 0)
     assert ends.tolist() == [[6, 5]]
     assert inputs.tolist() == [[4, 10, 1, 5, 20, 21], [4, 10, 1, 5, 22, 1]]  # up to the token before the last eos
     assert targets.tolist() == [[IGNORE] * 3 + [20, 21, 1], [IGNORE] * 3 + [22, 1, IGNORE]]
-    inputs, _ = DirectPreference(PAD, ASSISTANT, beta=0.1, multiple=4)(prefs_rows(), 0, 0)
+    inputs, _ = DirectPreference(PAD, beta=0.1, multiple=4, responses=2)(prefs_rows(), 0, 0)
     assert inputs.shape == (2, 8)  # a multiple of 4 long (sequence parallel), padded past the rows
 
 
@@ -49,7 +51,7 @@ def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
     policy, reference = Transformer(config), Transformer(config)
     policy.init_weights(0)
     reference.init_weights(1)
-    objective = DirectPreference(PAD, ASSISTANT, beta=0.5)
+    objective = DirectPreference(PAD, beta=0.5, responses=2)
     inputs, targets = objective(prefs_rows(), 0, 0)
     with torch.no_grad():
         policy_logits, reference_logits = policy(inputs), reference(inputs)

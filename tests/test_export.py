@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raytrain.cli import main
-from raytrain.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_hash
+from raytrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from raytrain.export.folder import CONFIG_FILE
 from raytrain.export.graphs import DECODE, PREFILL, cache_names
 from raytrain.export.quantize import quantize
@@ -81,10 +81,10 @@ def test_fp32_graphs_match_the_model_and_greedy_tokens_equal(language_model, cap
 
     # Left-padded prompts of different lengths, greedy, stopping on eos: the same tokens as PyTorch.
     prompts = [[0, 11, 12, 13, 14, 15, 16], [0, 40], [0, 99, 98, 97]]
-    ours = generate(model, prompts, 24, eos_id=1, pad_id=2)
-    assert exported.generate(prompts, 24, eos_id=1, pad_id=2) == ours
-    assert exported.generate(prompts, 24, eos_id=1, pad_id=2, temperature=0.9, top_k=20, seed=3) == generate(
-        model, prompts, 24, eos_id=1, pad_id=2, temperature=0.9, top_k=20, seed=3)
+    ours = generate(model, prompts, 24, stop_ids=(1,), pad_id=2)
+    assert exported.generate(prompts, 24, stop_ids=(1,), pad_id=2) == ours
+    assert exported.generate(prompts, 24, stop_ids=(1,), pad_id=2, temperature=0.9, top_k=20, seed=3) == generate(
+        model, prompts, 24, stop_ids=(1,), pad_id=2, temperature=0.9, top_k=20, seed=3)
 
     # The CLI: --chat on the export prints what the checkpoint's generation prints.
     question = ["--chat", "--prompt", "What does os.path.join do?", "--temperature", "0", "--max-new-tokens", "16"]
@@ -131,7 +131,7 @@ def test_reward_model_exports_as_a_scorer(plain_tokenizer, tmp_path, capsys):
     ours = score_conversations(model, tokenizer, conversations)
     assert score_conversations(exported, tokenizer, conversations) == pytest.approx(ours, abs=1e-4)
     # The graph's own per-row score, read at each right-padded row's last real token.
-    pad = special_token_ids(tokenizer)["pad"]
+    pad = tokenizer.special["pad"]
     rows = [[0, 4, 30, 31, 5, 40, 1], [0, 4, 30, 5, 41, 1, pad, pad]]
     tokens = np.array([r + [pad] * (8 - len(r)) for r in rows])
     scores = exported.scores(tokens, (tokens != pad).astype(np.int64))

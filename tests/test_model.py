@@ -70,7 +70,7 @@ def test_sampling_is_seeded_and_stops_on_eos(model):
     assert first == generate(model, prompts, 20, temperature=0.9, top_k=50, top_p=0.9, seed=7)
     greedy = generate(model, prompts, 20)
     eos = greedy[0][3]
-    stopped = generate(model, prompts, 20, eos_id=eos)
+    stopped = generate(model, prompts, 20, stop_ids=(eos,))
     assert stopped[0] == greedy[0][: greedy[0].index(eos) + 1]
     # Each prompt samples from its own seed (seed + its index): batched equals one prompt at a time.
     alone = [generate(model, [p], 20, temperature=0.9, top_k=50, top_p=0.9, seed=7 + i) for i, p in enumerate(prompts)]

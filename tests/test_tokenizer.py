@@ -8,7 +8,6 @@ from raytrain.data.tokenizer import (
     SPECIAL_TOKENS,
     load_tokenizer,
     save_tokenizer,
-    special_token_ids,
     train_tokenizer,
 )
 from raytrain.errors import DataError
@@ -49,8 +48,8 @@ def test_round_trip_edge_cases(tokenizer, text):
 
 
 def test_special_tokens_have_fixed_ids_and_are_not_injected(tokenizer):
-    ids = special_token_ids(tokenizer)
-    assert list(ids) == list(SPECIAL_TOKENS)
+    ids = {k: v for k, v in tokenizer.special.items() if k != "stop"}
+    assert list(ids) == list(SPECIAL_TOKENS) and tokenizer.special["stop"] == [ids["eos"]] == list(tokenizer.stop_ids)
     assert list(ids.values()) == list(range(len(SPECIAL_TOKENS)))
     # Text that spells a special token is plain text to the data pipeline.
     assert not set(tokenizer.encode("<|eos|><|user|>").ids) & set(ids.values())

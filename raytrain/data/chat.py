@@ -1,4 +1,5 @@
-"""The one chat format, on the tokenizer's special tokens.
+"""raytrain's own chat format, on its tokenizer's special tokens (a Hugging Face tokenizer brings its own chat
+template: data/chat_template.py).
 
 A conversation is a list of `{role, content}` turns: an optional `system` turn, then `user` and
 `assistant` turns alternating, starting with `user`. Each turn is `<|role|>` + content +
@@ -76,7 +77,13 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[dict[str, str]], *
     return ids, trained
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
-    """The ids that ask the model for an assistant reply to `prompt`."""
-    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return encode_conversation(tokenizer, turns, add_generation_prompt=True)[0]
+class NativeChat:
+    """raytrain's chat format as a Vocabulary's chat (data/tokenizer.py); a reply ends with <|eos|>."""
+
+    end_of_turn = None
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, turns: Sequence[dict[str, str]], add_generation_prompt: bool = False):
+        return encode_conversation(self.tokenizer, turns, add_generation_prompt=add_generation_prompt)

@@ -2,17 +2,18 @@
 
 Read (JSONL/Parquet records, or a built-in set) → check each record, naming `file:line` → tokenize in an
 actor pool → one shard per split and write task; the manifest is written last and the folder renamed into
-place when complete. Every conversation is rendered in the one chat format (`raytrain.data.chat`) into a
-row padded with <|pad|>: seq_len + 1 tokens for sft (inputs and shifted targets), seq_len for prefs (the
-sequence a reward model reads whole). One that is too long loses tokens from the left while its
-last reply survives (counted as truncated); otherwise the example is dropped (counted by reason). The split
-is by a hash of the example, or for the built-in sets by package, so their val questions come from modules
-never trained on.
+place when complete. Every conversation is rendered by the tokenizer's chat format (raytrain's own, or a Hugging
+Face tokenizer's chat template) into a row padded with its pad token: seq_len + 1 tokens for sft (inputs and
+shifted targets), seq_len for prefs (the sequence a reward model reads whole). One that is too long loses tokens
+from the left while its last reply survives (counted as truncated); otherwise the example is dropped (counted by
+reason). The split is by a hash of the example, or for the built-in sets by package, so their val questions come
+from modules never trained on.
 
-  sft    one conversation per example → `tokens` and `loss_mask` (the assistant tokens and their <|eos|>)
+  sft    one conversation per example → `tokens` and `loss_mask` (the assistant tokens through their end of turn)
   prefs  a prompt's responses ranked best first → `response_0` … `response_{K-1}`, every pair (i < j) a
          preference of i over j (K responses give K(K−1)/2 pairs, all in one row, so in one batch); a
-         plain chosen/rejected record is a ranking of two
+         plain chosen/rejected record is a ranking of two; `reply_mask_0` … `reply_mask_{K-1}` mark each
+         response's reply tokens (what DPO sums log-probabilities over)
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from ray.data import ActorPoolStrategy
 
 from raytrain import storage
 from raytrain.config import ChatDataConfig, Config
-from raytrain.data.chat import check_conversation, encode_conversation
+from raytrain.data.chat import check_conversation
 from raytrain.data.manifest import MANIFEST_FILE, SPLITS
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.packing import TOKEN_DTYPE, is_val_document, rows_per_row_group
 from raytrain.data.prepare import ShardDatasink, dataset_manifest, row_output, tokenize_actor_count, write_shard
 from raytrain.data.sources import resolve_sources
 from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
-from raytrain.data.tokenizer import load_tokenizer, special_token_ids
+from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.runtime import init_ray, native_noise_hidden
 
@@ -134,13 +135,15 @@ PREFS = ChatData("prefs", prefs_example, Builtin(STDLIB_PREFS, stdlib_prefs_exam
 BUILTINS = {SFT.builtin.name: SFT, PREFS.builtin.name: PREFS}
 
 
-def _examples_table(rows: list[tuple[list[Conversation], bool | None, str]]) -> pa.Table:
-    """One example a row: its conversations (JSON), how many, its split if fixed (None: by hash), its kind."""
+def _examples_table(rows: list[tuple[list[Conversation], bool | None, str]], where: list[str]) -> pa.Table:
+    """One example a row: its conversations (JSON), how many, its split if fixed (None: by hash), its kind, and
+    where it was read (for errors the tokenizer finds)."""
     return pa.table({
         "conversations": pa.array([json.dumps(c, ensure_ascii=False) for c, _, _ in rows], pa.large_string()),
         "responses": pa.array([len(c) for c, _, _ in rows], pa.int32()),
         "val": pa.array([v for _, v, _ in rows], pa.bool_()),
         "kind": pa.array([k for _, _, k in rows], pa.string()),
+        "where": pa.array(where, pa.string()),
     })
 
 
@@ -149,7 +152,7 @@ class _ParseJsonlRecords:
         self.data, self.fields = data, fields
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
+        rows, places = [], []
         for content, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True):
             for number, line in enumerate(content.decode("utf-8", "replace").splitlines(), start=1):
                 if not line.strip():
@@ -162,7 +165,8 @@ class _ParseJsonlRecords:
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
                 rows.append((self.data.parse(record, where, self.fields), None, ""))
-        return _examples_table(rows)
+                places.append(where)
+        return _examples_table(rows, places)
 
 
 class _ParseParquetRecords:
@@ -171,9 +175,9 @@ class _ParseParquetRecords:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records, paths = batch.drop_columns(["path"]).to_pylist(), batch.column("path").to_pylist()
-        rows = [(self.data.parse(r, f"{p}, record {json.dumps(r, default=str)[:60]}…", self.fields), None, "")
-                for r, p in zip(records, paths, strict=True)]
-        return _examples_table(rows)
+        places = [f"{p}, record {json.dumps(r, default=str)[:60]}…" for r, p in zip(records, paths, strict=True)]
+        rows = [(self.data.parse(r, where, self.fields), None, "") for r, where in zip(records, places, strict=True)]
+        return _examples_table(rows, places)
 
 
 def read_examples(data: ChatData, inputs: list[str], fields: ChatDataConfig, seed: int, val_fraction: float):
@@ -185,7 +189,9 @@ def read_examples(data: ChatData, inputs: list[str], fields: ChatDataConfig, see
         if BUILTINS[name] is not data:
             raise DataError(f"'{name}' is {BUILTINS[name].kind} data; use `{BUILTINS[name].command}`, or "
                             f"'{data.builtin.name}' here")
-        parts.append(ray.data.from_arrow(_examples_table(data.builtin.examples(seed, val_fraction))))
+        examples = data.builtin.examples(seed, val_fraction)
+        parts.append(ray.data.from_arrow(_examples_table(examples, [f"{name}, example {i}" for i in range(
+            len(examples))])))
     paths = [i for i in inputs if i not in BUILTINS]
     files = resolve_sources(paths) if paths else []
     text = [f.path for f in files if f.kind in ("text", "other")]
@@ -203,21 +209,25 @@ def read_examples(data: ChatData, inputs: list[str], fields: ChatDataConfig, see
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def fit_row(ids: list[int], trained: list[bool], row_len: int, assistant_id: int) -> tuple[str, int]:
+def fit_row(ids: list[int], trained: list[bool], row_len: int) -> tuple[str, int]:
     """("" or "truncated", first kept index) when the conversation fits the row, or (drop reason, -1).
 
-    Tokens are cut from the left; the last reply, from its <|assistant|> token on, must survive."""
+    Tokens are cut from the left; the last reply and the token before it (the end of its prompt) must survive."""
     if not any(trained):
         return "no_reply", -1
     if len(ids) <= row_len:
         return "", 0
     start = len(ids) - row_len
-    last_reply = len(ids) - 1 - ids[::-1].index(assistant_id)
-    return ("truncated", start) if start <= last_reply else ("reply_longer_than_row", -1)
+    last_reply = len(trained) - 1 - trained[::-1].index(True)
+    while last_reply > 0 and trained[last_reply - 1]:
+        last_reply -= 1
+    return ("truncated", start) if start < last_reply else ("reply_longer_than_row", -1)
 
 
 def row_columns(kind: str, responses: int) -> list[str]:
-    return ["tokens", "loss_mask"] if kind == "sft" else [f"response_{i}" for i in range(responses)]
+    if kind == "sft":
+        return ["tokens", "loss_mask"]
+    return [f"response_{i}" for i in range(responses)] + [f"reply_mask_{i}" for i in range(responses)]
 
 
 class TokenizeExamples:
@@ -226,19 +236,22 @@ class TokenizeExamples:
 
     def __init__(self, tokenizer_dir: str, kind: str, row_len: int, responses: int, seed: int, val_fraction: float):
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.special = special_token_ids(self.tokenizer)
         self.kind, self.row_len, self.responses = kind, row_len, responses
         self.seed, self.val_fraction = seed, val_fraction
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n, columns = batch.num_rows, row_columns(self.kind, self.responses)
-        rows = {name: np.zeros((n, self.row_len), np.uint8) if name == "loss_mask"
-                else np.full((n, self.row_len), self.special["pad"], TOKEN_DTYPE) for name in columns}
+        rows = {name: np.zeros((n, self.row_len), np.uint8 if name == "loss_mask" else TOKEN_DTYPE)
+                if "mask" in name else np.full((n, self.row_len), self.tokenizer.pad, TOKEN_DTYPE) for name in columns}
         status, split_val, units = [], [], []
-        for i, (examples, val) in enumerate(zip(batch.column("conversations").to_pylist(),
-                                                batch.column("val").to_pylist(), strict=True)):
-            encoded = [encode_conversation(self.tokenizer, turns) for turns in json.loads(examples)]
-            fits = [fit_row(ids, trained, self.row_len, self.special["assistant"]) for ids, trained in encoded]
+        for i, (examples, val, where) in enumerate(zip(batch.column("conversations").to_pylist(),
+                                                       batch.column("val").to_pylist(),
+                                                       batch.column("where").to_pylist(), strict=True)):
+            try:
+                encoded = [self.tokenizer.encode_conversation(turns) for turns in json.loads(examples)]
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            fits = [fit_row(ids, trained, self.row_len) for ids, trained in encoded]
             dropped = [outcome for outcome, start in fits if start < 0]
             status.append(dropped[0] if dropped else ("truncated" if any(o for o, _ in fits) else ""))
             split_val.append(is_val_document(examples, self.seed, self.val_fraction) if val is None else val)
@@ -252,6 +265,7 @@ class TokenizeExamples:
                     rows["loss_mask"][i, :kept] = trained[start:]
                 else:
                     rows[f"response_{j}"][i, :kept] = ids[start:]
+                    rows[f"reply_mask_{j}"][i, :kept] = trained[start:]
             units.append(int(rows["loss_mask"][i].sum()) if self.kind == "sft" else len(fits) * (len(fits) - 1) // 2)
         table = {name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.row_len)
                  for name, values in rows.items()}
@@ -304,6 +318,7 @@ def run_chat_data_stage(data: ChatData, config: Config) -> str:
     prep = config.data.prepare
     out, tokenizer_dir = row_output(prep)
     row_len, inputs = prep.seq_len + (1 if data.kind == "sft" else 0), config.data.source.inputs
+    load_tokenizer(tokenizer_dir).require_chat()  # its template checked here, before any worker starts
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)  # outside the stderr filter: a new local Ray's processes keep their own stderr
         with native_noise_hidden():

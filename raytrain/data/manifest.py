@@ -69,6 +69,13 @@ class PreparedDataset:
         return tuple(self.manifest.get("columns", ["tokens"]))
 
     @property
+    def objective_options(self) -> dict:
+        """What an objective must know of the rows beside the special tokens: preference rows' response count
+        when their reply masks follow them (data from before reply masks has none)."""
+        masks = sum(c.startswith("reply_mask_") for c in self.columns)
+        return {"responses": masks} if self.kind == "prefs" and masks else {}
+
+    @property
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
 

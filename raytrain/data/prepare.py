@@ -30,7 +30,7 @@ from raytrain.data.manifest import FORMAT, MANIFEST_FILE, SPLITS
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.packing import TOKEN_DTYPE, is_val_document, pack_rows, rows_per_row_group
 from raytrain.data.sources import read_documents, resolve_sources
-from raytrain.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_file, tokenizer_hash
+from raytrain.data.tokenizer import load_tokenizer, tokenizer_file, tokenizer_hash
 from raytrain.errors import DataError
 from raytrain.runtime import cluster_cpus, init_ray, native_noise_hidden
 
@@ -41,11 +41,11 @@ CPUS_PER_TOKENIZE_ACTOR = 2
 
 
 class TokenizeDocuments:
-    """Actor: tokenizes documents, appends eos and assigns each document its split."""
+    """Actor: tokenizes documents, appends eos (bos first where the tokenizer's models expect it) and assigns each
+    document its split."""
 
     def __init__(self, tokenizer_dir: str, seed: int, val_fraction: float):
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.eos = special_token_ids(self.tokenizer)["eos"]
         self.seed = seed
         self.val_fraction = val_fraction
 
@@ -55,7 +55,7 @@ class TokenizeDocuments:
         skipped = [reason or ("" if text else "empty") for text, reason in zip(texts, skipped, strict=True)]
         keep = [i for i, reason in enumerate(skipped) if not reason]
         encoded = self.tokenizer.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)
-        with_eos = [e.ids + [self.eos] for e in encoded]
+        with_eos = [self.tokenizer.document_ids(e.ids) for e in encoded]
         lengths = np.zeros(len(texts), np.int64)
         lengths[keep] = [len(ids) for ids in with_eos]
         flat = np.array(list(itertools.chain.from_iterable(with_eos)), TOKEN_DTYPE)
@@ -240,20 +240,21 @@ def _finish(tmp: str, sink: TokenShardDatasink, config: Config, tokenizer_dir: s
     return manifest
 
 
+def tokenizer_info(tokenizer_dir: str) -> dict:
+    """What a manifest (and a checkpoint, through it) records of its tokenizer."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return {"path": tokenizer_dir, "sha256": tokenizer_hash(tokenizer_dir), "vocab_size": tokenizer.get_vocab_size(),
+            "special_tokens": tokenizer.special}
+
+
 def dataset_manifest(config: Config, tokenizer_dir: str, seconds: float, content: dict) -> dict:
     """What every prepared dataset's manifest says (format, rows, tokenizer, provenance) around `content`."""
-    tokenizer = load_tokenizer(tokenizer_dir)
     return {
         "format": FORMAT,
         "seq_len": config.data.prepare.seq_len,
         "row_len": config.data.prepare.seq_len + 1,
         "dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokenizer": {
-            "path": tokenizer_dir,
-            "sha256": tokenizer_hash(tokenizer_dir),
-            "vocab_size": tokenizer.get_vocab_size(),
-            "special_tokens": special_token_ids(tokenizer),
-        },
+        "tokenizer": tokenizer_info(tokenizer_dir),
         "sources": config.data.source.inputs,
         **content,
         "seconds": round(seconds, 2),

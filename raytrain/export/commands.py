@@ -15,7 +15,7 @@ import raytrain
 from raytrain import storage
 from raytrain.data.manifest import MANIFEST_FILE, PreparedDataset
 from raytrain.data.output import local_output_dir
-from raytrain.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
+from raytrain.data.tokenizer import copy_tokenizer, load_tokenizer
 from raytrain.errors import DataError
 from raytrain.export.folder import CONFIG_FILE, read_config, write_config
 from raytrain.export.graphs import export_graphs
@@ -107,7 +107,7 @@ def finish_folder(folder: Path, graphs: dict, quantization: str, model, meta: di
         "quantization": quantization,
         "graphs": graphs,
         "max_length": model.config.max_seq_len,
-        "special_tokens": special_token_ids(load_tokenizer(folder)),
+        "special_tokens": load_tokenizer(folder).special,
         "chat_template": "tokenizer_config.json",
         "model": vars(model.config),
         "checkpoint": {**meta, "path": str(checkpoint)},
@@ -132,8 +132,9 @@ def measure(model, exported: OnnxModel, dataset: PreparedDataset | None, batches
     if exported.head == "score":
         return result
     special = exported.export["special_tokens"]
-    prompts = (validation_prompts(dataset, PROMPTS, special["assistant"], exported.export["max_length"])
-               if dataset is not None else [[special["bos"]]] * PROMPTS)
+    start = special["bos"] if special["bos"] is not None else special["eos"]  # a document's start without data
+    prompts = (validation_prompts(dataset, PROMPTS, exported.export["max_length"])
+               if dataset is not None else [[start]] * PROMPTS)
     result["torch_tokens_per_s"], reference = tokens_per_second(torch_runner(model, special["pad"]), prompts,
                                                                 NEW_TOKENS)
     result["onnx_tokens_per_s"], outputs = tokens_per_second(onnx_runner(exported, special["pad"]), prompts,

@@ -59,15 +59,21 @@ def score_parity_error(model: Transformer, exported: OnnxModel, rows: list[list[
                float((per_position - onnx_per_position).abs().max()))
 
 
-def validation_prompts(dataset: PreparedDataset, count: int, assistant_id: int, max_length: int) -> list[list[int]]:
-    """The first `count` validation rows as prompts: a chat row up to its assistant turn's start, a text row's
+def validation_prompts(dataset: PreparedDataset, count: int, max_length: int) -> list[list[int]]:
+    """The first `count` validation rows as prompts: a chat row up to its first answer token, a text row's
     first PROMPT_TOKENS tokens; each leaves room for NEW_TOKENS."""
     split = dataset.split("val")
-    rows = read_rows(split, np.arange(min(count, split.num_rows)), dataset.row_len)
+    rows = read_rows(split, np.arange(min(count, split.num_rows)), dataset.row_len, dataset.columns)
     prompts = []
     for row in rows.tolist():
-        end = row.index(assistant_id) + 1 if dataset.kind == "sft" and assistant_id in row else PROMPT_TOKENS
-        prompts.append(row[: min(end, max_length - NEW_TOKENS)])
+        if dataset.kind == "sft":
+            tokens, answer = row[0], row[1]
+        elif dataset.kind == "prefs":  # the best response, up to its reply where the rows mark it
+            tokens, answer = row[0], row[len(row) // 2] if dataset.objective_options else []
+        else:
+            tokens, answer = row, []
+        end = answer.index(1) if 1 in answer else PROMPT_TOKENS
+        prompts.append(tokens[: min(end, max_length - NEW_TOKENS)])
     return prompts
 
 

@@ -67,7 +67,7 @@ class OnnxModel:
             raise DataError(f"{what} is {length} tokens, longer than the {limit} the model was exported for "
                             f"({self.folder}); {fix}")
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None = None,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: tuple[int, ...] = (),
                  pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0) -> list[list[int]]:
         """As raytrain.model.generate.generate: the same loop, masks, positions and sampling."""
@@ -86,5 +86,5 @@ class OnnxModel:
             past[:] = present
             return torch.from_numpy(logits[:, -1])
 
-        return decode(step, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+        return decode(step, prompts, max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
                       top_k=top_k, top_p=top_p, seeds=[seed + i for i in range(len(prompts))])

@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache: left-padded prompts, greedy or sampled, stop on eos.
+"""Batched generation with a KV cache: left-padded prompts, greedy or sampled, stop at any of the stop ids (eos, a
+chat template's end of turn).
 
 Sampling draws each prompt's tokens from its own generator, seeded `seed + i` for prompt i, so a prompt's
 sample does not depend on which other prompts share its batch (rollout actors may batch them any way).
@@ -49,7 +50,7 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     *,
-    eos_id: int | None = None,
+    stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -57,7 +58,7 @@ def generate(
     seed: int = 0,
     seeds: list[int] | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (eos included when reached); prompt i is sampled with seeds[i], by default
+    """New tokens for each prompt (the stop token included when reached); prompt i is sampled with seeds[i], by default
     seed + i."""
     device = next(model.parameters()).device
     total = max(len(p) for p in prompts) + max_new_tokens
@@ -75,14 +76,14 @@ def generate(
         return model(tokens, positions=positions, mask=mask[:, None], cache=cache, last_only=True)[:, -1]
 
     seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
-    return decode(step, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+    return decode(step, prompts, max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
                   top_k=top_k, top_p=top_p, seeds=seeds, device=device)
 
 
-def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int | None, pad_id: int,
+def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: tuple[int, ...], pad_id: int,
            temperature: float, top_k: int, top_p: float, seeds: list[int], device=None) -> list[list[int]]:
     """The generation loop around any model's `step` (ours in torch, an exported one on onnxruntime): left-pad
-    the prompts, prefill, then one token per step until max_new_tokens or every row's eos."""
+    the prompts, prefill, then one token per step until max_new_tokens or every row's stop token."""
     batch, longest = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
     real = torch.zeros((batch, longest + max_new_tokens), dtype=torch.bool, device=device)
@@ -94,6 +95,7 @@ def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, eos_id:
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids), device=device) if stop_ids else None
     step_tokens, start, produced = tokens, 0, 0
     for produced in range(1, max_new_tokens + 1):
         end = start + step_tokens.shape[1]
@@ -101,15 +103,15 @@ def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, eos_id:
         next_ids = sample_next(logits, temperature, top_k, top_p, generators)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         out[:, produced - 1] = next_ids
-        if eos_id is not None:
-            done |= next_ids == eos_id
+        if stops is not None:
+            done |= torch.isin(next_ids, stops)
             if done.all():
                 break
         step_tokens, start = next_ids[:, None], end
     out = out[:, :produced]
     results = []
     for row, finished in zip(out.tolist(), done.tolist(), strict=True):
-        if eos_id is not None and finished:
-            row = row[: row.index(eos_id) + 1]
+        if finished:
+            row = row[: next(i for i, t in enumerate(row) if t in stop_ids) + 1]
         results.append(row)
     return results

@@ -173,7 +173,7 @@ class ExperienceSource:
         """Rank 0: the rollout actors generate the samples in pieces; a reward actor scores each piece as soon as
         it exists (the responses pass between them as an object ref)."""
         ppo, special = self.ppo, self.spec["special"]
-        settings = {"max_new_tokens": ppo.max_new_tokens, "eos_id": special["eos"], "pad_id": special["pad"],
+        settings = {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(special["stop"]), "pad_id": special["pad"],
                     "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
         tick = time.perf_counter()
         generated, scored = [], []

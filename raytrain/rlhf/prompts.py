@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from raytrain.data.chat import check_conversation, encode_conversation, encode_prompt
+from raytrain.data.chat import check_conversation
 from raytrain.data.chat_data import STDLIB_QA
 from raytrain.data.packing import is_val_document
 from raytrain.data.sources import decode_utf8, filesystem_of, resolve_sources
@@ -54,8 +54,8 @@ def load_prompts(source: str, tokenizer: Tokenizer, seed: int, val_fraction: flo
             ordered.append((text, is_val_document(text, seed, val_fraction)))
     train, val = [], []
     for prompt, held_out in ordered:
-        ids = (encode_prompt(tokenizer, prompt) if isinstance(prompt, str)
-               else encode_conversation(tokenizer, prompt, add_generation_prompt=True)[0])
+        ids = (tokenizer.encode_prompt(prompt) if isinstance(prompt, str)
+               else tokenizer.encode_conversation(prompt, add_generation_prompt=True)[0])
         (val if held_out else train).append(ids)
     if not train:
         raise DataError(f"'{source}' holds no training prompts (all {len(val)} fell in the held-out split); "

@@ -17,6 +17,7 @@ from raytrain.config import Config
 from raytrain.data.manifest import DATA_COMMANDS, PreparedDataset
 from raytrain.data.tokenizer import tokenizer_hash
 from raytrain.errors import ConfigError, DataError
+from raytrain.model.config import TransformerConfig
 from raytrain.parallel.pipeline import pipeline_errors
 from raytrain.parallel.tensor_parallel import tp_errors
 from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
@@ -149,8 +150,11 @@ class PreparedDataStage(Stage):
 
         return PreparedBatches(worker, functools.partial(self.make_objective, worker.config))
 
+    def check_data(self, dataset: PreparedDataset) -> None:
+        """What this stage needs of its data beyond its kind (DPO: reply masks)."""
+
     def preflight(self, config: Config) -> Config:
-        train, model = config.train, config.model
+        train = config.train
         if self.starts_from and not train.init_from:
             raise ConfigError(f"{self.what} starts from a model: pass --init runs/NAME ({self.starts_from}) or a "
                               "checkpoint folder (train.init_from)")
@@ -164,10 +168,31 @@ class PreparedDataStage(Stage):
         if dataset.kind != self.data_kind:
             raise DataError(f"'{data}' holds {dataset.kind} data (from `{DATA_COMMANDS[dataset.kind]}`); "
                             f"`raytrain {self.name}` reads `{DATA_COMMANDS[self.data_kind]}` output")
+        self.check_data(dataset)
+        model = config.model
+        if init:  # the weights fix the architecture: the model is the checkpoint's, whatever the config says
+            init_meta = read_checkpoint_meta(init)
+            model = TransformerConfig(**init_meta["model"])
+            theirs = init_meta.get("tokenizer", {}).get("sha256")
+            if theirs and theirs != dataset.tokenizer_sha256:
+                raise DataError(f"'{data}' was prepared with another tokenizer "
+                                f"({dataset.manifest['tokenizer']['path']}) than train.init_from '{init}' was trained "
+                                f"with ({init_meta['tokenizer']['path']}); prepare the data with the model's tokenizer")
+            if model != config.model:
+                log.info("%s: the model is train.init_from's (%s, %d layers, d_model %d), not the config's model "
+                         "section", self.name, model.family, model.n_layers, model.d_model)
         vocab = dataset.manifest["tokenizer"]["vocab_size"]
         if model.vocab_size < vocab:
-            raise ConfigError(f"config key 'model.vocab_size' is {model.vocab_size} but the data's tokenizer has "
-                              f"{vocab} tokens; set model.vocab_size={vocab}")
+            where = f"train.init_from '{init}' has" if init else "config key 'model.vocab_size' is"
+            raise ConfigError(f"{where} a vocabulary of {model.vocab_size} but the data's tokenizer "
+                              f"({dataset.manifest['tokenizer']['path']}) has {vocab} tokens; "
+                              + ("prepare the data with the model's own tokenizer" if init else
+                                 f"set model.vocab_size={vocab}"))
+        if self.objective_of(config) == "masked" and dataset.manifest["tokenizer"]["special_tokens"].get(
+                "mask") is None:
+            raise ConfigError(f"config key 'train.objective' is masked but the data's tokenizer "
+                              f"({dataset.manifest['tokenizer']['path']}) has no mask token; use train.objective="
+                              "causal")
         if train.tokenizer and tokenizer_hash(train.tokenizer) != dataset.tokenizer_sha256:
             raise DataError(f"'{data}' was prepared with another tokenizer than '{train.tokenizer}' "
                             f"({dataset.manifest['tokenizer']['path']}); prepare the data again or fix "
@@ -177,17 +202,13 @@ class PreparedDataStage(Stage):
                               f"{dataset.seq_len} tokens; set model.max_seq_len >= {dataset.seq_len} or prepare "
                               "shorter rows")
         resolved = config.with_values({
-            "train.data": data, "train.init_from": init, "train.objective": self.objective_of(config),
+            "model": vars(model), "train.data": data, "train.init_from": init,
+            "train.objective": self.objective_of(config),
             # Each response's log-probability needs whole logits: under tp they are gathered, not vocabulary-split.
             **({"parallel.loss_parallel": False} if self.whole_logits else {})})
         self.check_layout(resolved, dataset.seq_len)
         if dataset.split("train").num_rows == 0:
             raise DataError(f"'{data}' has no train rows")
-        if init:
-            meta = read_checkpoint_meta(init)
-            if meta["model"] != vars(model):
-                raise ConfigError(f"train.init_from '{init}' holds model {meta['model']}, "
-                                  f"which differs from the config's model section")
         return resolved
 
     def run(self, config: Config, callbacks: tuple = ()) -> dict:

@@ -3,6 +3,7 @@ pairwise loss, on the reward model's preference rows."""
 
 from __future__ import annotations
 
+from raytrain.errors import DataError
 from raytrain.parallel.layout import plain_ddp
 from raytrain.stages.base import PreparedDataStage
 from raytrain.train.checkpoint import load_weights
@@ -21,8 +22,13 @@ class DirectPreferenceOptimisation(PreparedDataStage):
     whole_logits = True
     starts_from, what = "an SFT run", "DPO"
 
-    def make_objective(self, config, special, multiple):
-        return DirectPreference(special["pad"], special["assistant"], config.train.dpo_beta, multiple)
+    def make_objective(self, config, special, multiple, responses=0):
+        return DirectPreference(special["pad"], config.train.dpo_beta, multiple, responses)
+
+    def check_data(self, dataset):
+        if not dataset.objective_options:
+            raise DataError(f"'{dataset.root}' holds preference rows without reply masks (prepared before they "
+                            "existed); prepare them again with `raytrain data prefs`")
 
     def build_reference(self, worker):
         """The frozen reference in the policy's layout, never updated; a restart loads it from train.init_from

@@ -12,6 +12,7 @@ import ray
 from raytrain import storage
 from raytrain.config import Config
 from raytrain.errors import ConfigError, DataError
+from raytrain.model.config import TransformerConfig
 from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.stages.base import Stage
 from raytrain.train.checkpoint import load_weights
@@ -74,7 +75,7 @@ class ProximalPolicyOptimisation(Stage):
         """Everything that can be checked before an actor or worker starts: the config the workers run (frozen),
         and what they read (prompts.json): the prompts' token ids, the row length and the checkpoints the models
         start from."""
-        from raytrain.data.tokenizer import load_tokenizer, special_token_ids
+        from raytrain.data.tokenizer import load_tokenizer
         from raytrain.rlhf.actors import PYTHON_REWARD, call_reward, import_reward
         from raytrain.rlhf.experience import round_up
         from raytrain.rlhf.prompts import PromptSet, load_prompts
@@ -108,7 +109,7 @@ class ProximalPolicyOptimisation(Stage):
             if reward_meta["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
                 raise DataError(f"--reward '{ppo.reward}' and --policy '{ppo.policy}' use different tokenizers; "
                                 "train the reward model from this policy's line of checkpoints")
-            if reward_meta["model"] != meta["model"]:
+            if TransformerConfig(**reward_meta["model"]) != TransformerConfig(**meta["model"]):
                 raise DataError(f"--reward '{ppo.reward}' has another architecture than the policy; the value "
                                 "model starts from it, so it must match the policy's model")
         tokenizer = load_tokenizer(meta["tokenizer"]["path"])  # a folder or a URI
@@ -138,7 +139,7 @@ class ProximalPolicyOptimisation(Stage):
             "parallel.loss_parallel": False})  # log-probs need whole logits
         self.check_layout(resolved, length)
         spec = {"train": prompts.train, "val": prompts.val, "length": length, "policy": policy,
-                "value_init": value_init, "tokenizer": meta["tokenizer"], "special": special_token_ids(tokenizer),
+                "value_init": value_init, "tokenizer": meta["tokenizer"], "special": tokenizer.special,
                 "mask_fraction": meta.get("mask_fraction", 0.15)}
         return resolved, spec
 

@@ -20,8 +20,8 @@ class RewardModel(PreparedDataStage):
     pipeline = False
     starts_from, what = "an SFT run", "a reward model"
 
-    def make_objective(self, config, special, multiple):
-        return PairwiseReward(special["pad"], multiple)
+    def make_objective(self, config, special, multiple, responses=0):
+        return PairwiseReward(special["pad"], multiple, responses)
 
     def checkpoint_meta(self, worker) -> dict:
         """The score mean and std over every response of the train split (every rank takes part)."""

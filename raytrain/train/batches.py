@@ -33,7 +33,8 @@ class PreparedBatches:
         self.order = BatchOrder(self.dataset.split("train").num_rows, train.global_batch, train.seed)
         self.local_batch = self.order.local_batch(layout.dp)
         self.special = self.dataset.manifest["tokenizer"]["special_tokens"]
-        self.objective = make_objective(self.special, layout.tp if layout.pp == 1 else 0)
+        self.objective = make_objective(self.special, layout.tp if layout.pp == 1 else 0,
+                                        **self.dataset.objective_options)
         self.has_val = self.dataset.split("val").num_rows > 0
         self.rounds = train.steps
 

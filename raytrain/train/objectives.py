@@ -159,7 +159,8 @@ def pairwise_loss(scores: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tens
 
 
 class PairwiseReward:
-    """Reward model: rows [b, K, row_len] of a prompt's responses, best first (empty slots all <|pad|>).
+    """Reward model: rows [b, K, row_len] of a prompt's responses, best first (empty slots all pad), followed by
+    their K reply masks in data prepared with them (`responses` = K; 0: every row is a response).
 
     Inputs are the responses flattened to [b·K, L], cut after the longest one (to a multiple of
     `multiple`, which sequence parallelism needs); targets are each response's final position.
@@ -175,12 +176,14 @@ class PairwiseReward:
         values = ("loss", "accuracy", "margin")
         return ("train/loss", *(f"{cls.prefix}/{v}" for v in values), *(f"val/{v}" for v in values))
 
-    def __init__(self, pad_id: int, multiple: int = 1):
+    def __init__(self, pad_id: int, multiple: int = 1, responses: int = 0):
         self.pad_id = pad_id
         self.blank = pad_id  # a row of empty slots: no pair
         self.multiple = max(1, multiple)
+        self.responses = responses
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows[:, : self.responses] if self.responses else rows
         ends = final_positions(rows, self.pad_id)
         return self._responses(rows, self._round_up(int(ends.max()) + 1)), ends
 
@@ -221,8 +224,8 @@ class PairwiseReward:
 class DirectPreference(PairwiseReward):
     """DPO (Rafailov et al., 2023) on the same preference rows, with the language-model head.
 
-    Each response's log-probability under the policy, log π, is summed over its reply tokens (after its last
-    <|assistant|>, through <|eos|>); a frozen reference (the starting model) gives log π_ref. The implicit reward
+    Each response's log-probability under the policy, log π, is summed over its reply tokens (those its reply mask
+    marks, through its end of turn); a frozen reference (the starting model) gives log π_ref. The implicit reward
     s = β·(log π − log π_ref) goes through the reward model's Bradley–Terry loss over the ranked pairs, which is
     DPO's −log σ(β·((log π_i − log π_ref,i) − (log π_j − log π_ref,j))). Targets: (next tokens, IGNORE outside the
     replies; final positions; and, once with_reference has run, the reference's log-probs [b, K]).
@@ -232,18 +235,19 @@ class DirectPreference(PairwiseReward):
     prefix = "dpo"
     reference = True
 
-    def __init__(self, pad_id: int, assistant_id: int, beta: float, multiple: int = 1):
-        super().__init__(pad_id, multiple)
-        self.assistant_id = assistant_id
+    def __init__(self, pad_id: int, beta: float, multiple: int = 1, responses: int = 0):
+        super().__init__(pad_id, multiple, responses)
         self.beta = beta
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int):
-        ends = final_positions(rows, self.pad_id)
-        # Inputs up to the position before the last <|eos|>, a multiple long, and one more token: the last target.
-        tokens = self._responses(rows, self._round_up(int(ends.max())) + 1)
-        index = torch.arange(tokens.shape[1], device=tokens.device)
-        prompt_end = torch.where(tokens == self.assistant_id, index, -1).amax(dim=1, keepdim=True)
-        reply = (index > prompt_end) & (tokens != self.pad_id)
+        k = self.responses
+        if not k or rows.shape[1] != 2 * k:
+            raise ValueError("DPO reads preference rows with reply masks; prepare them again with raytrain data prefs")
+        ends = final_positions(rows[:, :k], self.pad_id)
+        # Inputs up to the position before the last token, a multiple long, and one more token: the last target.
+        length = self._round_up(int(ends.max())) + 1
+        tokens, reply = self._responses(rows[:, :k], length), self._responses(rows[:, k:], length) == 1
+        reply &= tokens != self.pad_id  # a mask padded past the row (value pad) is no reply
         inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(~reply[:, 1:], IGNORE)
         return inputs, (targets, ends)
 
