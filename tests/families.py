@@ -26,13 +26,13 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **changes):
     """A transformers model of the family whose every weight is random (biases and norm weights too, so a
-    missing bias or q/k norm shows in the logits)."""
+    missing bias or q/k norm shows in the logits); changes: config keys to set otherwise."""
     import transformers
 
     class_name, options = FAMILIES[family]
-    config = getattr(transformers, class_name)(**SHAPE, **options)
+    config = getattr(transformers, class_name)(**{**SHAPE, **options, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -42,8 +42,8 @@ def hf_model(family: str, seed: int = 0):
     return model
 
 
-def save_family(family: str, folder: Path, seed: int = 0):
-    model = hf_model(family, seed)
+def save_family(family: str, folder: Path, seed: int = 0, **changes):
+    model = hf_model(family, seed, **changes)
     model.save_pretrained(folder)
     return model
 

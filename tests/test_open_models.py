@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import metric, records
+from conftest import assert_same_curve, metric, records
 
 from raytrain.commands import convert_from_hf, convert_to_hf
 from raytrain.config import load_config
@@ -16,10 +16,10 @@ from raytrain.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from tests.families import FAMILY_TOKENIZER, save_family, save_tokenizer
 
 
-def imported(tmp_path, family="qwen2"):
+def imported(tmp_path, family="qwen2", **changes):
     """A random transformers model of the family with its style of tokenizer beside it, converted."""
     hf_dir = tmp_path / f"{family}-hf"
-    hf = save_family(family, hf_dir)
+    hf = save_family(family, hf_dir, **changes)
     save_tokenizer(FAMILY_TOKENIZER[family], hf_dir)
     convert_from_hf(argparse.Namespace(hf_dir=str(hf_dir), out=str(tmp_path / "base")))
     return hf, tmp_path / "base"
@@ -52,7 +52,7 @@ def test_sft_dpo_grpo_on_an_imported_qwen2_with_its_chat_template(ray_session, t
     from raytrain.inference import generate_from_checkpoint
     from raytrain.stages import STAGES
 
-    hf, base = imported(tmp_path)
+    hf, base = imported(tmp_path, tie_word_embeddings=False)  # as Qwen2.5-7B (a pipeline cannot split a tied head)
     tokenizer = str(base / "tokenizer")
     vocab = load_tokenizer(tokenizer)
     data = {}
@@ -74,8 +74,12 @@ def test_sft_dpo_grpo_on_an_imported_qwen2_with_its_chat_template(ray_session, t
                                       f"train.data='{dataset}'", *overrides])
         return STAGES[stage].run(config)
 
-    fine_tune("sft", "sft", base, data["sft"], "train.steps=20", "train.lr=3e-3", "train.global_batch=8")
+    sft = ["train.steps=20", "train.lr=3e-3", "train.global_batch=8", "train.micro_batches=2"]
+    fine_tune("sft", "sft", base, data["sft"], *sft)
     sft_loss = metric(tmp_path / "sft", "train/loss")
+    # The family's biases and yarn positions under a pipeline: 2 stages of one layer, the same curve.
+    fine_tune("sft", "sft-pp2", base, data["sft"], *sft, "parallel.workers=2", "parallel.pp=2")
+    assert_same_curve(metric(tmp_path / "sft-pp2", "train/loss"), sft_loss)
     assert sum(list(sft_loss.values())[-3:]) < sum(list(sft_loss.values())[:3]) - 0.3, sft_loss
     assert read_checkpoint_meta(resolve_checkpoint(tmp_path / "sft"))["model"] == read_checkpoint_meta(base)["model"]
 
