@@ -64,6 +64,24 @@ CHATML_MARKED_TEMPLATE = (  # ChatML whose assistant turns carry generation mark
     "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}{{- '\n' }}"
     "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+QWEN3_TEMPLATE = (  # Qwen3's reasoning logic: the reply after the last user turn carries a <think> block
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' %}{%- set ns.multi_step_tool = false %}"
+    "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'user' or message.role == 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}{%- set reasoning_content = content.split('</think>')[0].rstrip('\n')"
+    ".split('<think>')[-1].lstrip('\n') %}{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}{%- if loop.index0 > ns.last_query_index %}"
+    "{{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + "
+    "content.lstrip('\n') }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
 MISTRAL_TEMPLATE = (  # Mistral v0.1's: no system role, roles must alternate
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -80,9 +98,12 @@ TOKENIZERS = {
     "chatml-marked": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                       {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
                       CHATML_MARKED_TEMPLATE),
+    "qwen3-think": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                    {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, QWEN3_TEMPLATE),
     "mistral": (["<unk>", "<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
                 MISTRAL_TEMPLATE),
 }
+PLAIN_ADDED = {"qwen3-think": ["<think>", "</think>"]}  # added tokens that are not special (as Qwen3's)
 FAMILY_TOKENIZER = {"llama": "llama3", "qwen2": "chatml", "qwen3": "chatml-marked", "mistral": "mistral"}
 
 
@@ -92,7 +113,7 @@ def save_tokenizer(style: str, folder: Path, vocab_size: int = 300) -> Path:
     import json
     import pydoc
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials, settings, template = TOKENIZERS[style]
     tokenizer = Tokenizer(models.BPE())
@@ -102,6 +123,7 @@ def save_tokenizer(style: str, folder: Path, vocab_size: int = 300) -> Path:
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
+    tokenizer.add_tokens([AddedToken(t, special=False) for t in PLAIN_ADDED.get(style, [])])
     if settings.get("bos_token"):  # as Llama's tokenizer.json: encode() adds bos unless told not to
         bos = settings["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(

@@ -14,9 +14,10 @@ from raytrain.errors import DataError
 from tests.families import TOKENIZERS, save_tokenizer
 from tests.test_chat import CONVERSATIONS
 
-END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "chatml-marked": "<|im_end|>", "mistral": "</s>"}
+END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "chatml-marked": "<|im_end|>",
+               "qwen3-think": "<|im_end|>", "mistral": "</s>"}
 PAD = {"llama3": "<|finetune_right_pad_id|>", "chatml": "<|endoftext|>", "chatml-marked": "<|endoftext|>",
-       "mistral": "<unk>"}
+       "qwen3-think": "<|endoftext|>", "mistral": "<unk>"}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
@@ -26,7 +27,10 @@ def style(request, tmp_path_factory):
 
 
 def conversations(name):
-    # Mistral's template refuses a system turn (tested below): its conversations start with the user.
+    # Mistral's template refuses a system turn (tested below): its conversations start with the user. Qwen3's
+    # rewrites earlier replies, so prefixes cannot mask a second round (tested below): one round.
+    if name == "qwen3-think":
+        return [CONVERSATIONS[0]]
     return [c[1:] if name == "mistral" and c[0]["role"] == "system" else c for c in CONVERSATIONS]
 
 
@@ -45,7 +49,8 @@ def test_ids_equal_apply_chat_template_and_the_mask_is_the_replies(style):
         replies = ours.decode([i for i, t in zip(ids, trained, strict=True) if t], skip_special_tokens=False)
         # each reply as the template writes it (Llama 3's trims), through its end of turn and nothing after
         eot = END_OF_TURN[name]
-        expected = "".join((t["content"].strip() if name == "llama3" else t["content"]) + eot
+        think = "<think>\n\n</think>\n\n" if name == "qwen3-think" else ""  # the empty reasoning is the reply's
+        expected = "".join(think + (t["content"].strip() if name == "llama3" else t["content"]) + eot
                            for t in conversation if t["role"] == "assistant")
         assert replies == expected
         if name == "chatml-marked":  # the template's own generation markers give transformers' assistant mask
@@ -61,8 +66,8 @@ def test_special_ids_come_from_the_tokenizer(style):
     assert vocab.pad == token(PAD[name]) and vocab.pad not in vocab.stop_ids
     assert vocab.eos == token(json.loads((folder / "tokenizer_config.json").read_text())["eos_token"])
     assert vocab.stop_ids == tuple(dict.fromkeys((vocab.eos, token(END_OF_TURN[name]))))
-    assert vocab.bos == (None if name.startswith("chatml") else vocab.token_to_id({"llama3": "<|begin_of_text|>",
-                                                                                   "mistral": "<s>"}[name]))
+    bos = json.loads((folder / "tokenizer_config.json").read_text())["bos_token"]  # None for ChatML's
+    assert vocab.bos == (None if bos is None else token(bos))
     # A document: bos where the family has one, the text, eos; a text prompt: bos, the text.
     text = vocab.encode("import json", add_special_tokens=False).ids
     assert vocab.document_ids(text) == ([vocab.bos] if vocab.bos is not None else []) + text + [vocab.eos]
@@ -118,15 +123,18 @@ def test_bad_input_fails_with_one_line_naming_the_fix(tmp_path):
         (folder / "tokenizer_config.json").write_text(json.dumps({**settings, **changes}))
         return folder
 
-    with pytest.raises(DataError, match="does not render the assistant replies"):
+    with pytest.raises(DataError, match="does not render the assistant reply"):
         load_tokenizer(broken("no-reply", chat_template="{% for m in messages if m.role == 'user' %}{{ m.content }}"
                                                         "{% endfor %}"))
+    # Qwen3's way: earlier replies lose their reasoning once a later turn follows. One round still trains;
+    # two rounds cannot be masked by prefixes, and the record says so.
+    rewrites = load_tokenizer(broken("rewrites", chat_template=(
+        "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n"
+        "<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")))
+    assert any(rewrites.encode_conversation(CONVERSATIONS[0])[1])
     with pytest.raises(DataError, match=r"renders earlier turns differently .* add \{% generation %\}"):
-        # Qwen3's way: earlier replies lose their reasoning once a later turn follows
-        load_tokenizer(broken("rewrites", chat_template=(
-            "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n"
-            "<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")))
+        rewrites.encode_conversation(CONVERSATIONS[1])
     with pytest.raises(DataError, match="names no eos_token"):
         load_tokenizer(broken("no-eos", eos_token=None))
     with pytest.raises(DataError, match=r"pad_token '<\|nope\|>' is not in tokenizer.json"):

@@ -122,3 +122,23 @@ def test_sft_dpo_grpo_on_an_imported_qwen2_with_its_chat_template(ray_session, t
     tokens = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, model.eval()(tokens), atol=1e-5, rtol=0)
+
+
+def test_an_imported_qwen3_exports_to_onnx_with_its_tokenizer(tmp_path, capsys):
+    """q/k norms and a head size apart from d_model / heads through the ONNX graphs; the export keeps the chat
+    template, and --chat generates the same text on onnxruntime as from the checkpoint, stopping at <|im_end|>."""
+    from raytrain.cli import main
+    from raytrain.export.folder import CONFIG_FILE
+
+    _, base = imported(tmp_path, "qwen3")
+    assert main(["export", "onnx", str(base), "--out", str(tmp_path / "onnx")]) == 0
+    exported = json.loads((tmp_path / "onnx" / CONFIG_FILE).read_text())
+    assert exported["quality"]["parity"] < 1e-4 and exported["model"]["qk_norm"]
+    assert (tmp_path / "onnx" / "tokenizer_config.json").read_text() == \
+        (base / "tokenizer" / "tokenizer_config.json").read_text()
+    capsys.readouterr()
+    question = ["--chat", "--prompt", "What does len do?", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(["generate", "--onnx", str(tmp_path / "onnx"), *question]) == 0
+    on_onnx = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(base), *question]) == 0
+    assert on_onnx == capsys.readouterr().out and on_onnx.startswith("--- user: What does len do?")

@@ -124,15 +124,15 @@ class TemplateChat:
         return ids, trained
 
     def _probe(self) -> int | None:
-        """Checks the template renders two rounds with the replies found, and finds its end-of-turn token: the
-        first special token of a reply's tokens (<|im_end|>, <|eot_id|>, </s>), or None when replies end without
-        one."""
-        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]
+        """Checks the template renders a reply where it can be found, and finds its end-of-turn token: the last
+        special token of a reply's tokens (<|im_end|>, <|eot_id|>, </s>), or None when replies end without one.
+        One round: a template that rewrites earlier replies (Qwen3's drops their reasoning) still serves
+        single-round data; a longer conversation it cannot mask is refused by record."""
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
         ids, trained = self.encode(turns)
         reply = [i for i, t in zip(ids, trained, strict=True) if t]
-        if "".join(self.tokenizer.decode(reply, skip_special_tokens=True).split()) != "HellothereSeeyou":
-            raise DataError(f"the chat template of {self.source} does not render the assistant replies of [user, "
-                            "assistant, user, assistant] messages; give the tokenizer a chat_template that does")
+        if "Hello there" not in self.tokenizer.decode(reply, skip_special_tokens=True):
+            raise DataError(f"the chat template of {self.source} does not render the assistant reply of [user, "
+                            "assistant] messages; give the tokenizer a chat_template that does")
         special_ids = {self.tokenizer.token_to_id(s) for s in self.special}
-        return next((i for i in reply if i in special_ids), None)
+        return next((i for i in reversed(reply) if i in special_ids), None)
