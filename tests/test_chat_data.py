@@ -196,7 +196,8 @@ def test_data_prefs_ranks_responses_best_first_and_counts_pairs(capsys, tmp_path
     assert main(args) == 0, capsys.readouterr().err
     data = PreparedDataset.open(out)
     manifest = data.manifest
-    assert data.kind == "prefs" and data.columns == ("response_0", "response_1", "response_2")
+    responses = ("response_0", "response_1", "response_2")
+    assert data.kind == "prefs" and data.columns == (*responses, "reply_mask_0", "reply_mask_1", "reply_mask_2")
     kept = manifest["examples"]["read"] - manifest["examples"]["dropped"]
     assert set(manifest["examples"]["by_kind"]) == {"other_definition", "truncated", "shuffled"}
     assert sum(manifest["examples"]["by_kind"].values()) == kept - 2  # the file's two examples have no kind
@@ -211,9 +212,15 @@ def test_data_prefs_ranks_responses_best_first_and_counts_pairs(capsys, tmp_path
         return tokenizer.decode(text, skip_special_tokens=False).split("<|assistant|>")[-1] if text else None
 
     tables = [pq.read_table(path) for split in ("train", "val") for path in data.split(split).paths]
-    ranked = [[reply(t.column(c)[i].as_py()) for c in data.columns] for t in tables for i in range(t.num_rows)]
+    ranked = [[reply(t.column(c)[i].as_py()) for c in responses] for t in tables for i in range(t.num_rows)]
     assert ["json<|eos|>", "csv<|eos|>", None] in ranked
     assert ["sorted(xs)<|eos|>", "sort it by hand<|eos|>", "no<|eos|>"] in ranked
+    # Each response's reply mask marks exactly its reply (what DPO sums over).
+    marked = [[tokenizer.decode([token for token, m in zip(table.column(c)[i].as_py(),
+                                                           table.column(f"reply_mask_{j}")[i].as_py(), strict=True)
+                                 if m], skip_special_tokens=False) or None
+               for j, c in enumerate(responses)] for table in tables for i in range(table.num_rows)]
+    assert marked == ranked
 
     assert main([*args[:5], "stdlib-qa", *args[7:-4], "--out", str(tmp_path / "wrong")]) == 2
     assert "'stdlib-qa' is sft data; use `raytrain data sft`" in capsys.readouterr().err
