@@ -109,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _name_leaf_parsers(parser: argparse.ArgumentParser) -> None:
-    """Each command's parser records itself, so `parse_args` can hand it the command's arguments."""
+    """Each command's parser records itself, so `parse_args` can hand it the command's arguments; a command
+    given only a one-line help shows it as its --help description too."""
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for action in subcommands:
-        for child in action.choices.values():
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, child in action.choices.items():
+            child.description = child.description or helps.get(name)
             _name_leaf_parsers(child)
     if not subcommands:
         parser.set_defaults(parser=parser)
@@ -217,14 +220,17 @@ def _add_model_commands(commands) -> None:
     score.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
     score.set_defaults(action=handlers.score)
 
-    convert = commands.add_parser("convert", help="Hugging Face Llama checkpoints in and out")
+    convert = commands.add_parser("convert",
+                                  help="Hugging Face checkpoints (Llama 3.x, Qwen2.5, Qwen3, Mistral) in and out")
     directions = convert.add_subparsers(dest="direction", required=True)
-    to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json (LlamaForCausalLM; "
-                                                "LlamaForSequenceClassification for a reward model)")
+    to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json of its family "
+                                                "({Family}ForCausalLM; {Family}ForSequenceClassification for a "
+                                                "reward model) and its tokenizer")
     to_hf.add_argument("checkpoint")
     to_hf.add_argument("--out", required=True)
     to_hf.set_defaults(action=handlers.convert_to_hf)
-    from_hf = directions.add_parser("from-hf", help="Hugging Face Llama folder → raytrain checkpoint")
+    from_hf = directions.add_parser("from-hf", help="Hugging Face model folder → raytrain checkpoint, its tokenizer "
+                                                    "and a starting config.yaml")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("--out", required=True)
     from_hf.set_defaults(action=handlers.convert_from_hf)
