@@ -70,9 +70,11 @@ def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(refe
     assert (tmp_path / "faulty" / ".debug_failed_once").read_text() == "resumed from step 10\n"
     assert_same_curve(one, losses(tmp_path / "faulty"))
 
-    # Refused before any worker starts: a model that is not the checkpoint's, pre-training data, no --init.
-    with pytest.raises(ConfigError, match="holds model"):
-        sft("other", "model.d_model=64")
+    # The weights fix the architecture: a config's other model section gives way to the checkpoint's.
+    other = STAGES["sft"].preflight(load_config("tiny", [f"train.data='{tiny_sft_dataset}'",
+                                                        f"train.init_from='{reference[0]}'", "model.d_model=64"]))
+    assert other.model == load_config("tiny").model
+    # Refused before any worker starts: pre-training data, no --init.
     with pytest.raises(DataError, match="holds pretrain data .* `raytrain sft` reads `raytrain data sft`"):
         run_sft(load_config("tiny", [f"train.data='{tiny_dataset}'", f"train.init_from='{reference[0]}'"]))
     with pytest.raises(ConfigError, match="pass --init"):

@@ -183,9 +183,10 @@ class PreparedDataStage(Stage):
                          "section", self.name, model.family, model.n_layers, model.d_model)
         vocab = dataset.manifest["tokenizer"]["vocab_size"]
         if model.vocab_size < vocab:
-            where = f"train.init_from '{init}' has" if init else "config key 'model.vocab_size' is"
-            raise ConfigError(f"{where} a vocabulary of {model.vocab_size} but the data's tokenizer "
-                              f"({dataset.manifest['tokenizer']['path']}) has {vocab} tokens; "
+            where = (f"train.init_from '{init}' has a vocabulary of {model.vocab_size}" if init else
+                     f"config key 'model.vocab_size' is {model.vocab_size}")
+            raise ConfigError(f"{where} but the data's tokenizer has {vocab} tokens "
+                              f"({dataset.manifest['tokenizer']['path']}); "
                               + ("prepare the data with the model's own tokenizer" if init else
                                  f"set model.vocab_size={vocab}"))
         if self.objective_of(config) == "masked" and dataset.manifest["tokenizer"]["special_tokens"].get(
