@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "demo", "run the whole chain on the stdlib corpus with a tiny model",
                  DEMO_FLAGS, run_demo, default_config="demo")
     config = commands.add_parser("config", help="print the resolved config")
-    config.add_argument("--config")
-    config.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    config.add_argument("--config", help=f"preset ({', '.join(presets())}) or YAML file (default: the code's "
+                                         "defaults)")
+    config.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     config.set_defaults(stage=lambda c: print(c.to_yaml(), end=""), flags=[])
     _name_leaf_parsers(parser)
     return parser
@@ -188,7 +189,8 @@ def _add_model_commands(commands) -> None:
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device (default 80)")
     plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the estimate")
-    plan.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (the layout: "
+                                                                           "parallel.tp=8 …)")
     plan.set_defaults(action=handlers.plan)
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint; pairwise "

@@ -34,6 +34,7 @@ class RuntimeConfig:
     address: str | None = None  # None: $RAY_ADDRESS, else a running local cluster, else a new one; 'local': new
     num_cpus: int | None = None  # logical CPUs of a local Ray; None: max(4, 2 x cores)
     object_store_gib: float = 2.0  # object store of a local Ray
+    # warning: raytrain's own lines and real warnings; info brings back Ray Train's and W&B's
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     progress: bool = True  # Ray Data progress bars
     # An autoscaling cluster: wait up to this long for the nodes a run needs, asked of the autoscaler; 0: the
@@ -50,6 +51,7 @@ class RuntimeConfig:
 class SourceConfig:
     """Where raw text comes from: files, folders, globs, s3:// or gs:// URIs, or `stdlib`."""
 
+    # files, folders, globs, URIs, or 'stdlib' ('stdlib-qa' / 'stdlib-prefs' for chat and preference data)
     inputs: list[str] = field(default_factory=lambda: ["stdlib"])
     text_field: str = "text"  # JSONL field / Parquet column holding the document
     skip_bad_records: bool = False  # skip and count malformed JSONL lines instead of failing
@@ -64,10 +66,10 @@ class SourceConfig:
 class TokenizerConfig:
     """Byte-level BPE training."""
 
-    vocab_size: int = 8192
-    min_frequency: int = 2
+    vocab_size: int = 8192  # tokens, special tokens and the 256 byte symbols included
+    min_frequency: int = 2  # a merge must occur this often in the corpus
     out: str = ""  # folder for tokenizer.json
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing tokenizer folder (else refused)
 
     def validate(self) -> None:
         _check(
@@ -87,8 +89,8 @@ class PrepareConfig:
     seq_len: int = 256  # rows hold seq_len + 1 tokens (inputs and shifted targets)
     val_fraction: float = 0.01  # share of documents (by content hash) in the val split
     seed: int = 0  # salts that hash: a document keeps its split for a given seed
-    out: str = ""
-    overwrite: bool = False
+    out: str = ""  # the dataset folder; it appears only when complete
+    overwrite: bool = False  # replace an existing dataset folder (else refused)
     shard_mib: float = 64.0  # target size of one Parquet shard
     tokenize_actors: int = 0  # 0: one per 2 CPUs Ray offers, at most 8
     docs_per_batch: int = 128  # documents per tokenizer call
@@ -110,13 +112,13 @@ class ChatDataConfig:
     """Record fields of fine-tuning data: `raytrain data sft` reads a prompt and a response, or a list of
     messages; `raytrain data prefs` a prompt with chosen and rejected, or responses and their ranking."""
 
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    prompt_field: str = "prompt"  # the user turn
+    response_field: str = "response"  # the assistant reply the loss is on
     messages_field: str = "messages"  # [{role, content}, ...]; used when a record has it
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
+    chosen_field: str = "chosen"  # the preferred response
+    rejected_field: str = "rejected"  # the response ranked below it
     responses_field: str = "responses"  # [text, ...] with ranking_field: their indices, best first
-    ranking_field: str = "ranking"
+    ranking_field: str = "ranking"  # indices into responses_field, best first
 
     def validate(self) -> None:
         for name in ("prompt_field", "response_field", "messages_field", "chosen_field", "rejected_field",
@@ -142,22 +144,22 @@ class TrainConfig:
     objective: str = "causal"
     mask_fraction: float = 0.15  # masked LM: share of positions replaced by <|mask|>
     seed: int = 0  # weights and batch order
-    steps: int = 100
+    steps: int = 100  # optimizer steps (PPO: set from the ppo section)
     global_batch: int = 32  # sequences per optimizer step, over all data-parallel ranks
     micro_batches: int = 1  # gradient accumulation: forward/backward passes per step and rank
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate, after warmup
     min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay, not on norms and biases
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights
-    log_every: int = 10
+    log_every: int = 10  # steps between progress lines and metrics.jsonl records
     val_every: int = 50  # 0: only at the end
-    val_batches: int = 4
+    val_batches: int = 4  # global batches of the val split per validation
     checkpoint_every: int = 50  # also the cadence of ray.train.report
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest this many stay in the run folder
     max_failures: int = 1  # worker failures Ray Train recovers from by restarting
     init_from: str = ""  # a raytrain checkpoint (e.g. from `raytrain convert from-hf`) to start from
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
@@ -178,7 +180,7 @@ class ParallelConfig:
 
     workers: int = 1  # Ray Train workers; must equal pp × dp_replicate × dp_shard × tp
     pp: int = 1  # pipeline stages across ranks (outermost mesh dim)
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"  # torch.distributed.pipelining schedule
     pp_virtual_stages: int = 1  # stages per rank; interleaved_1f1b needs >= 2
     pp_layers: list[int] = field(default_factory=list)  # layers per stage; empty: as even as possible
     dp_replicate: int = 1  # data-parallel replicas (with dp_shard > 1: HSDP)
@@ -186,11 +188,11 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (DTensor), innermost so it stays inside a node
     sequence_parallel: bool = True  # with tp > 1: norms and residual stream split over the sequence
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-split logits, never gathered
-    activation_checkpointing: Literal["none", "full"] = "none"
+    activation_checkpointing: Literal["none", "full"] = "none"  # full: recompute blocks' activations in backward
     ac_every: int = 1  # with full: checkpoint every n-th block
     compile: bool = False  # torch.compile each transformer block
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # Ray CPUs each worker takes (fractions allowed)
     # How Ray places the workers' bundles: PACK fills a node first; STRICT_SPREAD puts each worker on its own
     # node (one process per GPU node), SPREAD does so when it can.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -233,35 +235,35 @@ class PPOConfig:
     checkpoint_every count iterations here.
     """
 
-    algorithm: Literal["ppo", "grpo"] = "ppo"
+    algorithm: Literal["ppo", "grpo"] = "ppo"  # ppo: value model and GAE; grpo: group-normalised rewards, no critic
     policy: str = ""  # checkpoint or run folder to start from (an SFT run); the KL reference too
     reward: str = ""  # a reward checkpoint or run folder, or python:module:function
     prompts: str = ""  # 'stdlib-qa', or JSONL files/folders of 'prompt' or 'messages' records
-    iterations: int = 20
-    prompts_per_iteration: int = 16
+    iterations: int = 20  # rollout → update rounds
+    prompts_per_iteration: int = 16  # prompts drawn per iteration
     samples_per_prompt: int = 1  # GRPO's group size G (> 1)
     max_new_tokens: int = 32  # response length cap
     drop_long_prompts: bool = False  # skip prompts with no room for max_new_tokens (else: an error)
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    epochs: int = 1
+    temperature: float = 1.0  # rollout sampling
+    top_k: int = 0  # rollout sampling; 0: off
+    top_p: float = 1.0  # rollout sampling; 1: off
+    epochs: int = 1  # passes over each rollout batch
     minibatches: int = 2  # optimizer steps per epoch over the rollout batch
     kl_coef: float = 0.01  # β: KL to the reference, in the reward (ppo) or the loss (grpo)
     kl_target: float = 0.0  # > 0: adaptive β keeps the sequence KL near this (Ziegler et al.)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
+    kl_horizon: int = 10000  # adaptive β's horizon in samples
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE λ
     clip: float = 0.2  # policy ratio clip ε
-    value_clip: float = 0.5
+    value_clip: float = 0.5  # the value model's change per update is clipped to ±this
     value_coef: float = 0.1  # weight of the value loss beside the policy loss
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # entropy bonus in the policy loss
     score_clip: float = 10.0  # the normalised reward-model score is clipped to ±this
-    rollout_actors: int = 1
+    rollout_actors: int = 1  # Ray actors that generate
     rollout_batch: int = 0  # most samples per generate call (bounds an actor's KV cache); 0: one call per actor
-    reward_actors: int = 1
+    reward_actors: int = 1  # Ray actors that score and give the reference's log-probs
     actor_cpus: float = 0.5  # per actor; fractional allowed
-    actor_gpus: float = 0.0
+    actor_gpus: float = 0.0  # per actor; fractional allowed
     actor_restarts: int = 3  # a dead actor is restarted and its call resubmitted this many times
     val_prompts: int = 32  # held-out prompts scored (greedy) every train.val_every iterations
     samples_logged: int = 4  # (prompt, response, reward, KL) per logged iteration in samples.jsonl
@@ -287,14 +289,14 @@ class PPOConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
-    project: str = "raytrain"
+    project: str = "raytrain"  # W&B project
     group: str = ""  # W&B run group; a sweep's trials are grouped by the sweep's name
 
 
 @dataclass(frozen=True)
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
-    fail_rank: int = 0
+    fail_rank: int = 0  # the world rank that fails at fail_at_step
     fail_actor_at_iteration: int = -1  # PPO: rollout actor 0, then reward actor 0, exit once in this iteration
     track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
     step_sleep_s: float = 0.0  # each step waits this long: a run that tests can stop midway (ray job stop)
@@ -302,7 +304,7 @@ class DebugConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "demo"
+    name: str = "demo"  # the run folder's name: root/name; rerunning a name resumes it
     root: str = "runs"  # run folders live in root/name; a URI (s3://bucket/runs) holds them on object storage
 
     @property

@@ -18,17 +18,17 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")  # transformers' rope_type 
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
+    vocab_size: int = 8192  # embedding rows: at least the tokenizer's size
+    d_model: int = 256  # hidden size
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
     n_kv_heads: int = 4  # grouped-query attention: n_heads / n_kv_heads query heads share a kv head
     ffn_hidden: int = 0  # 0: Llama's rule, 8/3 · d_model rounded up to a multiple of 64
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    max_seq_len: int = 1024  # longest sequence the model runs on
+    rope_theta: float = 10000.0  # rotary base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # the output head shares the embedding matrix
+    init_std: float = 0.02  # normal init of the weights (output projections scaled by depth)
     family: str = "llama"  # one of FAMILIES: which Hugging Face architecture `convert to-hf` writes
     head_size: int = 0  # per-head size; 0: d_model / n_heads (Qwen3 sets its own)
     attention_bias: bool = False  # biases on the q, k and v projections (Qwen2.5)
