@@ -150,15 +150,15 @@ def write_shard(path: str, columns: dict[str, np.ndarray]) -> None:
 
 
 def row_output(prep: PrepareConfig) -> tuple[str, str]:
-    """(output folder, absolute tokenizer folder; either may be a URI) of a `raytrain data` command that writes
-    token rows."""
+    """(output folder, tokenizer folder), absolute or URIs, of a `raytrain data` command that writes token rows:
+    Ray Data's write tasks run in the cluster's processes, whose working folder is not the command's."""
     if not prep.out:
         raise DataError("no output folder; pass --out DIR (or data.prepare.out=DIR)")
     if not prep.tokenizer:
         raise DataError("no tokenizer; pass --tokenizer DIR (from `raytrain data tokenizer`)")
     tokenizer_dir = storage.absolute(prep.tokenizer)
     tokenizer_file(tokenizer_dir)
-    return prep.out, tokenizer_dir
+    return storage.absolute(prep.out), tokenizer_dir
 
 
 def tokenize_actor_count(prep: PrepareConfig) -> int:
