@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 
@@ -31,18 +32,27 @@ PYTHON_REWARD = "python:"
 
 
 def import_reward(spec: str):
-    """The function named by `python:module:function`, or a DataError saying what is wrong."""
+    """The function named by `python:module:function`, or a DataError saying what is wrong. A module in the
+    working folder (a user's my_reward.py beside the command) is found there, as `python -m` would find it, and
+    travels to the actors with the function: the cluster's nodes need not have it."""
     module_name, _, name = spec.removeprefix(PYTHON_REWARD).partition(":")
     if not module_name or not name:
         raise DataError(f"reward '{spec}' must look like python:module:function")
+    here = os.getcwd()
+    top = module_name.partition(".")[0]
+    if here not in sys.path and (os.path.exists(os.path.join(here, top + ".py")) or os.path.isdir(os.path.join(
+            here, top))):
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DataError(f"reward '{spec}': cannot import module '{module_name}' ({exc}); put it on PYTHONPATH or "
-                        "in the package") from None
+        raise DataError(f"reward '{spec}': cannot import module '{module_name}' ({exc}); run from the folder that "
+                        "holds it, or put it on PYTHONPATH") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise DataError(f"reward '{spec}': module '{module_name}' has no function '{name}'")
+    if os.path.abspath(getattr(module, "__file__", None) or "/").startswith(here + os.sep):
+        ray.cloudpickle.register_pickle_by_value(module)
     return function
 
 
@@ -109,14 +119,16 @@ class RewardActor:
     """Scores (prompt, response) with a reward model or a Python function, and gives the frozen reference
     model's log-probabilities of each response token."""
 
-    def __init__(self, reward: str, reference: str, tokenizer: str, threads: int, pad_id: int):
+    def __init__(self, reward: str, function, reference: str, tokenizer: str, threads: int, pad_id: int):
+        """function: the Python reward the driver imported (sent by value when the nodes may lack its module),
+        or None for a reward model at `reward`."""
         torch.set_num_threads(threads)
         self.spec, self.pad_id, self.device = reward, pad_id, actor_device()
         self.reference, _ = load_model(reference, self.device)
-        if reward.startswith(PYTHON_REWARD):
+        if function is not None:
             from raytrain.data.tokenizer import load_tokenizer
 
-            self.function, self.tokenizer = import_reward(reward), load_tokenizer(tokenizer)
+            self.function, self.tokenizer = function, load_tokenizer(tokenizer)
         else:
             self.model, meta = load_model(reward, self.device)
             self.mean, self.std = meta["reward"]["mean"], max(meta["reward"]["std"], 1e-6)
@@ -167,8 +179,9 @@ class ActorPools:
         # The driver keeps the handles: an actor lives while a handle of its creator does.
         pools.owned.extend(ray.remote(RolloutActor).options(name=name, **options).remote(model, threads)
                            for name in pools.rollout)
+        function = import_reward(reward) if reward.startswith(PYTHON_REWARD) else None
         pools.owned.extend(ray.remote(RewardActor).options(name=name, **options)
-                           .remote(reward, reference, tokenizer, threads, pad_id) for name in pools.reward)
+                           .remote(reward, function, reference, tokenizer, threads, pad_id) for name in pools.reward)
         # Fail here, with the actor's own error, if one cannot start (a reward that does not load).
         ray.get([actor.__ray_ready__.remote() for actor in pools.owned])
         return pools
