@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from raytrain.config import Config, load_config, presets
 from raytrain.errors import find_raytrain_error
+from raytrain.reference import config_meanings
 
 # (flag, config key, argparse options) per command; flags are sugar for `key=value` overrides.
 SOURCE_FLAGS = [
@@ -67,8 +68,9 @@ def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Call
     parser.add_argument("--config", default=default_config,
                         help=f"preset ({', '.join(presets())}) or YAML file")
     parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else local Ray)")
-    for flag, _, options in flags:
-        parser.add_argument(flag, **options)
+    meanings = config_meanings()
+    for flag, key, options in flags:  # a flag without its own help says what its config key does
+        parser.add_argument(flag, **{"help": meanings[key].replace("%", "%%"), **options})
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     parser.set_defaults(stage=stage, flags=flags)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import os
@@ -35,7 +36,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser, words: list[str]):
             yield from _leaf_parsers(child, [*words, name])
 
 
-def _option_row(action: argparse.Action, keys: dict[str, str], meanings: dict[str, str]) -> str:
+def _option_row(action: argparse.Action, keys: dict[str, str]) -> str:
     if action.option_strings:
         name = ", ".join(f"`{o}`" for o in action.option_strings)
         if action.nargs != 0:
@@ -43,7 +44,7 @@ def _option_row(action: argparse.Action, keys: dict[str, str], meanings: dict[st
     else:
         name = f"`{action.metavar or action.dest}`"
     key = next((keys[o] for o in action.option_strings if o in keys), "")
-    what = action.help or meanings.get(key, "")
+    what = action.help or ""
     if action.choices and not isinstance(action, argparse._SubParsersAction):
         what = f"{what} (one of {', '.join(map(str, action.choices))})".strip()
     # argparse marks a positional with nargs="*" required; it is not.
@@ -62,14 +63,13 @@ def commands_page() -> str:
              "for `key=value`; commands with a `key.sub=value` argument take any config override (see "
              "[config.md](config.md)), and only commands that list `--config` or `--address` take them. Bad input "
              "prints one line naming the file, line or key and the fix, and exits with status 2.", ""]
-    meanings = {key: meaning for key, _, _, meaning in config_fields()}
     os.environ["COLUMNS"] = "110"  # argparse wraps usage lines at the terminal's width: make the page one text
     for words, parser in _leaf_parsers(build_parser(), ["raytrain"]):
         keys = {flag: key for flag, key, _ in parser.get_default("flags") or []}
         usage = parser.format_usage().removeprefix("usage: ").strip()
         lines += [f"## `{' '.join(words)}`", "", _cell(parser.description or ""), "", "```", usage, "```", "",
                   "| argument | config key | what it is |", "|---|---|---|"]
-        lines += [_option_row(a, keys, meanings) for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+        lines += [_option_row(a, keys) for a in parser._actions if not isinstance(a, argparse._HelpAction)]
         lines.append("")
     return "\n".join(lines)
 
@@ -119,6 +119,12 @@ def config_fields(cls: type | None = None, prefix: str = ""):
             yield from config_fields(type(value), key)
         else:
             yield key, _type_name(field.type), value, comments[field.name]
+
+
+@functools.cache
+def config_meanings() -> dict[str, str]:
+    """key → what it does, for every config key: the help of a flag that sets it."""
+    return {key: meaning for key, _, _, meaning in config_fields()}
 
 
 def _config_row(key: str, kind: str, value, meaning: str) -> str:

@@ -42,3 +42,15 @@ def test_the_readme_is_a_page_not_the_manual():
     assert len(text.splitlines()) <= 220
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in text, f"README does not link docs/{page.name}"
+
+
+def test_the_readme_presets_are_what_raytrain_plan_says(capsys):
+    from raytrain.cli import main
+
+    rows = re.findall(r"^\| `[\w-]+` \| [\d.]+ B \| `(--config [^`]+)` \| [^|]+ \| ([\d.]+) GiB \| ([\d,]+) \|$",
+                      (ROOT / "README.md").read_text(), flags=re.M)
+    assert len(rows) == 5
+    for arguments, memory, tokens in rows:
+        assert main(["plan", *arguments.split()]) in (0, None)
+        out = capsys.readouterr().out
+        assert f"largest rank: {memory} GiB" in out and f"; {tokens} tokens/s" in out, (arguments, out)
