@@ -86,7 +86,7 @@ class PrepareConfig:
     """Tokenize, pack and shard a corpus with Ray Data."""
 
     tokenizer: str = ""  # folder holding tokenizer.json
-    seq_len: int = 256  # rows hold seq_len + 1 tokens (inputs and shifted targets)
+    seq_len: int = 256  # rows hold seq_len + 1 tokens (inputs and shifted targets); preference rows seq_len
     val_fraction: float = 0.01  # share of documents (by content hash) in the val split
     seed: int = 0  # salts that hash: a document keeps its split for a given seed
     out: str = ""  # the dataset folder; it appears only when complete
