@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import Datasink
 
@@ -29,6 +28,7 @@ from raytrain.config import Config, PrepareConfig
 from raytrain.data.manifest import FORMAT, MANIFEST_FILE, SPLITS
 from raytrain.data.output import atomic_output_dir
 from raytrain.data.packing import TOKEN_DTYPE, is_val_document, pack_rows, rows_per_row_group
+from raytrain.data.shards import write_shard  # moved to data/shards.py (Ray-free); still importable from here
 from raytrain.data.sources import read_documents, resolve_sources
 from raytrain.data.tokenizer import load_tokenizer, tokenizer_file, tokenizer_hash
 from raytrain.errors import DataError
@@ -136,17 +136,6 @@ class TokenShardDatasink(ShardDatasink):
                 write_shard(storage.join(self.out, name), {"tokens": rows})
                 result["shards"][split] = {"path": name, "rows": len(rows)}
         return result
-
-
-def write_shard(path: str, columns: dict[str, np.ndarray]) -> None:
-    """One Parquet shard of fixed-size rows: `tokens` (and `loss_mask`), or a prompt's ranked `response_i`."""
-    row_len = next(iter(columns.values())).shape[1]
-    table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), row_len)
-                      for name, rows in columns.items()})
-    filesystem, inner = storage.resolve(path)
-    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, inner, row_group_size=rows_per_row_group(row_len), compression="zstd",
-                   filesystem=filesystem)
 
 
 def row_output(prep: PrepareConfig) -> tuple[str, str]:

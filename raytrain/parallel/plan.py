@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from raytrain.config import Config
 from raytrain.model.flops import train_flops_per_token
@@ -110,6 +109,10 @@ def _owned(param: ParamLayout, coordinate: dict[str, int]) -> bool:
 def _local_numel(param: ParamLayout, coordinate: dict[str, int]) -> int:
     if not param.mesh_dims:
         return math.prod(param.shape)
+    # A private helper whose signature has changed across torch releases: imported only for sharded
+    # parameters, so that planning one unsharded rank (bench/gpu_check.py's) works on any torch.
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
     mine = [coordinate[name] for name in param.mesh_dims]
     shape, _ = _compute_local_shape_and_global_offset(param.shape, param.mesh_shape, mine, param.placements)
     return math.prod(shape)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 
-import ray
-
 from raytrain import storage
 from raytrain.config import Config
 from raytrain.errors import ConfigError, DataError
@@ -206,6 +204,8 @@ class ProximalPolicyOptimisation(Stage):
 def synced_weights_diff(pools, checkpoint: str | None) -> float | None:
     """The largest difference between a rollout actor's weights and the final checkpoint's policy: 0 when the
     last sync delivered the trained weights."""
+    import ray
+
     from raytrain.rlhf.actors import NAMESPACE
     from raytrain.train.checkpoint import load_model
 

@@ -23,15 +23,19 @@ from raytrain.train.loop import Worker, WorkerContext
 from raytrain.train.metrics import write_summary
 
 
-def local_context(run_dir: str, keep: int) -> WorkerContext:
-    """rank and world from torchrun's environment (a process group is started), else one process on the CPU."""
+def local_context(run_dir: str, keep: int, use_gpu: bool | None = None) -> WorkerContext:
+    """rank and world from torchrun's environment (a process group is started), else one process; on this
+    process's GPU (LOCAL_RANK's) when use_gpu says so, or when use_gpu is None and torch sees one, else the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if use_gpu is None else use_gpu
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("config key 'parallel.use_gpu' is true but torch sees no CUDA device here; set "
+                          "parallel.use_gpu=false (or leave it unset) to train on the CPU")
     device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
@@ -55,7 +59,7 @@ def run_local(config: Config, stage) -> dict:
                           "command")
     resolved = stage.preflight(config)
     run_dir = resolved.run.location
-    context = local_context(run_dir, resolved.train.keep_checkpoints)
+    context = local_context(run_dir, resolved.train.keep_checkpoints, resolved.parallel.use_gpu)
     if context.rank == 0:
         resolved.save(storage.join(run_dir, "config.yaml"))
     started, threads = time.perf_counter(), torch.get_num_threads()

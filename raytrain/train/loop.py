@@ -192,11 +192,8 @@ class Worker:
                 step, batch = next(batches)  # a stream's read, or PPO's rollout at a round's first step
                 timer["data"] += time.perf_counter() - tick
                 self._debug_hooks(step)
-                with self._tracked_memory():
-                    sums = self._train_step(step, batch)
+                sums = self.run_step(step, batch)
                 interval = sums if interval is None else interval + sums
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
                 timer["compute"] += time.perf_counter() - tick
                 timer["steps"] += 1
             done, done_rounds = (round_ + 1) * per_round, round_ + 1
@@ -214,6 +211,16 @@ class Worker:
         source.finish(rounds * per_round)
         if self.log is not None:
             self.log.close()
+
+    def run_step(self, step: int, rows) -> torch.Tensor:
+        """One step as the loop takes it (the GPU check, bench/gpu_check.py, times this): the optimizer step, with
+        tensor memory counted when debug.track_memory asks, then waiting for the GPU so that a clock around the
+        call measures the step. Returns the step's [loss sum, target count, positions]."""
+        with self._tracked_memory():
+            sums = self._train_step(step, rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sums
 
     def _tracked_memory(self):
         if self.memory is None:
