@@ -27,7 +27,6 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]"  # TRL, the baseline of the post-training benchmarks
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)

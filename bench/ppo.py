@@ -1,15 +1,23 @@
-"""PPO: iteration time against TRL's PPOTrainer, rollout throughput with 2 actors against 1, and weight sync's
-share of an iteration, side by side in one run.
+"""PPO: iteration time against TRL's PPOTrainer, rollout throughput of 2 actors × 1 thread against 1 actor × 2
+threads, weight sync's share of an iteration, and weight-sync time against model size, in one run.
 
 The same models on both sides: a randomly initialised policy of the demo architecture (speed does not depend
 on the weights), its copy as the reference, and a reward model of the same architecture that is also the value
-model's start; the same prompts (`stdlib-qa` questions), batch, response length and one PPO epoch of one
-minibatch, fp32. raytrain runs `raytrain ppo` (one Ray Train worker, one rollout and one reward actor); TRL
-runs `trl.experimental.ppo.PPOTrainer` in this process. Times are medians over the iterations after warm-up.
+model's start; the same prompts (`stdlib-qa` questions), batch, response length, generation in pieces of the
+same size, and one PPO epoch of one minibatch; fp32 on both sides (TRL's PPOConfig defaults to bf16 autocast
+even on the CPU: set off explicitly and read back), no activation checkpointing. raytrain runs `raytrain ppo`
+(one Ray Train worker with 2 threads, one reward actor, and one rollout actor × 2 threads or two × 1 thread);
+TRL runs `trl.experimental.ppo.PPOTrainer` in this process with 2 threads.
+
+Each repeat runs ours (1 × 2), TRL, ours (2 × 1) in turn. The statistic is the same on both sides: the median,
+over the iterations after warm-up, of one iteration's wall time (ours: `perf/iteration_s`, from the weight sync
+before the rollout to the end of the update; TRL: the time between consecutive `on_step_end` callbacks, one per
+rollout + update).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -17,22 +25,44 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import yaml
 
+from bench.common import (
+    CORPUS,
+    SPREAD_NOTE,
+    THREADS,
+    TINY,
+    Spread,
+    curve,
+    interleaved,
+    phase,
+    pick,
+    ratio_cell,
+    settings,
+)
 from raytrain.config import load_config
 from raytrain.data.stdlib_qa import STDLIB_QA
 from raytrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from raytrain.model.transformer import Transformer
 from raytrain.train.checkpoint import save_model
 
-THREADS = 2
-ITERATIONS = 8
-WARMUP = 2  # iterations left out
-BATCH = 16  # prompts per iteration
-RESPONSE = 32  # new tokens per response
-ROLLOUT_BATCH = 16  # samples per generate call in the rollout-scaling rows
+RAY_CPUS = 8  # logical CPUs of the section's Ray (bench/run.py): the learner's 2 and the actors'; the learner waits
+# while the actors generate, so each side has the 2 cores to itself most of the time
+ITERATIONS = pick(7, 3)
+WARMUP = pick(2, 1)  # iterations left out of each run's median
+BATCH = pick(16, 4)  # prompts per iteration
+RESPONSE = pick(32, 8)  # new tokens per response
+ROLLOUT_BATCH = BATCH // 2  # samples per generate call, both sides (ours: ppo.rollout_batch; TRL's chunks)
+MODEL = pick([], ["model.d_model=48", "model.n_layers=2"])
+SYNC_SIZES = pick([192, 384, 768], [48, 96, 192])  # d_model of the weight-sync curve (4 layers, vocab 4096)
+SYNC_REPEATS = pick(5, 2)  # syncs timed per size and pool, after one untimed
+THREAD_REPEATS = pick(5, 1)  # in-process generate calls per thread count (the scaling row's diagnosis)
+MIB = 2**20
+
 
 
 def models(work: Path, config) -> tuple[Path, Path]:
@@ -49,110 +79,309 @@ def models(work: Path, config) -> tuple[Path, Path]:
     return work / "policy", work / "reward"
 
 
-def ours(work: Path, base: list[str], name: str, *overrides: str) -> list[dict]:
+def our_run(work: Path, base: list[str], name: str, *overrides: str) -> dict:
+    """One `raytrain ppo` run: its records after warm-up (one per iteration) and the settings it ran with."""
     from raytrain.stages import STAGES
 
-    STAGES["ppo"].run(load_config("demo", [*base, f"run.name={name}", *overrides]))
+    with phase("ppo", f"raytrain ppo run {name}"):
+        STAGES["ppo"].run(load_config("demo", [*base, f"run.name={name}", *overrides]))
     records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "perf/iteration_s" in r and r["step"] > WARMUP]
+    records = [r for r in records if "perf/iteration_s" in r and r["step"] > WARMUP]
+    assert len(records) == ITERATIONS - WARMUP, f"expected {ITERATIONS - WARMUP} iterations, got {len(records)}"
+    resolved = yaml.safe_load((work / name / "config.yaml").read_text())
+    shutil.rmtree(work / name, ignore_errors=True)
+    train, parallel, ppo = resolved["train"], resolved["parallel"], resolved["ppo"]
+    ran_with = settings(precision=train["precision"], learner_threads=int(parallel["cpus_per_worker"]),
+                        rollout_actors=ppo["rollout_actors"], reward_actors=ppo["reward_actors"],
+                        threads_per_actor=max(1, int(ppo["actor_cpus"])), rollout_batch=ppo["rollout_batch"],
+                        activation_checkpointing=parallel["activation_checkpointing"])
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in records)
+
+    return {"iteration_s": median("perf/iteration_s"), "sync_s": median("ppo/weight_sync_s"),
+            "rollout_tokens_per_s": median("perf/rollout_tokens_per_s"),
+            "rollout_frac": median("perf/rollout_time_frac"), "response_len": median("ppo/response_len"),
+            "settings": ran_with}
 
 
-def trl_iteration_time(work: Path, prompts: list[list[int]]) -> float:
-    """Median seconds between TRL PPO updates (one rollout + one epoch) after warm-up."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import datasets
-    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+class TRLPPO:
+    """TRL's PPOTrainer on the HF exports of the same checkpoints, built afresh for each run."""
 
-    from raytrain.export.hf import checkpoint_to_hf
+    def __init__(self, work: Path, prompts: list[list[int]]):
+        from raytrain.export.hf import checkpoint_to_hf
 
-    checkpoint_to_hf(str(work / "policy"), str(work / "hf-policy"))
-    checkpoint_to_hf(str(work / "reward"), str(work / "hf-reward"))
-    tokenizer = AutoTokenizer.from_pretrained(work / "hf-policy", padding_side="left")  # prompts end together
+        self.work, self.prompts = work, prompts
+        checkpoint_to_hf(str(work / "policy"), str(work / "hf-policy"))
+        checkpoint_to_hf(str(work / "reward"), str(work / "hf-reward"))
+        self.ran_with = ""
 
-    def lm():
-        return LlamaForCausalLM.from_pretrained(work / "hf-policy", dtype=torch.float32, attn_implementation="sdpa")
+    def iteration_time(self) -> dict[str, float]:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        import datasets
+        from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    def scorer():
-        return LlamaForSequenceClassification.from_pretrained(work / "hf-reward", dtype=torch.float32,
-                                                              attn_implementation="sdpa")
+        work = self.work
+        tokenizer = AutoTokenizer.from_pretrained(work / "hf-policy", padding_side="left")  # prompts end together
 
-    ends: list[float] = []
+        def lm():
+            return LlamaForCausalLM.from_pretrained(work / "hf-policy", dtype=torch.float32,
+                                                    attn_implementation="sdpa")
 
-    class IterationTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+        def scorer():
+            return LlamaForSequenceClassification.from_pretrained(work / "hf-reward", dtype=torch.float32,
+                                                                  attn_implementation="sdpa")
 
-    data = datasets.Dataset.from_dict({"input_ids": prompts[: ITERATIONS * BATCH]})
-    args = PPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                     num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE, total_episodes=ITERATIONS * BATCH,
-                     local_rollout_forward_batch_size=BATCH, learning_rate=1e-5, temperature=1.0, stop_token="eos",
-                     kl_coef=0.1, use_cpu=True, report_to=[], num_sample_generations=0, save_strategy="no", seed=0,
-                     disable_tqdm=True, gradient_checkpointing=False, dataloader_num_workers=0)
-    PPOTrainer(args=args, processing_class=tokenizer, model=lm(), ref_model=lm(), reward_model=scorer(),
-               value_model=scorer(), train_dataset=data, eval_dataset=data,
-               callbacks=[IterationTimes()]).train()
-    return statistics.median(np.diff(ends[WARMUP - 1:]))
+        ends: list[float] = []
+        threads: list[int] = []
+
+        class IterationTimes(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                ends.append(time.perf_counter())
+                threads.append(torch.get_num_threads())
+
+        data = datasets.Dataset.from_dict({"input_ids": self.prompts[: ITERATIONS * BATCH]})
+        args = PPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=BATCH,
+                         gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
+                         response_length=RESPONSE, total_episodes=ITERATIONS * BATCH,
+                         local_rollout_forward_batch_size=ROLLOUT_BATCH, learning_rate=1e-5, temperature=1.0,
+                         stop_token="eos", kl_coef=0.1, use_cpu=True, report_to=[], num_sample_generations=0,
+                         save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                         # TRL's defaults differ from ours: bf16 autocast (even on CPU), activation checkpointing.
+                         bf16=False, fp16=False, gradient_checkpointing=False)
+        with phase("ppo", "TRL PPOTrainer run"):
+            trainer = PPOTrainer(args=args, processing_class=tokenizer, model=lm(), ref_model=lm(),
+                                 reward_model=scorer(), value_model=scorer(), train_dataset=data, eval_dataset=data,
+                                 callbacks=[IterationTimes()])
+            trainer.train()
+        assert len(ends) == ITERATIONS, f"TRL ran {len(ends)} iterations, not {ITERATIONS}"
+        self.ran_with = settings(
+            bf16=trainer.args.bf16, fp16=trainer.args.fp16, autocast=trainer.accelerator.mixed_precision,
+            dtype=str(next(trainer.model.parameters()).dtype).removeprefix("torch."), threads=max(threads),
+            gradient_checkpointing=trainer.args.gradient_checkpointing,
+            local_rollout_forward_batch_size=trainer.args.local_rollout_forward_batch_size)
+        return {"iteration_s": statistics.median(np.diff(ends[WARMUP - 1:]))}
+
+
+def sync_times(d_model: int, actors: int, threads: int) -> tuple[Spread, float]:
+    """Seconds per weight sync of a policy of this width into a pool of rollout actors, by the learner's own code
+    (ExperienceSource._sync_weights: ray.put of the state dict, every actor loads it); and the weights' MiB."""
+    import ray
+
+    from raytrain.rlhf.actors import NAMESPACE, RolloutActor
+    from raytrain.rlhf.experience_source import ExperienceSource
+    from raytrain.rlhf.objective import PolicyAndValue
+
+    config = load_config("demo", [f"model.d_model={d_model}"]).model
+    policy = Transformer(config)
+    policy.init_weights(0)
+    # The rollout actors as ActorPools.create starts them (same class, resources and thread count).
+    pool = [ray.remote(RolloutActor).options(num_cpus=threads, namespace=NAMESPACE).remote(vars(config), threads)
+            for _ in range(actors)]
+    ray.get([actor.__ray_ready__.remote() for actor in pool])
+    # The learner's side of the sync, for one CPU worker (what a `raytrain ppo` run on this machine does).
+    source = object.__new__(ExperienceSource)
+    source.worker = SimpleNamespace(modules=[PolicyAndValue(policy, None)], world=1, device=torch.device("cpu"),
+                                    rank=0)
+    source.session, source.synced, source.rollout = "bench", None, pool
+    try:
+        times = [source._sync_weights(step) for step in range(1 + SYNC_REPEATS)][1:]  # the first: warm-up
+    finally:
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
+    size = sum(t.numel() * t.element_size() for t in policy.state_dict().values()) / MIB
+    return Spread(times), size
+
+
+def generate_thread_scaling(policy_path: Path, prompts: list[list[int]], stop: tuple, pad: int) -> dict[str, Spread]:
+    """Seconds of one generate call of ROLLOUT_BATCH prompts in this process at 1 and at 2 threads, interleaved:
+    how much a rollout actor gains from its second thread (the scaling row's ceiling on 2 cores)."""
+    from raytrain.model.generate import generate
+    from raytrain.train.checkpoint import load_model
+
+    model, _ = load_model(policy_path)
+    model.eval()
+    batch = prompts[:ROLLOUT_BATCH]
+
+    def timed(threads: int):
+        def measure() -> dict[str, float]:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                started = time.perf_counter()
+                generate(model, batch, RESPONSE, stop_ids=stop, pad_id=pad, temperature=1.0,
+                         seeds=list(range(len(batch))))
+                return {"s": time.perf_counter() - started}
+            finally:
+                torch.set_num_threads(before)
+        return measure
+
+    timed(THREADS)()  # warm-up
+    spreads = interleaved({"1": timed(1), "2": timed(2)}, THREAD_REPEATS)
+    return {threads: spreads[threads]["s"] for threads in spreads}
 
 
 def run() -> str:
-    import ray
-
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.rlhf.prompts import load_prompts
 
     torch.set_num_threads(THREADS)
-    ray.shutdown()  # a Ray of its own with room for the actors beside the worker (runtime.num_cpus below)
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
+    names = itertools.count()
     try:
-        # 8 logical CPUs on 2 cores: the learner waits while the actors generate, so each side gets 2 threads.
-        runtime = ["runtime.progress=false", "runtime.address=local", "runtime.num_cpus=8"]
-        config = load_config("demo", [f"data.tokenizer.out='{work}/tok'", *runtime])
-        run_tokenizer_stage(config)
+        runtime = ["runtime.progress=false"]
+        config = load_config("demo", [f"data.tokenizer.out='{work}/tok'", *runtime, *MODEL])
+        with phase("ppo", "tokenizer"):
+            run_tokenizer_stage(load_config("demo", [f"data.tokenizer.out='{work}/tok'", *runtime, *CORPUS]))
         policy, reward = models(work, config)
-        prompts = load_prompts(STDLIB_QA, load_tokenizer(work / "tok"), 0, 0.0).train
+        tokenizer = load_tokenizer(work / "tok")
+        prompts = load_prompts(STDLIB_QA, tokenizer, 0, 0.0).train
         prompts = [p for p in prompts if len(p) + RESPONSE <= config.model.max_seq_len]
-        base = [f"run.root='{work}'", *runtime, "tracking.mode=disabled", f"ppo.policy='{policy}'",
+        base = [f"run.root='{work}'", *runtime, *MODEL, "tracking.mode=disabled", f"ppo.policy='{policy}'",
                 f"ppo.reward='{reward}'", f"ppo.prompts={STDLIB_QA}", "ppo.drop_long_prompts=true",
                 f"ppo.iterations={ITERATIONS}", f"ppo.prompts_per_iteration={BATCH}",
                 f"ppo.max_new_tokens={RESPONSE}", "ppo.epochs=1", "ppo.minibatches=1", "ppo.temperature=1.0",
-                "ppo.val_prompts=0", "train.log_every=1", "train.val_every=0",
+                f"ppo.rollout_batch={ROLLOUT_BATCH}", "ppo.reward_actors=1", "ppo.val_prompts=0",
+                "ppo.samples_logged=0", "train.log_every=1", "train.val_every=0",
                 f"train.checkpoint_every={ITERATIONS}", "train.lr=1e-5", "train.warmup_steps=0",
+                "train.precision=fp32", "parallel.activation_checkpointing=none", "parallel.compile=false",
                 f"parallel.cpus_per_worker={THREADS}"]
-        one = ours(work, base, "one-actor", "ppo.rollout_actors=1", f"ppo.actor_cpus={THREADS}")
-        trl_s = trl_iteration_time(work, prompts)
-        # Rollout scaling: one thread per actor, 1 actor against 2, generating pieces of ROLLOUT_BATCH samples.
-        scaling = [f"ppo.prompts_per_iteration={2 * BATCH}", f"ppo.rollout_batch={ROLLOUT_BATCH}", "ppo.actor_cpus=1"]
-        single = ours(work, base, "rollout-1", "ppo.rollout_actors=1", *scaling)
-        double = ours(work, base, "rollout-2", "ppo.rollout_actors=2", *scaling)
+        trl = TRLPPO(work, prompts)
+        notes: dict[str, str] = {}
+
+        def ours(actors: int, threads: int):
+            def measure() -> dict[str, float]:
+                result = our_run(work, base, f"ppo-{actors}x{threads}-{next(names)}",
+                                 f"ppo.rollout_actors={actors}", f"ppo.actor_cpus={threads}")
+                notes[f"{actors}x{threads}"] = result.pop("settings")
+                return result
+            return measure
+
+        def baseline() -> dict[str, float]:
+            result = trl.iteration_time()
+            notes["trl"] = trl.ran_with
+            return result
+
+        # (a), (b), (c): ours 1 × 2, TRL, ours 2 × 1, in turn.
+        runs = interleaved({"1x2": ours(1, THREADS), "trl": baseline, "2x1": ours(2, 1)})
+        with phase("ppo", "generate thread scaling"):
+            threads = generate_thread_scaling(policy, prompts, tuple(tokenizer.special["stop"]),
+                                              tokenizer.special["pad"])
+        # (d): weight sync against model size, into 1 actor × 2 threads and 2 actors × 1 thread.
+        with phase("ppo", "weight-sync curve"):
+            syncs = {size: {label: sync_times(size, actors, per_actor)
+                            for label, actors, per_actor in (("1 rollout actor", 1, THREADS),
+                                                             ("2 rollout actors", 2, 1))}
+                     for size in SYNC_SIZES}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def median(records: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in records)
+    model = config.model
+    one, two, base_trl = runs["1x2"], runs["2x1"], runs["trl"]
+    ours_rate = Spread([1 / s for s in one["iteration_s"].values])
+    trl_rate = Spread([1 / s for s in base_trl["iteration_s"].values])
+    share = Spread([s / i for s, i in zip(one["sync_s"].values, one["iteration_s"].values, strict=True)])
+    sync_ms = Spread([s * 1000 for s in one["sync_s"].values])
+    rollout_1, rollout_2 = one["rollout_tokens_per_s"], two["rollout_tokens_per_s"]
+    thread_gain = Spread([a / b for a, b in zip(threads["1"].values, threads["2"].values, strict=True)])
 
-    ours_s = median(one, "perf/iteration_s")
-    sync_share = median(one, "ppo/weight_sync_s") / ours_s
-    rate_1, rate_2 = median(single, "perf/rollout_tokens_per_s"), median(double, "perf/rollout_tokens_per_s")
+    labels = ["1 rollout actor", "2 rollout actors"]
+    sync_table = curve(
+        "ppo_weight_sync", "PPO weight sync vs model size", "d_model", SYNC_SIZES,
+        {label: [syncs[size][label][0].median * 1000 for size in SYNC_SIZES] for label in labels},
+        "sync, ms", fmt="{:,.1f}",
+        right={"policy weights": [syncs[size][labels[0]][1] for size in SYNC_SIZES]}, right_label="MiB")
+    sync_spreads = "; ".join(
+        f"d_model {size} ({syncs[size][labels[0]][1]:,.0f} MiB): "
+        + ", ".join(f"{label} {_ms(syncs[size][label][0])}" for label in labels)
+        for size in SYNC_SIZES)
+
+    notes_a = (f"(a) {'goal met' if ours_rate.median >= trl_rate.median else 'short of the goal'}: of our "
+               f"iteration, the rollout (generation and scoring, after the sync) took "
+               f"{one['rollout_frac'].cell('{:.0%}')}, the weight sync {share.cell('{:.1%}')}, the rest is "
+               "the old log-probs and values and the update on the learner.")
+    notes_b = (f"(b) {'goal met' if rollout_2.median >= 1.6 * rollout_1.median else 'short of the goal'}: both "
+               "layouts share this machine's 2 cores, so a second actor can only win what a second thread does "
+               f"not. One generate call of {ROLLOUT_BATCH} prompts × {RESPONSE} tokens in this process took "
+               f"{_ms(threads['1'])} ms on 1 thread and {_ms(threads['2'])} ms on 2, a speed-up of "
+               f"{thread_gain.cell('{:.2f}')}×, which puts 2 × 1 against 1 × 2 near 2 ÷ {thread_gain.median:.2f} = "
+               f"{2 / thread_gain.median:.2f}× if generating were all of it. Besides, the one reward actor (with "
+               "`ppo.actor_cpus` threads in both layouts) scores the first piece while the next is generated, on "
+               "the same cores.")
+    notes_c = (f"(c) {'goal met' if share.median <= 0.05 else 'short of the goal'}: the sync is "
+               f"{sync_ms.cell('{:,.0f}')} ms per iteration at d_model {model.d_model}; the curve below shows "
+               "how it grows with the model.")
     return "\n".join([
         "## PPO (CPU)",
         "",
-        f"The demo architecture (d_model {config.model.d_model}, {config.model.n_layers} layers, vocab "
-        f"{config.model.vocab_size}), random weights; policy, reference, reward and value models; {BATCH} "
-        f"`stdlib-qa` prompts per iteration, up to {RESPONSE} sampled tokens each, one PPO epoch of one minibatch, "
-        f"fp32, {THREADS} threads per side; {ITERATIONS} iterations, medians after {WARMUP}. raytrain: `raytrain "
-        "ppo`, one Ray Train worker and one rollout and one reward actor; TRL: `trl.experimental.ppo.PPOTrainer` "
-        "(`bench/ppo.py`).",
+        f"The demo architecture (d_model {model.d_model}, {model.n_layers} layers, vocab {model.vocab_size}), "
+        "random weights; policy, reference, "
+        f"reward and value models; {BATCH} `stdlib-qa` prompts per iteration, up to {RESPONSE} sampled tokens "
+        f"each, generated in pieces of {ROLLOUT_BATCH} on both sides (ours: `ppo.rollout_batch`, TRL: "
+        "`local_rollout_forward_batch_size`), one PPO epoch of one minibatch, fp32 on both sides, no activation "
+        f"checkpointing; {ITERATIONS} iterations per run, the first {WARMUP} left out as warm-up. raytrain: "
+        f"`raytrain ppo`, one Ray Train worker ({THREADS} threads), one reward actor, and the rollout actors "
+        f"named in each row; TRL {_trl_version()}: `trl.experimental.ppo.PPOTrainer` in this process "
+        f"({THREADS} threads) (`bench/ppo.py`).",
+        "",
+        f"Each repeat runs ours (1 rollout actor × {THREADS} threads), TRL, ours (2 rollout actors × 1 thread) "
+        "in turn, each a fresh run. The statistic is the same on both sides: the median over the iterations "
+        "after warm-up of one iteration's wall time (ours: `perf/iteration_s`, from the weight sync before the "
+        "rollout to the end of the update; TRL: the time between consecutive `on_step_end` callbacks, one per "
+        "rollout + update). Rollout tokens/s: response tokens ÷ the time from the first generate call to the "
+        "last response (`perf/rollout_tokens_per_s`), median over the iterations after warm-up. " + SPREAD_NOTE,
         "",
         "| comparison | raytrain | baseline | ratio | goal |",
         "|---|---:|---:|---:|---:|",
-        f"| (a) PPO iterations/s, one rollout actor vs TRL `PPOTrainer` | {1 / ours_s:.3f} | {1 / trl_s:.3f} | "
-        f"**{trl_s / ours_s:.2f}×** | ≥ 1.0× |",
-        f"| (b) rollout tokens/s, 2 actors vs 1 (one thread each; {2 * BATCH} prompts per iteration in pieces of "
-        f"`ppo.rollout_batch={ROLLOUT_BATCH}`) | {rate_2:,.0f} | {rate_1:,.0f} | "
-        f"**{rate_2 / rate_1:.2f}×** | ≥ 1.6× |",
-        f"| (c) weight sync, share of an iteration ({median(one, 'ppo/weight_sync_s') * 1000:.0f} ms of "
-        f"{ours_s:.2f} s) | {sync_share:.1%} | | | ≤ 5% |",
+        f"| (a) PPO iterations/s, 1 rollout actor × {THREADS} threads vs TRL `PPOTrainer` | "
+        f"{ours_rate.cell('{:.3f}')} | {trl_rate.cell('{:.3f}')} | {ratio_cell(ours_rate, trl_rate)} | ≥ 1.0× |",
+        f"| (b) rollout tokens/s, 2 actors × 1 thread vs 1 actor × {THREADS} threads ({BATCH} prompts per "
+        f"iteration in pieces of `ppo.rollout_batch={ROLLOUT_BATCH}`) | {rollout_2.cell()} | "
+        f"{rollout_1.cell()} | {ratio_cell(rollout_2, rollout_1)} | ≥ 1.6× |",
+        f"| (c) weight sync, share of an iteration (1 actor × {THREADS} threads; "
+        f"{sync_ms.cell('{:,.0f}')} ms) | {share.cell('{:.1%}')} | | | ≤ 5% |",
         "",
-        "Generation tokens/s against `transformers` `generate` is row (d) of the training table.",
+        notes_a,
+        "",
+        notes_b,
+        "",
+        notes_c,
+        "",
+        "What each side ran with (read back: ours from each run's resolved config, TRL's from the trainer's args, "
+        "its accelerator and `torch.get_num_threads()` during the iterations):",
+        "",
+        f"- raytrain, 1 × {THREADS}: {notes[f'1x{THREADS}']}",
+        f"- raytrain, 2 × 1: {notes['2x1']}",
+        f"- TRL: {notes['trl']}",
+        "",
+        "Tensor memory is not compared for PPO: TRL holds the policy, reference, reward and value models and "
+        "the optimizer in one process, while ours spreads them over the learner, the rollout actors and the "
+        "reward actor, whose peaks fall at different moments; `debug.track_memory` counts only the learner, so "
+        "a sum of per-process peaks would be an upper bound, not a like-for-like figure.",
+        "",
+        "### Weight sync against model size",
+        "",
+        "The learner's own sync (`ExperienceSource._sync_weights`: the policy's state dict by `ray.put`, each "
+        "rollout actor fetches it and loads it) from this process into fresh rollout actors started as "
+        "`ActorPools.create` starts them: 1 actor × 2 threads, as in rows (a) and (c), and 2 actors × 1 thread; "
+        f"d_model {', '.join(map(str, SYNC_SIZES))} with the demo's 4 layers and vocab 4096; the median of "
+        f"{SYNC_REPEATS} syncs after an untimed first one.",
+        "",
+        sync_table,
+        "",
+        "Spread (median (min–max), ms): " + sync_spreads + ".",
+        *(["", "(A `--tiny` smoke run: toy sizes; the figures mean nothing.)"] if TINY else []),
+        "",
+        "Generation tokens/s against `transformers` `generate` is row (d) of the generation section.",
     ])
+
+
+def _ms(spread: Spread) -> str:
+    return Spread([v * 1000 for v in spread.values]).cell("{:,.1f}")
+
+
+def _trl_version() -> str:
+    import trl
+
+    return trl.__version__

@@ -1,68 +1,124 @@
-"""`make bench`: run every benchmark on this machine and rewrite BENCHMARKS.md.
+"""`make bench`: run every benchmark on this machine and rewrite BENCHMARKS.md (and its figures, bench/figures/).
 
-`python -m bench.run tune ppo` runs only those sections and replaces them in BENCHMARKS.md (each section's
-ratios are measured side by side within its own run); the section says when it was refreshed alone.
+    python -m bench.run                      every section, in order
+    python -m bench.run tune ppo             only these sections, replaced in place in BENCHMARKS.md
+    python -m bench.run --tiny --out DIR     every section at toy sizes into DIR (the smoke test: figures meaningless)
+
+Each section starts from the same state whether it runs alone or in the full run (section_state below), so a
+section refreshed alone is comparable with the rest of the page.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
 import os
 import platform
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bench import data_prepare, export, parallel, post_training, ppo, training, tune  # noqa: E402
-
-SECTIONS = [data_prepare, training, post_training, ppo, tune, export, parallel]
-OUTPUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-GPU_NOTE = """## GPU (bench/gpu.sh, bench/gpu_step.py)
-
-`bash bench/gpu.sh` trains the llama-1b preset (about 1.0 B parameters at vocab 32768) with `raytrain pretrain`
-on one GPU, bf16 and torch.compile, and prints tokens/s and MFU against the data-sheet peak (goal: ≥ 45% MFU
-on an H200). `python3 -m bench.gpu_step` times the same step without Ray (the GPU machines lent to this
-project have PyTorch but not Ray) and compares the allocator's peak with `raytrain plan`'s estimate.
-Not yet measured: no session so far has had a GPU machine."""
+NAMES = ["data_prepare", "training", "post_training", "ppo", "tune", "export", "parallel", "gpu"]
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ("Every section starts from the same state, whether run alone (`python -m bench.run SECTION`) or in the "
+         "full run: torch at 2 threads in the driver, and a fresh local Ray with the logical CPUs the section "
+         "names (none for sections without Ray), shut down when the section ends.")
 
 
-def main(names: list[str]) -> None:
-    if names:
-        refresh([SECTIONS[[m.__name__.split(".")[-1] for m in SECTIONS].index(name)] for name in names])
-        return
+@contextlib.contextmanager
+def section_state(module):
+    """A fresh local Ray with module.RAY_CPUS logical CPUs (0: none), torch at 2 threads; Ray stopped after."""
+    import ray
     import torch
 
-    header = [
+    from raytrain.config import RuntimeConfig
+    from raytrain.runtime import init_ray
+
+    ray.shutdown()
+    torch.set_num_threads(2)
+    if module.RAY_CPUS:
+        init_ray(RuntimeConfig(address="local", num_cpus=module.RAY_CPUS, progress=False))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_section(name: str) -> str:
+    module = importlib.import_module(f"bench.{name}")
+    started = time.perf_counter()
+    with section_state(module):
+        text = module.run()
+    print(f"bench: {name} took {time.perf_counter() - started:.0f} s", flush=True)
+    return text
+
+
+def header() -> list[str]:
+    import torch
+
+    return [
         "# Benchmarks",
         "",
-        "Written by `make bench`; every ratio compares two things measured side by side in one run "
-        "on the machine named here. Re-run it to refresh.",
+        "Written by `make bench` (`bench/`); every ratio compares two sides measured in one run on the machine "
+        "named here, with the settings of each side printed beside it. Re-run it to refresh.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Run at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
         "",
+        STATE,
+        "",
     ]
-    sections = [module.run() for module in SECTIONS] + [GPU_NOTE]
-    OUTPUT.write_text("\n".join(header) + "\n" + "\n\n".join(sections) + "\n")
-    print(OUTPUT.read_text())
 
 
-def refresh(modules: list) -> None:
-    """Replace (or add, before the GPU note) the sections these modules write, keyed by their heading."""
-    sections = OUTPUT.read_text().rstrip("\n").split("\n\n## ")
-    for module in modules:
-        text = module.run().removeprefix("## ")
+def write_all(output: Path) -> None:
+    sections = [run_section(name) for name in NAMES]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(header()) + "\n" + "\n\n".join(sections) + "\n")
+
+
+def refresh(output: Path, names: list[str]) -> None:
+    """Replace (or append) the sections these names write, keyed by their heading."""
+    sections = output.read_text().rstrip("\n").split("\n\n## ")
+    for name in names:
+        text = run_section(name).removeprefix("## ")
         heading = text.splitlines()[0]
-        when = f"{datetime.now(UTC):%Y-%m-%d %H:%M}"
-        text += f"\n\n(This section was refreshed alone by `python -m bench.run` at {when} UTC.)"
+        text += (f"\n\n(This section was refreshed alone by `python -m bench.run {name}` at "
+                 f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.)")
         same = [i for i, section in enumerate(sections) if section.splitlines()[0] == heading]
         if same:
             sections[same[0]] = text
         else:
-            sections.insert(len(sections) - 1, text)
-    OUTPUT.write_text("\n\n## ".join(sections) + "\n")
-    print(OUTPUT.read_text())
+            sections.append(text)
+    output.write_text("\n\n## ".join(sections) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(NAMES)}; none: all")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, for the smoke test")
+    parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md and bench/figures/")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.sections) - set(NAMES))
+    if unknown:
+        parser.error(f"no section {', '.join(unknown)}; the sections are {', '.join(NAMES)}")
+    if args.tiny and args.out.resolve() == ROOT:
+        parser.error("--tiny writes toy figures: give --out another folder")
+    # bench.common reads these when first imported, which the sections do after this point.
+    os.environ["RAYTRAIN_BENCH_TINY"] = "1" if args.tiny else "0"
+    os.environ["RAYTRAIN_BENCH_FIGURES"] = str(args.out / "bench" / "figures")
+    output = args.out / "BENCHMARKS.md"
+    if not args.sections:
+        write_all(output)
+    elif output.exists():
+        refresh(output, args.sections)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("\n".join(header()) + "\n" + "\n\n".join(map(run_section, args.sections)) + "\n")
+    print(output.read_text())
 
 
 if __name__ == "__main__":

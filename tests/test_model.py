@@ -118,5 +118,6 @@ def test_flops_count_every_matmul_weight():
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     # Every weight but the embedding table and the norms multiplies activations.
     assert matmul_params(CONFIG) == model.num_params(embeddings=False) - norms
-    attention = 12 * CONFIG.n_layers * CONFIG.d_model * 96
-    assert train_flops_per_token(CONFIG, 96) == 6 * matmul_params(CONFIG) + attention
+    attention = 12 * CONFIG.n_layers * CONFIG.d_model * 96  # every token attending to all 96
+    assert train_flops_per_token(CONFIG, 96, causal=False) == 6 * matmul_params(CONFIG) + attention
+    assert train_flops_per_token(CONFIG, 96) == 6 * matmul_params(CONFIG) + attention / 2  # the masked half skipped

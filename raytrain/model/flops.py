@@ -1,9 +1,12 @@
 """Training FLOPs per token, for MFU.
 
 6·N for the matrix multiplies of forward and backward over N non-embedding parameters
-(the output head counts: it is a matmul), plus attention scores and values:
-12 · n_layers · n_heads · head_dim · T for T tokens of context (PaLM appendix B; causal masking is
-not discounted, as is customary).
+(the output head counts: it is a matmul), plus attention scores and values: 12 · n_layers · n_heads ·
+head_dim · T for T tokens of context when every token attends to all T (PaLM appendix B), and half that
+under a causal mask. We count what is computed: the fused attention kernels raytrain calls (SDPA's flash
+and memory-efficient paths, on CPU and GPU) skip the masked upper triangle, so a token attends on average
+to T/2 positions. (PaLM and torchtitan count the full 12·L·d·T even for causal models, which reads about
+the attention's share higher; FlashAttention's own benchmarks halve it, as here.)
 """
 
 from __future__ import annotations
@@ -19,5 +22,6 @@ def matmul_params(config: TransformerConfig, head: str = "lm") -> int:
     return config.n_layers * (attention + mlp) + d * (config.vocab_size if head == "lm" else 1)
 
 
-def train_flops_per_token(config: TransformerConfig, seq_len: int, head: str = "lm") -> float:
-    return 6.0 * matmul_params(config, head) + 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len
+def train_flops_per_token(config: TransformerConfig, seq_len: int, head: str = "lm", causal: bool = True) -> float:
+    attention = 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6.0 * matmul_params(config, head) + (attention / 2 if causal else attention)

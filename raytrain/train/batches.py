@@ -47,7 +47,7 @@ class PreparedBatches:
             yield step, torch.from_numpy(rows).long().to(worker.device)
 
     def flops_per_token(self) -> float:
-        return train_flops_per_token(self.worker.config.model, self.seq_len, self.objective.head)
+        return train_flops_per_token(self.worker.config.model, self.seq_len, self.objective.head, self.objective.causal)
 
     def validate(self, step: int) -> dict[str, float]:
         worker = self.worker
