@@ -146,7 +146,7 @@ def run() -> str:
         tokens.append(int(counts.pop()))
     rate = {side: [size[side]["tokens/s"].median for size in spreads] for side in ("raytrain", "baseline")}
     # The table below carries the spreads and ratios; of curve()'s output only the PNG (its last line) is kept.
-    figure = curve("data_prepare_throughput", "Data preparation throughput vs corpus size", "tokens (with eos)",
+    figure = curve("data-prepare-throughput", "Data preparation throughput vs corpus size", "tokens (with eos)",
                   tokens, {"raytrain": rate["raytrain"], "baseline": rate["baseline"]}, "tokens/s").splitlines()[-1]
     rows = [f"| {copies} | {n:,} | {size['baseline']['tokens/s'].cell()} | {size['raytrain']['tokens/s'].cell()} "
             f"| {ratio_cell(size['raytrain']['tokens/s'], size['baseline']['tokens/s'])} |"

@@ -288,7 +288,7 @@ def run() -> str:
 
     labels = ["1 rollout actor", "2 rollout actors"]
     sync_table = curve(
-        "ppo_weight_sync", "PPO weight sync vs model size", "d_model", SYNC_SIZES,
+        "ppo-weight-sync", "PPO weight sync vs model size", "d_model", SYNC_SIZES,
         {label: [syncs[size][label][0].median * 1000 for size in SYNC_SIZES] for label in labels},
         "sync, ms", fmt="{:,.1f}",
         right={"policy weights": [syncs[size][labels[0]][1] for size in SYNC_SIZES]}, right_label="MiB")
