@@ -8,13 +8,12 @@ import argparse
 from pathlib import Path
 
 from raytrain import storage
-from raytrain.config import TrainConfig
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.inference import generate_texts, print_generations, score_conversations, validation_metrics
-from raytrain.model.hf import load_hf
 from raytrain.train.checkpoint import checkpoint_tokenizer, load_model, model_head, resolve_checkpoint, save_model
+from raytrain.train.hf_checkpoint import HF_SCHEME
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
@@ -107,9 +106,8 @@ def convert_from_hf(args: argparse.Namespace) -> None:
     source, out = Path(args.hf_dir), Path(args.out)
     if (out / "raytrain.json").exists():
         raise DataError(f"'{out}' already holds a checkpoint; choose another --out")
-    model = load_hf(source)
-    meta = {"step": 0, "stage": "pretrain", "objective": TrainConfig.objective,
-            "mask_fraction": TrainConfig.mask_fraction, "seed": 0, "source": str(source)}
+    model, meta = load_model(f"{HF_SCHEME}{source}")
+    meta.pop("tokenizer", None)  # the copy beside the checkpoint, below
     config = load_config("demo", [f"train.init_from={out.absolute()}"])
     if (source / TOKENIZER_FILE).is_file():
         tokenizer = load_tokenizer(source)  # its template, pad and special tokens checked before anything is written

@@ -161,7 +161,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # also the cadence of ray.train.report
     keep_checkpoints: int = 2  # the newest this many stay in the run folder
     max_failures: int = 1  # worker failures Ray Train recovers from by restarting
-    init_from: str = ""  # a raytrain checkpoint (e.g. from `raytrain convert from-hf`) to start from
+    init_from: str = ""  # a raytrain checkpoint or run to start from, or a Hugging Face folder (hf:DIR)
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
     dpo_beta: float = 0.1  # DPO: strength of the implicit KL penalty to the reference (β)
 

@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 from raytrain.config import load_config
 from raytrain.errors import DataError
 from raytrain.model.generate import generate
-from raytrain.model.hf import config_from_hf, load_hf, save_hf
+from raytrain.model.hf import config_from_hf, save_hf
 from raytrain.model.transformer import Transformer
+from raytrain.train.checkpoint import load_model
 from tests.families import FAMILIES, VOCAB, hf_model, save_family
 
 TOKENS = torch.randint(0, VOCAB, (3, 60), generator=torch.Generator().manual_seed(0))
@@ -23,7 +24,7 @@ TOKENS = torch.randint(0, VOCAB, (3, 60), generator=torch.Generator().manual_see
 def family(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = save_family(request.param, folder)
-    return request.param, folder, hf, load_hf(folder).eval()
+    return request.param, folder, hf, load_model(f"hf:{folder}")[0].eval()
 
 
 def test_import_matches_transformers_logits(family):
@@ -60,7 +61,7 @@ def test_export_loads_back_in_transformers(family, tmp_path):
     assert type(back) is type(hf)
     with torch.no_grad():
         torch.testing.assert_close(back(TOKENS).logits, hf(TOKENS).logits, atol=1e-5, rtol=0)
-    assert load_hf(tmp_path).config == ours.config  # and in again, the same model
+    assert load_model(f"hf:{tmp_path}")[0].config == ours.config  # and in again, the same model
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -116,7 +117,7 @@ def layout_rank(rank: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
     try:
         # Both ranks see the same batch: FSDP's averaged gradients then equal one process's.
-        results = {(name, layout): one_step(load_hf(Path(folder) / name), overrides, 2)
+        results = {(name, layout): one_step(load_model(f"hf:{Path(folder) / name}")[0], overrides, 2)
                    for name in FAMILIES for layout, overrides in LAYOUTS.items()}
         if rank == 0:
             torch.save(results, f"{folder}/result.pt")
@@ -130,7 +131,7 @@ def test_tp2_and_fsdp_match_one_process(tmp_path):
     mp.spawn(layout_rank, args=(str(tmp_path),), nprocs=2)
     results = torch.load(tmp_path / "result.pt")
     for name in FAMILIES:
-        loss, grads = one_step(load_hf(tmp_path / name), [], 1)
+        loss, grads = one_step(load_model(f"hf:{tmp_path / name}")[0], [], 1)
         for layout in LAYOUTS:
             split_loss, split_grads = results[name, layout]
             assert abs(split_loss - loss) < 1e-5, (name, layout)

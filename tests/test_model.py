@@ -7,8 +7,9 @@ import torch
 
 from raytrain.errors import ConfigError
 from raytrain.model.generate import generate
-from raytrain.model.hf import load_hf, save_hf
+from raytrain.model.hf import save_hf
 from raytrain.model.transformer import Transformer, TransformerConfig
+from raytrain.train.checkpoint import load_model
 
 CONFIG = TransformerConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                            max_seq_len=96, rope_theta=5000.0)
@@ -44,7 +45,7 @@ def test_import_from_a_random_transformers_llama(tmp_path):
         num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0, tie_word_embeddings=True,
     )).eval()
     hf.save_pretrained(tmp_path)
-    ours = load_hf(tmp_path).eval()
+    ours = load_model(f"hf:{tmp_path}")[0].eval()
     assert ours.config.tie_embeddings and ours.config.hidden_dim == 200 and ours.config.rope_theta == 20000
     tokens = torch.randint(0, 311, (2, 50))
     with torch.no_grad():
@@ -91,12 +92,20 @@ def test_sampling_draws_from_the_filtered_distribution():
     assert kept[[0, 3, 4]].sum() == 0 and abs(kept[2] - 1 / (1 + math.exp(-1))) < 0.01
 
 
-def test_init_is_seeded():
+def test_init_is_seeded_and_blocks_of_rows_equal_each_tensor_drawn_whole(monkeypatch):
     a, b = Transformer(CONFIG), Transformer(CONFIG)
     a.init_weights(5)
+    # Blocks of 16 rows of 64 values (the embedding's 257 rows in 17 blocks, the last short): the same values.
+    monkeypatch.setattr("raytrain.model.transformer.INIT_BLOCK_VALUES", 16 * 64)
     b.init_weights(5)
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
+    # ... and the values one draw per tensor gives (what every run before meta-device construction had).
+    generator, residual = torch.Generator().manual_seed(5), CONFIG.init_std / math.sqrt(2 * CONFIG.n_layers)
+    for name, param in a.named_parameters():
+        if param.dim() > 1:
+            scale = residual if name.endswith(("o_proj.weight", "down_proj.weight")) else CONFIG.init_std
+            assert torch.equal(param, torch.randn(param.shape, generator=generator) * scale), name
 
 
 @pytest.mark.parametrize(

@@ -77,8 +77,10 @@ def test_sft_dpo_grpo_on_an_imported_qwen2_with_its_chat_template(ray_session, t
     sft = ["train.steps=20", "train.lr=3e-3", "train.global_batch=8", "train.micro_batches=2"]
     fine_tune("sft", "sft", base, data["sft"], *sft)
     sft_loss = metric(tmp_path / "sft", "train/loss")
-    # The family's biases and yarn positions under a pipeline: 2 stages of one layer, the same curve.
-    fine_tune("sft", "sft-pp2", base, data["sft"], *sft, "parallel.workers=2", "parallel.pp=2")
+    # The family's biases and yarn positions under a pipeline: 2 stages of one layer, the same curve, started from
+    # the Hugging Face folder itself (each stage reads the slices it holds) rather than the converted checkpoint.
+    fine_tune("sft", "sft-pp2", f"hf:{tmp_path / 'qwen2-hf'}", data["sft"], *sft, "parallel.workers=2",
+              "parallel.pp=2")
     assert_same_curve(metric(tmp_path / "sft-pp2", "train/loss"), sft_loss)
     assert sum(list(sft_loss.values())[-3:]) < sum(list(sft_loss.values())[:3]) - 0.3, sft_loss
     assert read_checkpoint_meta(resolve_checkpoint(tmp_path / "sft"))["model"] == read_checkpoint_meta(base)["model"]

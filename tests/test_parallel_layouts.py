@@ -3,7 +3,7 @@
 import pytest
 import ray.train
 import torch
-from conftest import assert_same_curve, losses, metric, pretrain
+from conftest import assert_same_curve, losses, metric, pretrain, records
 
 from raytrain.config import load_config
 from raytrain.parallel.plan import plan_ranks
@@ -61,3 +61,20 @@ def test_pipeline_and_tensor_parallel_checkpoint_reshards(reference, tiny_datase
     # Resumed under plain data parallelism, the run continues the reference curve.
     pretrain(tmp_path, "pp2tp2", tiny_dataset, "parallel.workers=2", "train.micro_batches=2")
     assert_same_curve(losses(reference[0]), losses(tmp_path / "pp2tp2"))
+
+
+def test_a_wide_model_is_built_shard_by_shard_on_four_fsdp_workers(tiny_dataset, tmp_path):
+    """d_model 2048, 16 heads, vocabulary 32768, 4 layers: 0.34 B parameters, 1.35 GB in fp32. Built on the meta
+    device, each rank allocates its quarter and draws the seeded values a block at a time: building it costs a
+    rank well under half the whole model (the old path built the whole model on every rank)."""
+    from raytrain.model.transformer import Transformer
+
+    wide = ["model.d_model=2048", "model.n_heads=16", "model.n_kv_heads=16", "model.vocab_size=32768"]
+    pretrain(tmp_path, "wide", tiny_dataset, *wide, "parallel.workers=4", "parallel.dp_shard=4",
+             "parallel.cpus_per_worker=0.5", "train.steps=1", "train.global_batch=4", "train.val_every=0")
+    with torch.device("meta"):
+        whole_gib = Transformer(load_config("tiny", wide).model).num_params() * 4 / 2**30
+    (last,) = records(tmp_path / "wide")
+    assert whole_gib > 1.2 and last["train/loss"] > 0
+    built = last["mem/init_peak_rss_gib"] - last["mem/init_base_rss_gib"]
+    assert built < 0.5 * whole_gib, (built, whole_gib)

@@ -12,8 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
@@ -166,27 +165,3 @@ def save_hf(model: Transformer, out: Path, special: dict | None = None) -> None:
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     head = "score" if model.score is not None else "lm"
     (out / "config.json").write_text(json.dumps(hf_config(model.config, head, special), indent=2))
-
-
-def load_hf(folder: Path) -> Transformer:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise DataError(f"'{folder}' has no config.json; point at a Hugging Face model folder")
-    config = config_from_hf(json.loads(config_path.read_text()), config_path)
-    tensors: dict[str, torch.Tensor] = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DataError(f"'{folder}' has no *.safetensors weights; save the model with safetensors")
-    for file in files:
-        tensors.update(load_file(file))
-    state = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model = Transformer(config)
-    problems = model.load_state_dict(state, strict=False)
-    if problems.missing_keys or problems.unexpected_keys:
-        raise DataError(
-            f"{folder}: weights do not match a {config.family} model (missing {problems.missing_keys[:4]}, "
-            f"unexpected {problems.unexpected_keys[:4]})"
-        )
-    return model

@@ -10,6 +10,7 @@ Parallelism (FSDP, tensor and pipeline parallel) is applied from outside by rayt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,34 @@ class Block(nn.Module):
 HEADS = ("lm", "score")
 
 
+# Rows drawn at once: whole rows, a multiple of 16 values. CPU's normal kernel draws in blocks of 16 (its tail
+# aside), so blocks drawn in turn from one generator equal the whole tensor drawn at once (tests/test_model.py).
+INIT_BLOCK_VALUES = 2**22
+
+
+def initial_values(config: TransformerConfig, head: str, seed: int) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """(name, first row, values of those rows): the seeded initial value of every parameter of the whole model,
+    a block of rows at a time in a fixed order from one generator. Every rank draws the same values whatever part
+    of the model it holds, and none holds more than one block (16 MiB) beside its own shards."""
+    with torch.device("meta"):
+        shapes = [(name, param.shape) for name, param in Transformer(config, head).named_parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    # Output projections scaled by depth (GPT-2), so the residual stream stays O(1).
+    residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+    for name, shape in shapes:
+        if name.endswith("norm.weight") or "layernorm" in name:
+            yield name, 0, torch.ones(shape)
+        elif name.endswith(".bias"):
+            yield name, 0, torch.zeros(shape)
+        else:
+            scale = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else config.init_std
+            row = math.prod(shape[1:])
+            step = 16 * max(1, INIT_BLOCK_VALUES // (16 * row))
+            for first in range(0, shape[0], step):
+                rows = min(step, shape[0] - first)
+                yield name, first, torch.randn((rows, *shape[1:]), generator=generator).mul_(scale)
+
+
 class Transformer(nn.Module):
     """head "lm": next-token logits (LlamaForCausalLM); "score": one scalar per position, a reward model's
     head (LlamaForSequenceClassification with one label, read at the last token)."""
@@ -167,6 +196,7 @@ class Transformer(nn.Module):
         if head not in HEADS:
             raise ValueError(f"head {head!r} is not one of {HEADS}")
         self.config = config
+        self.head = head
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         # A dict keyed by layer number: a pipeline stage deletes layers and keeps the names.
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.n_layers)})
@@ -181,21 +211,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Seeded init, the same on every rank and under every parallel layout."""
-        generator = torch.Generator().manual_seed(seed)
-        std = self.config.init_std
-        # Output projections scaled by depth (GPT-2), so the residual stream stays O(1).
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                param.fill_(1.0)
-                continue
-            if name.endswith(".bias"):
-                param.zero_()
-                continue
-            scale = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale
-            param.copy_(values)
+        """Seeded init, the same on every rank and under every parallel layout (a pipeline stage's part takes
+        the values of the layers it kept)."""
+        params = dict(self.named_parameters())
+        for name, first, values in initial_values(self.config, self.head, seed):
+            if name in params:
+                params[name][first : first + len(values)].copy_(values)
+
+    def reset_rotary(self, device: torch.device) -> None:
+        """The rotary tables on device: they are buffers, not parameters, so a model built on the meta device
+        and then given memory (to_empty) computes them again."""
+        cos, sin = rotary_tables(self.config, self.config.max_seq_len)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(
         self,

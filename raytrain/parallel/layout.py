@@ -7,6 +7,7 @@ innermost, so on a real cluster the tensor-parallel group (the chattiest) stays 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,13 @@ def plain_ddp(parallel: ParallelConfig) -> bool:
 
 
 def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device,
-                bf16: bool) -> torch.nn.Module:
-    """Parallelize one model part (the whole model, or a pipeline stage); returns the module to call."""
+                bf16: bool, fill: Callable[[Transformer], None] | None = None,
+                trainable: bool = True) -> torch.nn.Module:
+    """Parallelize one model part (the whole model, or a pipeline stage); returns the module to call.
+
+    fill: for a part built on the meta device, what allocates this rank's shards and gives them values
+    (parallel/materialize.py), called once the layout has decided what the rank holds and before DDP, which
+    broadcasts values, wraps it. A frozen model (trainable=False) is never wrapped in DDP, which is for gradients."""
     if layout.tp > 1:
         apply_tensor_parallel(part, layout.mesh["tp"], parallel.sequence_parallel, parallel.loss_parallel)
     if parallel.activation_checkpointing == "full":
@@ -65,13 +71,19 @@ def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, dev
         # Per block: one compiled graph that every layer reuses.
         for block in part.layers.values():
             block.compile()
-    if layout.dp == 1:
-        return part
-    if plain_ddp(parallel):
+    if layout.dp > 1 and not plain_ddp(parallel):
+        _shard(part, parallel, layout, device, bf16)
+    if fill is not None:
+        fill(part)
+    if layout.dp > 1 and plain_ddp(parallel) and trainable:
         group = layout.mesh["dp_replicate"].get_group()
         return DistributedDataParallel(part, process_group=group,
                                        device_ids=[device.index] if device.type == "cuda" else None)
-    # FSDP2 over the data-parallel dims (HSDP when both are > 1), composed with TP and PP.
+    return part
+
+
+def _shard(part: Transformer, parallel: ParallelConfig, layout: Layout, device: torch.device, bf16: bool) -> None:
+    """FSDP2 over the data-parallel dims (HSDP when both are > 1), composed with TP and PP."""
     dp_mesh = layout.mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate > 1 else layout.mesh["dp_shard"]
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
@@ -80,7 +92,6 @@ def parallelize(part: Transformer, parallel: ParallelConfig, layout: Layout, dev
     for block in part.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=layout.pp == 1)
     fully_shard(part, mesh=dp_mesh, mp_policy=policy)
-    return part
 
 
 def gradient_sync(module: torch.nn.Module, enabled: bool):

@@ -2,9 +2,9 @@
 
 The model's layers are cut into stages (evenly, or by an explicit list of layers per stage);
 with V virtual stages per rank there are pp × V stages and rank r holds stages r, r + pp, …
-(the loop order Interleaved1F1B expects). Each stage is a copy of the model initialised as
-a whole (so weights do not depend on the split) with the layers of other stages deleted:
-the first keeps the embedding, the last the final norm and head. Parameter names stay
+(the loop order Interleaved1F1B expects). Each stage is the model built on the meta device with the
+layers of other stages deleted (the first keeps the embedding, the last the final norm and head), then given
+the values its layers have in the whole model, so weights do not depend on the split. Parameter names stay
 those of the full model, so checkpoints reshard across layouts.
 """
 
@@ -55,17 +55,24 @@ class CallWithCausal(nn.Module):
         return self.part(x, causal=self.causal)
 
 
-def build_stage_parts(config: TransformerConfig, seed: int, pp: int, pp_rank: int, virtual: int,
-                      explicit: list[int], init: bool = True) -> list[tuple[int, Transformer]]:
-    """(stage index, model part) for the stages this rank holds; init=False leaves weights unset
-    (for the planner, which builds on the meta device)."""
+def parts_on_meta(config: TransformerConfig, parallel, pp_rank: int, head: str = "lm") -> list[tuple[int, Transformer]]:
+    """(stage index, model part) for what a rank of pipeline rank pp_rank holds, built on the meta device: the
+    whole model, or its pipeline stages."""
+    with torch.device("meta"):
+        if parallel.pp > 1:
+            return build_stage_parts(config, parallel.pp, pp_rank, parallel.pp_virtual_stages, parallel.pp_layers)
+        return [(0, Transformer(config, head=head))]
+
+
+def build_stage_parts(config: TransformerConfig, pp: int, pp_rank: int, virtual: int,
+                      explicit: list[int]) -> list[tuple[int, Transformer]]:
+    """(stage index, model part) for the stages this rank holds, weights unset: callers build on the meta
+    device, then materialize gives each part the values its layers have in the whole model."""
     n_stages = pp * virtual
     ranges = stage_layers(config.n_layers, n_stages, explicit)
     parts = []
     for stage in range(pp_rank, n_stages, pp):
         part = Transformer(config)
-        if init:
-            part.init_weights(seed)
         for name in list(part.layers):
             if int(name) not in ranges[stage]:
                 del part.layers[name]

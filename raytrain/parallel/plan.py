@@ -18,7 +18,9 @@ input stays whole). A checkpointed layer keeps only its input (4·d), plus one l
 recomputed. The last stage adds the final norm and 12 bytes × vocab per token for the
 cross-entropy (fp32 log-probabilities and two gradients of that size), split by tp under
 loss parallel. Pipeline schedules keep several micro-batches in flight: all under GPipe,
-pp − stage under 1F1B (more under interleaving). Left out: the CUDA context, allocator
+pp − stage under 1F1B (more under interleaving). Building and loading the model (parallel/materialize.py,
+train/hf_checkpoint.py) holds beside the rank's shards one block of seeded values or the rank's slice of one
+stored tensor. Left out: the CUDA context, allocator
 fragmentation and communication buffers, so a rank "fits" below 90% of device memory.
 """
 
@@ -33,9 +35,9 @@ from torch.distributed.tensor import DTensor
 
 from raytrain.config import Config
 from raytrain.model.flops import train_flops_per_token
-from raytrain.model.transformer import Transformer
+from raytrain.model.transformer import INIT_BLOCK_VALUES, Transformer
 from raytrain.parallel.layout import MESH_DIMS, build_layout, parallelize, plain_ddp
-from raytrain.parallel.pipeline import build_stage_parts, stage_layers
+from raytrain.parallel.pipeline import parts_on_meta, stage_layers
 
 GIB = 2**30
 HEADROOM = 0.9
@@ -62,6 +64,7 @@ class RankPlan:
     optimizer_gib: float
     fsdp_buffer_gib: float
     activation_gib: float
+    build_host_gib: float  # host memory beside its shards while building and loading: one init block or slice
 
     @property
     def total_gib(self) -> float:
@@ -77,12 +80,7 @@ def _stage_params(config: Config, world: int, pp_rank: int) -> tuple[list[int], 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         layout = build_layout(parallel, world, torch.device("cpu"))
-        with torch.device("meta"):
-            if parallel.pp > 1:
-                stages = build_stage_parts(config.model, 0, parallel.pp, pp_rank, parallel.pp_virtual_stages,
-                                           parallel.pp_layers, init=False)
-            else:
-                stages = [(0, Transformer(config.model))]
+        stages = parts_on_meta(config.model, parallel, pp_rank)
         params = []
         for _, part in stages:
             if not plain_ddp(parallel):  # DDP leaves the parameters as they are (and cannot wrap meta ones)
@@ -176,8 +174,10 @@ def plan_ranks(config: Config, world: int, seq_len: int) -> list[RankPlan]:
                                                             parallel.tp)), strict=True))
             local = sum(_local_numel(p, coordinate) for p in params)
             owned = sum(_local_numel(p, coordinate) for p in params if _owned(p, coordinate))
+            largest = max(_local_numel(p, coordinate) for p in params)
             plans.append(RankPlan(rank, pp_rank, stages, layers, local, owned, 4 * local / GIB, 4 * local / GIB,
-                                  8 * local / GIB, gather / GIB, activations / GIB))
+                                  8 * local / GIB, gather / GIB, activations / GIB,
+                                  4 * max(INIT_BLOCK_VALUES, largest) / GIB))
     return plans
 
 
@@ -252,6 +252,10 @@ def format_plan(config: Config, world: int, seq_len: int, plans: list[RankPlan],
         "",
         f"parameters over the ranks of one replica, replicated ones once: {sum(p.owned_params for p in replica):,} "
         f"(model: {total:,})",
+        f"building and loading: each rank allocates only its shards (the params column) and at most "
+        f"{max(p.build_host_gib for p in plans) * 1024:,.0f} MiB more on the host",
+        f"  (a block of seeded values, or its slice of one tensor read from safetensors), never the whole model "
+        f"({4 * total / GIB:.1f} GiB in fp32)",
         f"largest rank: {max(p.total_gib for p in plans):.1f} GiB of {gpu_memory_gib:g} GiB "
         f"({'fits' if layout_fits(plans, gpu_memory_gib) else 'does NOT fit'} "
         f"with {1 - HEADROOM:.0%} headroom)",

@@ -94,7 +94,10 @@ class RolloutActor:
 
     def __init__(self, model: dict, threads: int):
         torch.set_num_threads(threads)
-        self.model = Transformer(TransformerConfig(**model)).to(actor_device()).eval()
+        with torch.device("meta"):  # the weights come with the first load: no values to draw
+            self.model = Transformer(TransformerConfig(**model)).eval()
+        self.model.to_empty(device=actor_device())
+        self.model.reset_rotary(actor_device())
         self.version: tuple | None = None
 
     def load(self, version: tuple, weights: list) -> None:

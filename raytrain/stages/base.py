@@ -132,7 +132,7 @@ class PreparedDataStage(Stage):
     what = ""  # what the stage makes, for the --init error ("fine-tuning")
 
     def cli_flags(self) -> list[tuple[str, str, dict]]:
-        init = [("--init", "train.init_from", {"metavar": "CKPT|RUN", "help": f"the model to start from "
+        init = [("--init", "train.init_from", {"metavar": "CKPT|RUN|hf:DIR", "help": f"the model to start from "
                                                                              f"({self.starts_from})"})]
         return [("--data", "train.data", {"metavar": "DIR", "help": f"prepared dataset folder "
                                                                    f"({DATA_COMMANDS[self.data_kind]})"}),
@@ -163,7 +163,7 @@ class PreparedDataStage(Stage):
                               f"`{DATA_COMMANDS[self.data_kind]}`")
         # Workers run in other folders: hand them absolute paths.
         data = storage.absolute(train.data)
-        init = str(storage.absolute(resolve_checkpoint(train.init_from))) if train.init_from else ""
+        init = str(resolve_checkpoint(train.init_from)) if train.init_from else ""
         dataset = PreparedDataset.open(data)
         if dataset.kind != self.data_kind:
             raise DataError(f"'{data}' holds {dataset.kind} data (from `{DATA_COMMANDS[dataset.kind]}`); "

@@ -4,7 +4,6 @@ pairwise loss, on the reward model's preference rows."""
 from __future__ import annotations
 
 from raytrain.errors import DataError
-from raytrain.parallel.layout import plain_ddp
 from raytrain.stages.base import PreparedDataStage
 from raytrain.train.checkpoint import load_weights
 from raytrain.train.objectives import DirectPreference
@@ -33,11 +32,14 @@ class DirectPreferenceOptimisation(PreparedDataStage):
     def build_reference(self, worker):
         """The frozen reference in the policy's layout, never updated; a restart loads it from train.init_from
         again, so it is not part of the checkpoints."""
+        import torch
+
         from raytrain.model.transformer import Transformer
 
-        model = Transformer(worker.config.model).to(worker.device)
-        # Sharded like the policy; under plain replication it stays a bare copy (DDP is for gradients).
-        module = model if plain_ddp(worker.config.parallel) else worker.parallelize(model)
+        with torch.device("meta"):
+            model = Transformer(worker.config.model)
+        # Sharded like the policy; under plain replication a bare copy (DDP is for gradients).
+        module = worker.parallelize(model, worker.train.seed, trainable=False)
         load_weights(worker.train.init_from, module)
         return module.requires_grad_(False).eval()
 

@@ -89,7 +89,7 @@ class ProximalPolicyOptimisation(Stage):
         if not ppo.prompts:
             raise ConfigError("PPO needs prompts: pass --prompts stdlib-qa or JSONL files of 'prompt' records "
                               "(ppo.prompts)")
-        policy = str(storage.absolute(resolve_checkpoint(ppo.policy)))
+        policy = str(resolve_checkpoint(ppo.policy))
         meta = read_checkpoint_meta(policy)
         if model_head(meta) != "lm":
             raise DataError(f"--policy '{ppo.policy}' is a reward model; start PPO from a language model (an SFT "
@@ -99,7 +99,7 @@ class ProximalPolicyOptimisation(Stage):
             call_reward(import_reward(ppo.reward), ppo.reward, ["What does len do?"], ["Return the length."])
             reward = ppo.reward
         else:
-            reward = value_init = str(storage.absolute(resolve_checkpoint(ppo.reward)))
+            reward = value_init = str(resolve_checkpoint(ppo.reward))
             reward_meta = read_checkpoint_meta(reward)
             if model_head(reward_meta) != "score" or "reward" not in reward_meta:
                 raise DataError(f"--reward '{ppo.reward}' is not a reward model (its stage trained "
@@ -180,17 +180,19 @@ class ProximalPolicyOptimisation(Stage):
 
     def build_model(self, worker):
         """The policy and, for PPO, the value model (a score head on every position) beside it."""
+        import torch
+
         from raytrain.model.transformer import Transformer
 
-        def built(head: str, seed: int):
-            model = Transformer(worker.config.model, head=head)
-            model.init_weights(seed)
-            return model.to(worker.device)
+        def built(head: str, seed: int) -> tuple[Transformer, torch.nn.Module]:
+            with torch.device("meta"):
+                model = Transformer(worker.config.model, head=head)
+            return model, worker.parallelize(model, seed)
 
-        policy = built("lm", worker.train.seed)
-        value = built("score", worker.train.seed + 1) if worker.config.ppo.algorithm == "ppo" else None
-        modules = [worker.parallelize(m) if m is not None else None for m in (policy, value)]
-        return [PolicyAndValue(policy, value)], [PolicyAndValue(*modules)], [0]
+        policy, policy_module = built("lm", worker.train.seed)
+        ppo = worker.config.ppo.algorithm == "ppo"
+        value, value_module = built("score", worker.train.seed + 1) if ppo else (None, None)
+        return [PolicyAndValue(policy, value)], [PolicyAndValue(policy_module, value_module)], [0]
 
     def start_fresh(self, worker) -> None:
         """A new run: the policy from --policy, the value model from the reward model."""

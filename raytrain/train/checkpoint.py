@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from raytrain import storage
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
+from raytrain.train.hf_checkpoint import HF_SCHEME, hf_folder, hf_meta, load_hf_weights
 
 META_FILE = "raytrain.json"
 CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints/step_NNNNNN/ (Ray Train's run name)
@@ -82,6 +83,8 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
     checkpoint it is the policy that loads. A checkpoint on object storage (a URI) is copied to a local temp
     folder first (DCP reads files).
     """
+    if (hf := hf_folder(folder)) is not None:
+        return load_hf_weights(hf, model)
     if storage.is_uri(folder):
         with storage.local_copy(folder) as local:
             return load_weights(local, model)
@@ -120,6 +123,8 @@ def write_checkpoint_meta(folder: Path, meta: dict) -> None:
 
 
 def read_checkpoint_meta(folder: str | Path) -> dict:
+    if (hf := hf_folder(folder)) is not None:
+        return hf_meta(hf)
     path = storage.join(folder, META_FILE)
     if not storage.is_file(path):
         raise DataError(f"'{folder}' is not a raytrain checkpoint (no {META_FILE})")
@@ -131,15 +136,18 @@ def read_checkpoint_meta(folder: str | Path) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> str | Path:
-    """A checkpoint folder, or the latest complete checkpoint of a run folder (a URI for one on object storage)."""
+    """A checkpoint folder, or the latest complete checkpoint of a run folder (a URI for one on object storage), or
+    a Hugging Face folder (`hf:DIR`); local paths made absolute (workers and later commands run elsewhere)."""
+    if (hf := hf_folder(path)) is not None:
+        return f"{HF_SCHEME}{hf.absolute()}"
     if storage.is_file(storage.join(path, META_FILE)):
-        return str(path).rstrip("/") if storage.is_uri(path) else Path(path)
+        return str(path).rstrip("/") if storage.is_uri(path) else Path(path).absolute()
     latest = latest_checkpoint(path)
     if latest is None:
         example = "s3://…/NAME or s3://…/NAME/checkpoints/step_N" if storage.is_uri(path) else \
             "runs/NAME or runs/NAME/checkpoints/step_N"
         raise DataError(f"'{path}' is neither a checkpoint nor a run folder with checkpoints; pass {example}")
-    return latest if storage.is_uri(path) else Path(latest)
+    return latest if storage.is_uri(path) else Path(latest).absolute()
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:

@@ -29,7 +29,8 @@ from raytrain.config import Config
 from raytrain.model.transformer import Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
-from raytrain.parallel.pipeline import CallWithCausal, build_schedule, build_stage_parts
+from raytrain.parallel.materialize import materialize
+from raytrain.parallel.pipeline import CallWithCausal, build_schedule, parts_on_meta
 from raytrain.parallel.tensor_parallel import loss_context
 from raytrain.train.checkpoint import (
     latest_checkpoint,
@@ -38,7 +39,7 @@ from raytrain.train.checkpoint import (
     save_training_checkpoint,
 )
 from raytrain.train.evaluate import with_reference
-from raytrain.train.memory import TensorMemory, training_tensors
+from raytrain.train.memory import TensorMemory, host_rss_gib, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
 from raytrain.train.optim import build_optimizer, lr_at
 
@@ -84,11 +85,13 @@ class Worker:
         self.memory = TensorMemory() if config.debug.track_memory and self.device.type != "cuda" else None
         self.split_loss = self.layout.tp > 1 and config.parallel.loss_parallel and self.objective.head == "lm"
 
+        before = host_rss_gib()
         self.parts, self.modules, stage_ids = stage.build_model(self)
         self.optimizers = [build_optimizer(part, self.train) for part in self.parts]
         self._build_schedule(stage_ids)
         self.reference = stage.build_reference(self)
         self.start_step = self._restore()
+        self.init_memory = self._init_memory(before)
         self.tokens_per_step = self.train.global_batch * self.source.seq_len
         self.flops_per_token = self.source.flops_per_token()
         self.log = None
@@ -97,7 +100,7 @@ class Worker:
             params = sum(p.numel() for part in self.parts for p in part.parameters())
             log.info(f"{self.tag} {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0, "
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
-                     f"{self.start_step}")
+                     f"{self.start_step}; " + self._init_memory_line())
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
                                   stage.name, quiet=config.runtime.log_level not in ("debug", "info"))
 
@@ -106,19 +109,30 @@ class Worker:
     def build_parts(self) -> tuple[list[torch.nn.Module], list[torch.nn.Module], list[int]]:
         """The model parts this rank holds (the whole model, or its pipeline stages), their parallelized modules
         and their pipeline stage indices: what a stage's build_model hook returns unless it builds its own."""
-        parallel, layout = self.config.parallel, self.layout
-        if layout.pp > 1:
-            stages = build_stage_parts(self.config.model, self.train.seed, layout.pp, layout.pp_rank,
-                                       parallel.pp_virtual_stages, parallel.pp_layers)
-        else:
-            model = Transformer(self.config.model, head=self.objective.head)
-            model.init_weights(self.train.seed)
-            stages = [(0, model)]
-        parts = [part.to(self.device) for _, part in stages]
-        return parts, [self.parallelize(part) for part in parts], [index for index, _ in stages]
+        stages = parts_on_meta(self.config.model, self.config.parallel, self.layout.pp_rank, self.objective.head)
+        parts = [part for _, part in stages]
+        return parts, [self.parallelize(part, self.train.seed) for part in parts], [index for index, _ in stages]
 
-    def parallelize(self, part: torch.nn.Module) -> torch.nn.Module:
-        return parallelize(part, self.config.parallel, self.layout, self.device, self.bf16)
+    def parallelize(self, part: Transformer, seed: int, trainable: bool = True) -> torch.nn.Module:
+        """A part built on the meta device, laid out, then this rank's shards allocated and seeded
+        (parallel/materialize.py); a frozen model (trainable=False) is never wrapped for gradients."""
+        return parallelize(part, self.config.parallel, self.layout, self.device, self.bf16,
+                           fill=lambda laid_out: materialize(laid_out, self.device, seed), trainable=trainable)
+
+    def _init_memory(self, before: float) -> dict[str, float]:
+        """What building and loading the model cost in host memory, the most over ranks: the resident set before
+        it and the process's peak after it (on GPU the first log line adds the allocator's peak)."""
+        figures = torch.tensor([before, peak_memory_gib(torch.device("cpu"))], dtype=torch.float64,
+                               device=self.device)
+        if self.world > 1:
+            dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+        return {"mem/init_base_rss_gib": float(figures[0]), "mem/init_peak_rss_gib": float(figures[1])}
+
+    def _init_memory_line(self) -> str:
+        base, peak = self.init_memory["mem/init_base_rss_gib"], self.init_memory["mem/init_peak_rss_gib"]
+        gpu = (f", the GPU's allocator {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+               if self.device.type == "cuda" else "")
+        return f"building and loading the model took host memory from {base:.2f} to {peak:.2f} GiB at most{gpu}"
 
     def _build_schedule(self, stage_ids: list[int]) -> None:
         parallel, layout = self.config.parallel, self.layout
@@ -320,6 +334,7 @@ class Worker:
             "perf/step_time_s": timer["compute"] / max(1, timer["steps"]),
             "perf/data_wait_frac": timer["data"] / max(timer["compute"], 1e-9),
             "mem/peak_gib": peak_memory_gib(self.device),
+            **self.init_memory,
             **tensor_peak_gib(self.device, self.memory),
         }
 

@@ -62,3 +62,11 @@ def training_tensors(modules: Iterable[torch.nn.Module], optimizers: Iterable[to
     for optimizer in optimizers:
         for state in optimizer.state.values():
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def host_rss_gib() -> float:
+    """The process's resident set now (Linux's /proc; the peak is getrusage's ru_maxrss)."""
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30

@@ -27,6 +27,8 @@ LOOP_METRICS = (
     "perf/data_wait_frac",
     "mem/peak_gib",
     "mem/tensor_peak_gib",
+    "mem/init_base_rss_gib",
+    "mem/init_peak_rss_gib",
 )
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).
