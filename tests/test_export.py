@@ -196,3 +196,22 @@ def test_int8_export_of_a_trained_run_measures_what_it_lost(reference, tiny_data
     # d_model 32: the graph and the scales weigh as much as the weights, so well under 4× smaller
     assert quality["bytes"] * 1.5 < quality["fp32_bytes"] and quality["agreement"] > 0.5
     assert quality["torch_tokens_per_s"] > 0 and quality["onnx_tokens_per_s"] > 0
+
+
+def test_a_checkpoint_whose_data_has_no_val_rows_exports_and_says_the_check_was_skipped(
+        tiny_dataset, tiny_tokenizer, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"] = []  # as a corpus too small for data.prepare.val_fraction leaves it
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    make_checkpoint(tmp_path / "ckpt", tiny_tokenizer)
+    meta = json.loads((tmp_path / "ckpt" / "raytrain.json").read_text())
+    (tmp_path / "ckpt" / "raytrain.json").write_text(json.dumps({**meta, "data": str(data)}))
+    out = export(capsys, tmp_path / "ckpt", tmp_path / "onnx")
+    assert f"quality check on held-out data skipped: the checkpoint's data '{data}' has no held-out (val) rows" \
+        in out and "pass --data DIR" in out and (tmp_path / "onnx" / CONFIG_FILE).is_file()
+    # Given explicitly, such data is refused before anything is written.
+    assert_one_line_error(main(["export", "onnx", str(tmp_path / "ckpt"), "--out", str(tmp_path / "no"), "--data",
+                                str(data)]), capsys.readouterr().err, "has no held-out (val) rows")
+    assert not (tmp_path / "no").exists()

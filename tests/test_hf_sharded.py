@@ -98,3 +98,25 @@ def test_missing_truncated_or_mismatched_shards_fail_in_one_line(sharded, tmp_pa
         with pytest.raises(DataError, match=message) as error:
             load_weights(f"hf:{folder}", model)
         assert "\n" not in str(error.value)
+
+
+def test_to_hf_streams_a_checkpoint_into_shards_that_transformers_loads(sharded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from raytrain.export.hf import checkpoint_to_hf
+    from raytrain.train.checkpoint import save_model
+
+    hf_dir, expected = sharded
+    model, meta = load_model(f"hf:{hf_dir}")
+    save_model(tmp_path / "ckpt", model, meta)
+    # A tensor at a time into files of at most 40 kB (transformers' 5 GB by default), with the index.
+    assert checkpoint_to_hf(str(tmp_path / "ckpt"), tmp_path / "out", shard_bytes=40_000) == "LlamaForCausalLM"
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 3 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert all(f.stat().st_size < 40_000 + 4 * 64 * 320 + 4096 for f in files)  # a tensor over the limit alone
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(TOKENS).logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(DataError, match="is a Hugging Face folder already"):
+        checkpoint_to_hf(f"hf:{hf_dir}", tmp_path / "again")

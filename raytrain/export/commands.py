@@ -65,6 +65,13 @@ def export_onnx(source: str, out: str, *, quantization: str = "none", data: str 
     dataset = PreparedDataset.open(data) if data else default_dataset(meta)
     if dataset is not None:
         check_evaluation_data(meta, dataset)
+    skipped = ""
+    if dataset is not None and dataset.split("val").num_rows == 0:
+        if data:
+            raise DataError(f"--data '{data}' has no held-out (val) rows to measure the export on; prepare it with "
+                            "data.prepare.val_fraction > 0, or leave --data out")
+        skipped = f"the checkpoint's data '{dataset.root}' has no held-out (val) rows"
+        dataset = None
     with local_output_dir(out, CONFIG_FILE, overwrite) as staging, \
             tempfile.TemporaryDirectory(prefix="raytrain-fp32-") as scratch:
         fp32 = staging if quantization == "none" else Path(scratch)
@@ -87,7 +94,7 @@ def export_onnx(source: str, out: str, *, quantization: str = "none", data: str 
         config = read_config(staging)
         write_config(staging, {**{k: v for k, v in config.items() if k != "format"}, "quality": summary})
     summary["wall_s"] = time.perf_counter() - started
-    print_summary(summary, checkpoint, out, list(graphs), dataset)
+    print_summary(summary, checkpoint, out, list(graphs), dataset, skipped)
     return summary
 
 
@@ -144,7 +151,7 @@ def measure(model, exported: OnnxModel, dataset: PreparedDataset | None, batches
     return result
 
 
-def print_summary(summary: dict, checkpoint: Path, out: str, graphs: list[str], dataset) -> None:
+def print_summary(summary: dict, checkpoint: Path, out: str, graphs: list[str], dataset, skipped: str = "") -> None:
     method = summary["quantization"]
     name = "fp32" if method == "none" else method
     size = summary["bytes"] / 1e6
@@ -162,7 +169,9 @@ def print_summary(summary: dict, checkpoint: Path, out: str, graphs: list[str], 
         print(f"  {label} PyTorch fp32 {fp32:.3f} → onnxruntime {name} {ours:.3f} ({ours / fp32 - 1:+.2%}) on "
               f"{summary['count']:,} {unit} of {dataset.root}")
     else:
-        print("  pass --data DIR (a prepared dataset) to compare held-out perplexity with the fp32 model")
+        why = f"quality check on held-out data skipped: {skipped}; " if skipped else ""
+        print(f"  {why}pass --data DIR (a prepared dataset with val rows) to compare held-out perplexity with the "
+              "fp32 model")
     if "agreement" in summary:
         print(f"  greedy tokens equal to PyTorch fp32's: {summary['agreement']:.1%} before the first difference, "
               f"{summary['identical']} of {summary['prompts']} continuations identical ({NEW_TOKENS} tokens each)")

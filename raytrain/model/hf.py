@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
 from raytrain.errors import DataError
 from raytrain.model.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger("raytrain")
 HF_PREFIX = "model."
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 ARCHITECTURE = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 # What each family computes beyond plain Llama: Qwen2 always biases q/k/v, Qwen3 always normalises q and k.
 FAMILY_OPTIONS = {"llama": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}, "mistral": {}}
@@ -154,14 +159,62 @@ def config_from_hf(hf: dict, source: Path) -> TransformerConfig:
     )
 
 
-def save_hf(model: Transformer, out: Path, special: dict | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        key = name if name.startswith(("lm_head.", "score.")) else HF_PREFIX + name
-        tensors[key] = tensor.detach().contiguous().cpu()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+def hf_name(name: str) -> str:
+    """Our parameter name → transformers' (the trunk's under `model.`)."""
+    return name if name.startswith(("lm_head.", "score.")) else HF_PREFIX + name
+
+
+def save_hf(model: Transformer, out: Path, special: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """A model in memory as a Hugging Face folder."""
+    state = model.state_dict()
     head = "score" if model.score is not None else "lm"
-    (out / "config.json").write_text(json.dumps(hf_config(model.config, head, special), indent=2))
+    write_hf_folder(out, model.config, head, lambda name: state[name].detach().cpu(), special, shard_bytes)
+
+
+def write_hf_folder(out: Path, config: TransformerConfig, head: str, read: Callable[[str], torch.Tensor],
+                    special: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """config.json and the weights as safetensors files of at most shard_bytes each (model.safetensors when one
+    is enough, else model-0000i-of-0000n.safetensors with model.safetensors.index.json), written a tensor at a
+    time: `read(name)` gives one of our parameters, which is written and freed, so the peak is one tensor."""
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = {name: (tuple(t.shape), t.dtype) for name, t in Transformer(config, head).state_dict().items()
+                  if not (name == "lm_head.weight" and config.tie_embeddings)}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, names in zip(files, shards, strict=True):
+        _write_safetensors(out / file, [(hf_name(n), *shapes[n]) for n in names], (read(n) for n in names))
+    if len(files) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {hf_name(n): file for file, names in zip(files, shards, strict=True) for n in names}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(config, head, special), indent=2))
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors) -> None:
+    """The safetensors format written directly: the header (names, dtypes, shapes, offsets: all known from the
+    shapes) first, then each tensor's bytes as `tensors` yields it."""
+    header, offset = {}, 0
+    for key, shape, dtype in entries:
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(len(blob).to_bytes(8, "little"))
+        file.write(blob)
+        for (key, shape, dtype), tensor in zip(entries, tensors, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{key}: got {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
+            file.write(tensor.contiguous().view(torch.uint8).numpy().data)

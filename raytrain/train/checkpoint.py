@@ -105,6 +105,17 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
     return meta
 
 
+def read_tensor(folder: str | Path, meta: dict, name: str) -> torch.Tensor:
+    """One of the model's tensors from a local checkpoint folder (DCP reads only that key's bytes): a converter's
+    way to hold one tensor at a time."""
+    key = "model." + meta["weights_prefix"] + name
+    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata[key]
+    state = {"model": {meta["weights_prefix"] + name: torch.empty(tuple(stored.size), dtype=stored.properties.dtype)}}
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
+    return state["model"][meta["weights_prefix"] + name]
+
+
 def model_head(meta: dict) -> str:
     """The output layer of a checkpoint's model: "score" (a reward model's) or "lm"."""
     return meta["head"]

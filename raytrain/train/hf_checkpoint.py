@@ -19,12 +19,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from raytrain import storage
 from raytrain.config import TrainConfig
 from raytrain.errors import DataError
-from raytrain.model.hf import HF_PREFIX, config_from_hf
+from raytrain.model.hf import INDEX_FILE, config_from_hf, hf_name
 from raytrain.model.transformer import Transformer, TransformerConfig
 from raytrain.parallel.materialize import local_slices
 
 HF_SCHEME = "hf:"
-INDEX_FILE = "model.safetensors.index.json"
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; computed here
 
 
@@ -61,10 +60,6 @@ def open_hf(folder: Path) -> tuple[dict, dict[str, Path]]:
     if (folder / TOKENIZER_FILE).is_file():
         meta["tokenizer"] = tokenizer_info(str(folder))
     return meta, tensor_files(folder, meta)
-
-
-def hf_name(name: str) -> str:
-    return name if name.startswith(("lm_head.", "score.")) else HF_PREFIX + name
 
 
 def tensor_files(folder: Path, meta: dict) -> dict[str, Path]:
