@@ -78,3 +78,6 @@ def test_a_wide_model_is_built_shard_by_shard_on_four_fsdp_workers(tiny_dataset,
     assert whole_gib > 1.2 and last["train/loss"] > 0
     built = last["mem/init_peak_rss_gib"] - last["mem/init_base_rss_gib"]
     assert built < 0.5 * whole_gib, (built, whole_gib)
+    # raytrain plan's reckoning: a quarter of the model and one block or stored slice (the allocator's slack on top)
+    assert whole_gib / 4 < last["mem/init_plan_gib"] < whole_gib / 4 + 0.1, last
+    assert built < 1.25 * last["mem/init_plan_gib"], last

@@ -46,7 +46,6 @@ def hf_meta(folder: Path) -> dict:
 
 def open_hf(folder: Path) -> tuple[dict, dict[str, Path]]:
     """(the folder's meta, which file holds each tensor)."""
-    from raytrain.data.prepare import tokenizer_info
     from raytrain.data.tokenizer import TOKENIZER_FILE
 
     config_path = folder / "config.json"
@@ -58,6 +57,8 @@ def open_hf(folder: Path) -> tuple[dict, dict[str, Path]]:
             "stage": "pretrain", "objective": TrainConfig.objective, "mask_fraction": TrainConfig.mask_fraction,
             "seed": 0, "source": f"{HF_SCHEME}{folder}"}
     if (folder / TOKENIZER_FILE).is_file():
+        from raytrain.data.prepare import tokenizer_info  # (imports the data pipeline: only where needed)
+
         meta["tokenizer"] = tokenizer_info(str(folder))
     return meta, tensor_files(folder, meta)
 

@@ -26,10 +26,10 @@ import torch.distributed as dist
 
 from raytrain import storage
 from raytrain.config import Config
-from raytrain.model.transformer import Transformer
+from raytrain.model.transformer import INIT_BLOCK_VALUES, Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
-from raytrain.parallel.materialize import materialize
+from raytrain.parallel.materialize import local_slices, materialize
 from raytrain.parallel.pipeline import CallWithCausal, build_schedule, parts_on_meta
 from raytrain.parallel.tensor_parallel import loss_context
 from raytrain.train.checkpoint import (
@@ -121,18 +121,25 @@ class Worker:
 
     def _init_memory(self, before: float) -> dict[str, float]:
         """What building and loading the model cost in host memory, the most over ranks: the resident set before
-        it and the process's peak after it (on GPU the first log line adds the allocator's peak)."""
-        figures = torch.tensor([before, peak_memory_gib(torch.device("cpu"))], dtype=torch.float64,
+        it and the process's peak after it; beside them what `raytrain plan` reckons for it (the rank's shards
+        in fp32 and one block of seeded values or one stored slice; on GPU the shards are on the device)."""
+        modules = [*self.modules, *([self.reference] if self.reference is not None else [])]
+        local = [local_slices(p)[1].numel() for module in modules for p in module.parameters()]
+        planned = 4 * max(INIT_BLOCK_VALUES, *local) + (4 * sum(local) if self.device.type == "cpu" else 0)
+        figures = torch.tensor([before, peak_memory_gib(torch.device("cpu")), planned / 2**30], dtype=torch.float64,
                                device=self.device)
         if self.world > 1:
             dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-        return {"mem/init_base_rss_gib": float(figures[0]), "mem/init_peak_rss_gib": float(figures[1])}
+        return {"mem/init_base_rss_gib": float(figures[0]), "mem/init_peak_rss_gib": float(figures[1]),
+                "mem/init_plan_gib": float(figures[2])}
 
     def _init_memory_line(self) -> str:
-        base, peak = self.init_memory["mem/init_base_rss_gib"], self.init_memory["mem/init_peak_rss_gib"]
+        memory = self.init_memory
+        base, peak, plan = (memory[f"mem/init_{k}"] for k in ("base_rss_gib", "peak_rss_gib", "plan_gib"))
         gpu = (f", the GPU's allocator {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
                if self.device.type == "cuda" else "")
-        return f"building and loading the model took host memory from {base:.2f} to {peak:.2f} GiB at most{gpu}"
+        return (f"building and loading the model took host memory from {base:.2f} to {peak:.2f} GiB at most "
+                f"(+{peak - base:.2f}; raytrain plan reckons +{plan:.2f}){gpu}")
 
     def _build_schedule(self, stage_ids: list[int]) -> None:
         parallel, layout = self.config.parallel, self.layout

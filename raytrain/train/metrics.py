@@ -29,6 +29,7 @@ LOOP_METRICS = (
     "mem/tensor_peak_gib",
     "mem/init_base_rss_gib",
     "mem/init_peak_rss_gib",
+    "mem/init_plan_gib",
 )
 METRICS_FILE = "metrics.jsonl"
 # Dense bf16 peak per device, from the vendors' data sheets (TFLOP/s).

@@ -24,7 +24,7 @@ THROUGHPUT = Section("Throughput", (("perf/tokens_per_s",), ("perf/tokens_per_s_
                                     ("train/tokens_seen",)))
 STEP_TIME = Section("Step time", (("perf/step_time_s",), ("perf/data_wait_frac",)))
 MEMORY = Section("Memory", (("mem/peak_gib", "mem/tensor_peak_gib"),
-                            ("mem/init_peak_rss_gib", "mem/init_base_rss_gib")))
+                            ("mem/init_peak_rss_gib", "mem/init_base_rss_gib", "mem/init_plan_gib")))
 REWARD_MODEL = Section("Reward model", (("rm/loss",), ("rm/accuracy", "val/accuracy"), ("rm/margin", "val/margin")))
 DPO = Section("DPO", (("dpo/loss",), ("dpo/accuracy", "val/accuracy"), ("dpo/margin", "val/margin")))
 PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",)))
