@@ -65,8 +65,20 @@ def training_tensors(modules: Iterable[torch.nn.Module], optimizers: Iterable[to
 
 
 def host_rss_gib() -> float:
-    """The process's resident set now (Linux's /proc; the peak is getrusage's ru_maxrss)."""
-    import os
+    """The process's resident set now (Linux's /proc)."""
+    return _status_kib("VmRSS") / 2**20
 
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+def host_peak_rss_gib() -> float:
+    """The most the process has held resident: its memory's high-water mark (VmHWM). Not getrusage's ru_maxrss,
+    which Linux carries across exec, so a process started by a bigger one (mp.spawn's) would report its parent's
+    peak."""
+    return _status_kib("VmHWM") / 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")

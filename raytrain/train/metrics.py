@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from raytrain import storage
+from raytrain.train.memory import host_peak_rss_gib
 
 log = logging.getLogger("raytrain")
 # The metric names every stage's loop logs; each stage adds its objective's and its batch source's (the stage
@@ -67,9 +68,7 @@ def peak_memory_gib(device: torch.device) -> float:
     """What the worker holds at most: the CUDA allocator's reserved bytes, or the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return host_peak_rss_gib()
 
 
 def tensor_peak_gib(device: torch.device, memory) -> dict[str, float]:
