@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from bench.common import (
     ratio_cell,
     settings,
 )
-from raytrain.config import load_config
+from raytrain.config import PPOConfig, load_config
 from raytrain.data.stdlib_qa import STDLIB_QA
 from raytrain.data.tokenizer import load_tokenizer, tokenizer_hash
 from raytrain.model.transformer import Transformer
@@ -59,7 +58,8 @@ RESPONSE = pick(32, 8)  # new tokens per response
 ROLLOUT_BATCH = BATCH // 2  # samples per generate call, both sides (ours: ppo.rollout_batch; TRL's chunks)
 MODEL = pick([], ["model.d_model=48", "model.n_layers=2"])
 SYNC_SIZES = pick([192, 384, 768], [48, 96, 192])  # d_model of the weight-sync curve (4 layers, vocab 4096)
-SYNC_REPEATS = pick(5, 2)  # syncs timed per size and pool, after one untimed
+SYNC_REPEATS = pick(5, 2)  # syncs timed per size and side, interleaved, after one untimed each
+SYNC_ACTORS = 2  # rollout actors × 1 thread the weight-sync curve sends to
 THREAD_REPEATS = pick(5, 1)  # in-process generate calls per thread count (the scaling row's diagnosis)
 MIB = 2**20
 
@@ -164,34 +164,41 @@ class TRLPPO:
         return {"iteration_s": statistics.median(np.diff(ends[WARMUP - 1:]))}
 
 
-def sync_times(d_model: int, actors: int, threads: int) -> tuple[Spread, float]:
-    """Seconds per weight sync of a policy of this width into a pool of rollout actors, by the learner's own code
-    (ExperienceSource._sync_weights: ray.put of the state dict, every actor loads it); and the weights' MiB."""
+def sync_times(d_model: int, actors: int, threads: int) -> tuple[dict[str, dict[str, Spread]], float]:
+    """Per weight sync of a policy of this width into `actors` fresh rollout actors, by the learner's own
+    WeightSender, interleaved: seconds and the sender's extra memory (MiB), streamed (default bucket) and through
+    the object store; and the weights' MiB."""
     import ray
 
     from raytrain.rlhf.actors import NAMESPACE, RolloutActor
-    from raytrain.rlhf.experience_source import ExperienceSource
-    from raytrain.rlhf.objective import PolicyAndValue
+    from raytrain.rlhf.weight_sync import WeightSender
 
     config = load_config("demo", [f"model.d_model={d_model}"]).model
     policy = Transformer(config)
     policy.init_weights(0)
-    # The rollout actors as ActorPools.create starts them (same class, resources and thread count).
-    pool = [ray.remote(RolloutActor).options(num_cpus=threads, namespace=NAMESPACE).remote(vars(config), threads)
-            for _ in range(actors)]
-    ray.get([actor.__ray_ready__.remote() for actor in pool])
-    # The learner's side of the sync, for one CPU worker (what a `raytrain ppo` run on this machine does).
-    source = object.__new__(ExperienceSource)
-    source.worker = SimpleNamespace(modules=[PolicyAndValue(policy, None)], world=1, device=torch.device("cpu"),
-                                    rank=0)
-    source.session, source.synced, source.rollout = "bench", None, pool
+    versions = itertools.count()
+
+    def side(streamed: bool):
+        pool = [RolloutActor.options(num_cpus=threads, namespace=NAMESPACE).remote(vars(config), threads)
+                for _ in range(actors)]
+        sender = WeightSender(policy, 0, pool, bucket_bytes=int(PPOConfig.sync_bucket_mb * MIB),
+                              timeout_s=PPOConfig.sync_timeout_s, nccl=False, restarts=0, agree=lambda value: value,
+                              streamed=streamed)
+
+        def measure() -> dict[str, float]:
+            started = time.perf_counter()
+            sender.sync(("bench", next(versions)))
+            return {"s": time.perf_counter() - started, "peak_mib": sender.peak_bytes / MIB}
+        return pool, measure
+
+    (store_pool, object_store), (streamed_pool, streamed) = side(False), side(True)
     try:
-        times = [source._sync_weights(step) for step in range(1 + SYNC_REPEATS)][1:]  # the first: warm-up
+        object_store(), streamed()  # warm-up: the actors start, the side group forms
+        spreads = interleaved({"object store": object_store, "streamed": streamed}, SYNC_REPEATS)
     finally:
-        for actor in pool:
+        for actor in store_pool + streamed_pool:
             ray.kill(actor, no_restart=True)
-    size = sum(t.numel() * t.element_size() for t in policy.state_dict().values()) / MIB
-    return Spread(times), size
+    return spreads, sum(p.numel() * p.element_size() for p in policy.parameters()) / MIB
 
 
 def generate_thread_scaling(policy_path: Path, prompts: list[list[int]], stop: tuple, pad: int) -> dict[str, Spread]:
@@ -268,12 +275,9 @@ def run() -> str:
         with phase("ppo", "generate thread scaling"):
             threads = generate_thread_scaling(policy, prompts, tuple(tokenizer.special["stop"]),
                                               tokenizer.special["pad"])
-        # (d): weight sync against model size, into 1 actor × 2 threads and 2 actors × 1 thread.
+        # (d): weight sync against model size, streamed and through the object store, into 2 actors × 1 thread.
         with phase("ppo", "weight-sync curve"):
-            syncs = {size: {label: sync_times(size, actors, per_actor)
-                            for label, actors, per_actor in (("1 rollout actor", 1, THREADS),
-                                                             ("2 rollout actors", 2, 1))}
-                     for size in SYNC_SIZES}
+            syncs = {size: sync_times(size, SYNC_ACTORS, 1) for size in SYNC_SIZES}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -286,16 +290,20 @@ def run() -> str:
     rollout_1, rollout_2 = one["rollout_tokens_per_s"], two["rollout_tokens_per_s"]
     thread_gain = Spread([a / b for a, b in zip(threads["1"].values, threads["2"].values, strict=True)])
 
-    labels = ["1 rollout actor", "2 rollout actors"]
+    sides = ["object store", "streamed"]
     sync_table = curve(
         "ppo-weight-sync", "PPO weight sync vs model size", "d_model", SYNC_SIZES,
-        {label: [syncs[size][label][0].median * 1000 for size in SYNC_SIZES] for label in labels},
+        {side: [syncs[size][0][side]["s"].median * 1000 for size in SYNC_SIZES] for side in sides},
         "sync, ms", fmt="{:,.1f}",
-        right={"policy weights": [syncs[size][labels[0]][1] for size in SYNC_SIZES]}, right_label="MiB")
-    sync_spreads = "; ".join(
-        f"d_model {size} ({syncs[size][labels[0]][1]:,.0f} MiB): "
-        + ", ".join(f"{label} {_ms(syncs[size][label][0])}" for label in labels)
-        for size in SYNC_SIZES)
+        right={**{f"{side} extra memory": [syncs[size][0][side]["peak_mib"].median for size in SYNC_SIZES]
+                  for side in sides}, "policy weights": [syncs[size][1] for size in SYNC_SIZES]}, right_label="MiB")
+    sync_rows = [
+        f"| d_model {size} ({syncs[size][1]:,.0f} MiB) | {_ms(syncs[size][0]['object store']['s'])} | "
+        f"{_ms(syncs[size][0]['streamed']['s'])} | "
+        f"{ratio_cell(syncs[size][0]['streamed']['s'], syncs[size][0]['object store']['s'], lower_is_better=True)} | "
+        f"{syncs[size][0]['object store']['peak_mib'].cell('{:,.1f}')} | "
+        f"{syncs[size][0]['streamed']['peak_mib'].cell('{:,.1f}')} |"
+        for size in SYNC_SIZES]
 
     notes_a = (f"(a) {'goal met' if ours_rate.median >= trl_rate.median else 'short of the goal'}: of our "
                f"iteration, the rollout (generation and scoring, after the sync) took "
@@ -360,17 +368,26 @@ def run() -> str:
         "reward actor, whose peaks fall at different moments; `debug.track_memory` counts only the learner, so "
         "a sum of per-process peaks would be an upper bound, not a like-for-like figure.",
         "",
-        "### Weight sync against model size",
+        "### Weight sync against model size: streamed vs the object store",
         "",
-        "The learner's own sync (`ExperienceSource._sync_weights`: the policy's state dict by `ray.put`, each "
-        "rollout actor fetches it and loads it) from this process into fresh rollout actors started as "
-        "`ActorPools.create` starts them: 1 actor × 2 threads, as in rows (a) and (c), and 2 actors × 1 thread; "
-        f"d_model {', '.join(map(str, SYNC_SIZES))} with the demo's 4 layers and vocab 4096; the median of "
-        f"{SYNC_REPEATS} syncs after an untimed first one.",
+        "The learner's own sync (`WeightSender`, `raytrain/rlhf/weight_sync.py`), both ways it can go: streamed "
+        "(each parameter whole in turn, copied into buckets of `ppo.sync_bucket_mb` = "
+        f"{PPOConfig.sync_bucket_mb:g} MiB broadcast over a gloo side group to the rollout actors, which copy them "
+        "into their parameters) and through the object store (the whole policy by `ray.put`, each actor fetches "
+        "it and copies it into its parameters; chosen when the policy fits in one bucket), from this "
+        f"process into {SYNC_ACTORS} fresh rollout actors × 1 thread each; d_model "
+        f"{', '.join(map(str, SYNC_SIZES))} with the demo's 4 layers and vocab 4096; {SYNC_REPEATS} interleaved "
+        "repeats after one untimed sync of each. Extra memory is the sender's (`ppo/weight_sync_peak_gib`): the "
+        "tensor memory the sync added (a dispatch mode counts it), plus for the object store the copy `ray.put` "
+        "makes (a single CPU worker's gathered policy is its parameters; under FSDP it adds as much again).",
+        "",
+        "| policy | object store, ms | streamed, ms | streamed vs object store (time) | object store extra "
+        "memory, MiB | streamed extra memory, MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+        *sync_rows,
         "",
         sync_table,
         "",
-        "Spread (median (min–max), ms): " + sync_spreads + ".",
         *(["", "(A `--tiny` smoke run: toy sizes; the figures mean nothing.)"] if TINY else []),
         "",
         "Generation tokens/s against `transformers` `generate` is row (d) of the generation section.",

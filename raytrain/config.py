@@ -265,6 +265,8 @@ class PPOConfig:
     actor_cpus: float = 0.5  # per actor; fractional allowed
     actor_gpus: float = 0.0  # per actor; fractional allowed
     actor_restarts: int = 3  # a dead actor is restarted and its call resubmitted this many times
+    sync_bucket_mb: float = 64.0  # weight sync: the policy goes to the rollout actors in buckets of this size
+    sync_timeout_s: float = 120.0  # weight sync: a bucket not through by then fails the sync (an actor is gone)
     val_prompts: int = 32  # held-out prompts scored (greedy) every train.val_every iterations
     samples_logged: int = 4  # (prompt, response, reward, KL) per logged iteration in samples.jsonl
 
@@ -272,6 +274,8 @@ class PPOConfig:
         for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
                     "minibatches", "rollout_actors", "reward_actors", "kl_horizon"):
             _check(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
+        for key in ("sync_bucket_mb", "sync_timeout_s"):
+            _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
         for key in ("kl_coef", "kl_target", "clip", "value_clip", "value_coef", "entropy_coef", "score_clip",
                     "actor_cpus", "actor_gpus", "temperature", "actor_restarts", "val_prompts", "samples_logged",
                     "rollout_batch"):
@@ -297,7 +301,7 @@ class TrackingConfig:
 class DebugConfig:
     fail_at_step: int = -1  # a worker exits its process once at this step (fault-tolerance tests)
     fail_rank: int = 0  # the world rank that fails at fail_at_step
-    fail_actor_at_iteration: int = -1  # PPO: rollout actor 0, then reward actor 0, exit once in this iteration
+    fail_actor_at_iteration: int = -1  # PPO: rollout actor 0 dies mid-sync + mid-generate, reward actor 0 mid-score
     track_memory: bool = False  # CPU: count live tensor bytes to log mem/tensor_peak_gib (slows each step)
     step_sleep_s: float = 0.0  # each step waits this long: a run that tests can stop midway (ray job stop)
 

@@ -224,12 +224,15 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
 
     rm = fake_reward_model(policy, tmp_path / "rm")
     two = ["parallel.workers=2", f"ppo.reward='{rm}'", "ppo.iterations=4", "ppo.kl_target=0.5",
-           "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5"]
+           "parallel.cpus_per_worker=1", "ppo.actor_cpus=0.5", "ppo.sync_bucket_mb=0.03"]
     whole = ppo("dp2", *two, "parallel.dp_shard=2")
     assert whole["rollout_weights_max_diff"] < 1e-6  # gathered from the FSDP shards
+    # Streamed in 31 KB buckets: rank 0 held about a bucket and a gathered tensor, not the 378 KB policy.
+    sync_peak = metric(tmp_path / "dp2", "ppo/weight_sync_peak_gib")
+    assert all(0 < gib * 2**30 < 378_000 / 2 for gib in sync_peak.values()), sync_peak
     ppo("dp2-failures", *two, "parallel.dp_shard=2", "debug.fail_actor_at_iteration=1", "debug.fail_at_step=5",
         "train.max_failures=1")
-    for pool in ("rollout", "reward"):
+    for pool in ("rollout-sync", "rollout", "reward"):  # died mid-sync, mid-generate, mid-score
         assert (tmp_path / "dp2-failures" / f".debug_{pool}_actor_failed_once").exists()
     assert (tmp_path / "dp2-failures" / ".debug_failed_once").read_text() == "resumed from step 4\n"
     split = ppo("tp2", *two, "parallel.tp=2")

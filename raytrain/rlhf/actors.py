@@ -3,8 +3,8 @@
 The driver creates the actors (an actor requested inside a Train worker can wait forever for CPUs the
 workers hold) as named actors; the learner's rank 0 looks them up and drives them. A dead actor is restarted
 by Ray and its call resubmitted (`max_restarts`, `max_task_retries`); since every call carries the weights'
-version and a reference to them, and every sample its own seed, a resubmitted call returns what the first
-would have.
+version (a restarted rollout actor says it lost them, and the learner streams them again: weight_sync) and every
+sample its own seed, a resubmitted call returns what the first would have.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import ray
@@ -25,10 +26,13 @@ from raytrain.errors import DataError
 from raytrain.model.generate import generate
 from raytrain.model.transformer import Transformer, TransformerConfig
 from raytrain.rlhf.experience import response_logp, response_slices
+from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec, model_parameters
 from raytrain.train.checkpoint import load_model
 
 NAMESPACE = "raytrain"
 PYTHON_REWARD = "python:"
+# A receive stuck in a group an actor left (its peer gone) times out on its own thread while the next one runs.
+SYNC_THREADS = {"sync": 4}
 
 
 def import_reward(spec: str):
@@ -89,28 +93,53 @@ def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     return torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows], dtype=torch.long)
 
 
+class StaleWeights(Exception):
+    """A rollout actor asked for weights it does not hold (restarted by Ray since the last sync)."""
+
+
+@ray.remote(concurrency_groups=SYNC_THREADS)
 class RolloutActor:
-    """Generates responses with the KV cache from the latest policy weights it was handed."""
+    """Generates responses with the KV cache from the policy weights last streamed to it (weight_sync)."""
 
     def __init__(self, model: dict, threads: int):
         torch.set_num_threads(threads)
-        with torch.device("meta"):  # the weights come with the first load: no values to draw
+        with torch.device("meta"):  # the weights come with the first sync: no values to draw
             self.model = Transformer(TransformerConfig(**model)).eval()
         self.model.to_empty(device=actor_device())
         self.model.reset_rotary(actor_device())
         self.version: tuple | None = None
+        self.side: SideGroup | None = None
 
-    def load(self, version: tuple, weights: list) -> None:
-        """Hold the policy weights `version`; `weights` is [ObjectRef], nested so that Ray fetches the state
-        only when this actor does not hold that version yet."""
-        if version != self.version:
-            self.model.load_state_dict(ray.get(weights[0]))
-            self.version = version
+    def side_group(self) -> str | None:
+        """The side group this actor is in (none after a restart)."""
+        return self.side.spec.prefix if self.side is not None else None
 
-    def generate(self, version: tuple, weights: list, prompts: list[list[int]], seeds: list[int], settings: dict,
+    @ray.method(concurrency_group="sync")
+    def receive(self, spec: SideSpec, rank: int, plan: Plan, version: tuple, fail_marker: str | None = None) -> None:
+        """Take the weights `version` bucket by bucket from the learner (joining its group first if new)."""
+        self.version = None  # half-received weights are no version
+        if self.side is None or self.side.spec != spec:
+            self.side = SideGroup(spec, rank)
+        self._take(self.side.receive(plan), version, fail_marker)
+
+    def load(self, version: tuple, weights: list, fail_marker: str | None = None) -> None:
+        """Take the weights `version` from the object store ([ObjectRef]: a small policy's way)."""
+        self.version = None
+        self._take(ray.get(weights[0]).items(), version, fail_marker)
+
+    def _take(self, tensors: Iterable[tuple[str, torch.Tensor]], version: tuple, fail_marker: str | None) -> None:
+        parameters = dict(model_parameters(self.model))
+        with torch.no_grad():
+            for name, tensor in tensors:
+                parameters[name].copy_(tensor)
+                exit_once(fail_marker)
+        self.version = version
+
+    def generate(self, version: tuple, prompts: list[list[int]], seeds: list[int], settings: dict,
                  fail_marker: str | None = None) -> list[list[int]]:
-        """Responses to prompts from the weights `version` (loaded first by an actor that lost them, restarted)."""
-        self.load(version, weights)
+        """Responses to prompts from the weights `version`; StaleWeights when this actor lost them."""
+        if version != self.version:
+            raise StaleWeights(f"holds weights {self.version}, asked for {version}")
         exit_once(fail_marker)
         return generate(self.model, prompts, seeds=seeds, **settings)
 
@@ -180,7 +209,7 @@ class ActorPools:
         pools = ActorPools([f"rollout-{tag}-{i}" for i in range(ppo.rollout_actors)],
                            [f"reward-{tag}-{i}" for i in range(ppo.reward_actors)])
         # The driver keeps the handles: an actor lives while a handle of its creator does.
-        pools.owned.extend(ray.remote(RolloutActor).options(name=name, **options).remote(model, threads)
+        pools.owned.extend(RolloutActor.options(name=name, **options).remote(model, threads)
                            for name in pools.rollout)
         function = import_reward(reward) if reward.startswith(PYTHON_REWARD) else None
         pools.owned.extend(ray.remote(RewardActor).options(name=name, **options)

@@ -1,8 +1,9 @@
 """PPO's and GRPO's batch source for the one loop: each round, experience made by the rollout and reward pools.
 
-Per round (an iteration): sync the policy's weights to the rollout actors (gathered whole from the FSDP/TP
-shards, versioned); rank 0 has the rollout pool generate responses to the iteration's prompts and the reward
-pool score them and give the reference log-probs (responses go from rollout to reward actor as object refs);
+Per round (an iteration): stream the policy's weights to the rollout actors (each tensor gathered whole from the
+FSDP/TP shards, in buckets, versioned: weight_sync); rank 0 has the rollout pool generate responses to the
+iteration's prompts and the reward pool score them and give the reference log-probs (responses go from rollout
+to reward actor as object refs);
 every rank gets the batch, computes the old log-probs and values on its data-parallel slice, and the same
 advantages from the whole batch; then `epochs` × `minibatches` steps, each a minibatch of the experience.
 Prompt order, sampling seeds and minibatch order are functions of (seed, iteration), so a resumed run, or one
@@ -11,6 +12,7 @@ with more actors, sees the same batches; the adaptive KL coefficient is the sour
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -18,13 +20,13 @@ from collections.abc import Iterator
 
 import ray
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raytrain import storage
 from raytrain.data.stream import BatchOrder
 from raytrain.data.tokenizer import load_tokenizer
+from raytrain.errors import DataError
 from raytrain.model.flops import train_flops_per_token
-from raytrain.rlhf.actors import rollout_pieces
+from raytrain.rlhf.actors import StaleWeights, rollout_pieces
 from raytrain.rlhf.experience import (
     Experience,
     grpo_advantages,
@@ -35,16 +37,18 @@ from raytrain.rlhf.experience import (
 )
 from raytrain.rlhf.objective import PolicyObjective
 from raytrain.rlhf.ppo_math import AdaptiveKLController
+from raytrain.rlhf.weight_sync import WeightSender
 from raytrain.train.loop import all_reduce_sum
 from raytrain.train.metrics import StepLog
 
 PROMPTS_FILE = "prompts.json"  # written by the stage: token ids of the prompts and what the run starts from
 SAMPLES_FILE = "samples.jsonl"
-ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"
+ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"  # rollout-sync, rollout, reward
 SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
 # What the source logs beside the objective's metrics.
 EXPERIENCE_METRICS = ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/response_len",
-                      "ppo/weight_sync_s", "perf/rollout_tokens_per_s", "perf/rollout_time_frac", "perf/iteration_s",
+                      "ppo/weight_sync_s", "ppo/weight_sync_peak_gib", "perf/rollout_tokens_per_s",
+                      "perf/rollout_time_frac", "perf/iteration_s",
                       "val/reward_mean", "val/response_len")
 
 
@@ -65,10 +69,12 @@ class ExperienceSource:
         self.session = uuid.uuid4().hex[:8]  # weights of another attempt never count as current
         self.synced: tuple | None = None
         self.round_stats: dict[str, float] = {}
+        self.rollout = []
         if worker.rank == 0:
             pools = worker.extras["pools"]
             self.rollout, self.rewards = pools.handles("rollout"), pools.handles("reward")
             self.tokenizer = load_tokenizer(self.spec["tokenizer"]["path"])
+        self.sender: WeightSender | None = None  # once the policy is built
         self.samples: StepLog | None = None  # opened once the worker knows its start step (after a resume)
 
     @property
@@ -104,12 +110,14 @@ class ExperienceSource:
         for iteration in range(self.iterations_done, self.rounds):
             step = iteration * self.steps_per_round
             tick = time.perf_counter()
-            sync_s = self._sync_weights(step)
-            self.batch = self._rollout(iteration)
+            fails = iteration == worker.config.debug.fail_actor_at_iteration
+            sync_s = self._sync_weights(step, self._marker("rollout-sync") if fails else None)
+            self.batch = self._rollout(iteration, step)
             rollout_s = time.perf_counter() - tick - sync_s
             experience, stats, self.kls = self._experience(self.batch)
             self.objective.kl_coef = self.kl.value
             self.round_stats = {**stats, "ppo/kl_coef": self.kl.value, "ppo/weight_sync_s": sync_s,
+                                "ppo/weight_sync_peak_gib": self.sender.peak_bytes / 2**30,
                                 "perf/rollout_tokens_per_s": stats["ppo/response_len"] * len(self.kls)
                                 / max(self.batch["generate_s"], 1e-9)}
             self.round_started, self.rollout_s = tick, rollout_s
@@ -139,34 +147,49 @@ class ExperienceSource:
         """The rollout actors end holding the final policy (the stage checks they match the checkpoint)."""
         self._sync_weights(step)
 
-    def _sync_weights(self, step: int) -> float:
-        """Gather the whole policy from its shards (every rank takes part) and load it into every rollout
-        actor; returns the seconds it took. Skipped when the actors already hold this step's weights."""
+    def _sync_weights(self, step: int, fail_marker: str | None = None) -> float:
+        """Stream the policy into every rollout actor (every rank takes part); returns the seconds it took.
+        Skipped when the actors already hold this step's weights."""
         worker = self.worker
         version = (self.session, step)
         if version == self.synced:
             return 0.0
         tick = time.perf_counter()
-        (module,) = worker.modules
-        # Gathered whole to rank 0's CPU; a single CPU worker's parameters are already that (ray.put copies them).
-        offload = worker.world > 1 or worker.device.type != "cpu"
-        state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-        if worker.rank == 0:
-            self.weights = ray.put(state)
-            ray.get([actor.load.remote(version, [self.weights]) for actor in self.rollout])
+        if self.sender is None:
+            (module,) = worker.modules
+            self.sender = WeightSender(module.policy, worker.rank, self.rollout,
+                                       bucket_bytes=int(self.ppo.sync_bucket_mb * 2**20),
+                                       timeout_s=self.ppo.sync_timeout_s, restarts=self.ppo.actor_restarts,
+                                       nccl=worker.device.type == "cuda" and self.ppo.actor_gpus > 0,
+                                       agree=worker.broadcast)
+        self.sender.sync(version, fail_marker)
         self.synced = version
         return time.perf_counter() - tick
 
-    def _rollout(self, iteration: int) -> dict:
+    def _rollout(self, iteration: int, step: int) -> dict:
         """The iteration's samples, scored, on every rank: G samples of each of its prompts."""
-        batch = None
-        if self.worker.rank == 0:
-            group, seed = self.ppo.samples_per_prompt, self.worker.train.seed
-            prompts = [self.spec["train"][int(i)] for i in self.order.consumer_rows(iteration) for _ in range(group)]
-            seeds = [(seed * 1_000_003 + iteration * 10_007 + k) % 2**63 for k in range(len(prompts))]
-            fail = iteration == self.worker.config.debug.fail_actor_at_iteration
-            batch = self._generate_and_score(prompts, seeds, self.ppo.temperature, fail)
-        return self.worker.broadcast(batch)
+        group, seed = self.ppo.samples_per_prompt, self.worker.train.seed
+        prompts = [self.spec["train"][int(i)] for i in self.order.consumer_rows(iteration) for _ in range(group)]
+        seeds = [(seed * 1_000_003 + iteration * 10_007 + k) % 2**63 for k in range(len(prompts))]
+        fail = iteration == self.worker.config.debug.fail_actor_at_iteration
+        return self._samples(step, prompts, seeds, self.ppo.temperature, fail)
+
+    def _samples(self, step: int, prompts: list[list[int]], seeds: list[int], temperature: float,
+                 fail: bool = False) -> dict:
+        """Generated and scored on rank 0, then on every rank. An actor restarted by Ray since the sync lost the
+        weights: all ranks stream them again and rank 0 asks again (each sample's seed makes it the same)."""
+        for _ in range(self.ppo.actor_restarts + 1):
+            batch = None
+            if self.worker.rank == 0:
+                with contextlib.suppress(StaleWeights):
+                    batch = self._generate_and_score(prompts, seeds, temperature, fail)
+            batch = self.worker.broadcast(batch)
+            if batch is not None:
+                return batch
+            self.synced = None
+            self._sync_weights(step)
+        raise DataError(f"the rollout actors lost the policy's weights {self.ppo.actor_restarts + 1} times in a "
+                        "row (restarted by Ray each time); see their logs for why they die")
 
     def _generate_and_score(self, prompts: list[list[int]], seeds: list[int], temperature: float,
                             fail: bool = False) -> dict:
@@ -180,7 +203,7 @@ class ExperienceSource:
         for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
             fails = fail and i == 0
             responses = self.rollout[i % len(self.rollout)].generate.remote(
-                self.synced, [self.weights], prompts[start:end], seeds[start:end], settings,
+                self.synced, prompts[start:end], seeds[start:end], settings,
                 self._marker("rollout") if fails else None)
             generated.append(responses)
             scored.append(self.rewards[i % len(self.rewards)].score.remote(
@@ -239,11 +262,8 @@ class ExperienceSource:
         """Greedy responses to the held-out prompts from the current policy: their mean reward and length. (Their
         log-ratio to the reference is no KL estimate, greedy tokens not being samples: ppo/kl is the KL.)"""
         self._sync_weights(step)
-        batch = None
-        if self.worker.rank == 0:
-            prompts = self.spec["val"][: self.ppo.val_prompts]
-            batch = self._generate_and_score(prompts, [0] * len(prompts), temperature=0.0)
-        batch = self.worker.broadcast(batch)
+        prompts = self.spec["val"][: self.ppo.val_prompts]
+        batch = self._samples(step, prompts, [0] * len(prompts), temperature=0.0)
         _, mask, _ = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
                                      self.spec["special"]["pad"])
         self._write_samples(step, "val", batch)
