@@ -5,6 +5,7 @@ library (inference.py, export/, model/hf.py, parallel/plan.py); no logic of thei
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from raytrain import storage
@@ -13,7 +14,7 @@ from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.inference import generate_texts, print_generations, score_conversations, validation_metrics
 from raytrain.train.checkpoint import checkpoint_tokenizer, load_model, model_head, resolve_checkpoint, save_model
-from raytrain.train.hf_checkpoint import HF_SCHEME
+from raytrain.train.hf_checkpoint import hf_model_on_meta
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
@@ -97,6 +98,9 @@ def convert_to_hf(args: argparse.Namespace) -> None:
 
 
 def convert_from_hf(args: argparse.Namespace) -> None:
+    """A Hugging Face folder as a raytrain checkpoint, a tensor at a time (the peak is one tensor, not the model):
+    every tensor, shard and the tokenizer checked before anything is written, raytrain.json written last, and the
+    folder removed again if the conversion fails midway."""
     storage.require_local(args.hf_dir, "the Hugging Face folder of convert from-hf", "download it first")
     storage.require_local(args.out, "--out of convert from-hf", "convert here, then upload the folder")
     from raytrain.config import load_config
@@ -106,21 +110,30 @@ def convert_from_hf(args: argparse.Namespace) -> None:
     source, out = Path(args.hf_dir), Path(args.out)
     if (out / "raytrain.json").exists():
         raise DataError(f"'{out}' already holds a checkpoint; choose another --out")
-    model, meta = load_model(f"{HF_SCHEME}{source}")
+    model, meta, reader = hf_model_on_meta(source.absolute())
     meta.pop("tokenizer", None)  # the copy beside the checkpoint, below
     config = load_config("demo", [f"train.init_from={out.absolute()}"])
+    tokenizer = None
     if (source / TOKENIZER_FILE).is_file():
         tokenizer = load_tokenizer(source)  # its template, pad and special tokens checked before anything is written
         if tokenizer.get_vocab_size() > model.config.vocab_size:
             raise DataError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
                             f"embedding {model.config.vocab_size}; they are not a pair")
-        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-        copy_tokenizer(source, out / "tokenizer")
-        meta["tokenizer"] = tokenizer_info(str((out / "tokenizer").absolute()))
-        config = config.with_values({"data.prepare.tokenizer": meta["tokenizer"]["path"]})
-    save_model(out, model, meta)
-    # A starting config: the demo's settings with this model and its tokenizer (stages take the model from --init).
-    config.with_values({"model": vars(model.config)}).save(out / "config.yaml")
+    created = not out.exists()
+    try:
+        if tokenizer is not None:
+            (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+            copy_tokenizer(source, out / "tokenizer")
+            meta["tokenizer"] = tokenizer_info(str((out / "tokenizer").absolute()))
+            config = config.with_values({"data.prepare.tokenizer": meta["tokenizer"]["path"]})
+        # A starting config: the demo's settings with this model and its tokenizer (stages take the model from --init).
+        out.mkdir(parents=True, exist_ok=True)
+        config.with_values({"model": vars(model.config)}).save(out / "config.yaml")
+        save_model(out, model, meta, reader)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     c = model.config
     print(f"{source} → {out}: {c.family}, {model.num_params():,} parameters, {c.n_layers} layers, d_model "
           f"{c.d_model}, rope {c.rope_scaling}, max_seq_len {c.max_seq_len}"

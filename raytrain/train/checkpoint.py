@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -194,11 +195,16 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, dict
     return model.to(device).eval(), meta
 
 
-def save_model(folder: Path, model: Transformer, meta: dict) -> None:
-    """A weights-only checkpoint written by this process (e.g. after importing HF weights)."""
+def save_model(folder: Path, model: Transformer, meta: dict, planner: SavePlanner | None = None) -> None:
+    """A weights-only checkpoint written by this process, raytrain.json last.
+
+    planner: one that gives each tensor's bytes only when the writer asks for them, the model being on the meta
+    device (hf_checkpoint.HFTensorReader: convert from-hf). Then each tensor goes to a file of its own, since DCP's
+    writer holds every tensor of a file until the file is closed: the peak is one tensor, not the model."""
     folder.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=planner is None)
     with single_process_quiet():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+        dcp.save({"model": model.state_dict()}, storage_writer=writer, planner=planner)
     head = "score" if model.score is not None else "lm"
     write_checkpoint_meta(folder, {"model": vars(model.config), "head": head, "weights_prefix": "", **meta})
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from raytrain import storage
@@ -121,3 +123,45 @@ def load_hf_weights(folder: Path, model: torch.nn.Module) -> dict:
                 slices, local = local_slices(param)
                 local.copy_(handle.get_slice(key)[slices])
     return meta
+
+
+class HFTensorReader(DefaultSavePlanner):
+    """dcp.save's planner for a model on the meta device whose weights are in a Hugging Face folder: the plan
+    (names, shapes, dtypes) comes from the meta tensors; each tensor's bytes are read from its safetensors file
+    only when the writer asks for them (resolve_data), cast to the dtype planned, and are freed once written."""
+
+    def __init__(self, sources: dict[str, tuple[Path, str]]) -> None:
+        super().__init__()
+        self.sources = sources  # our parameter name → (its file, its Hugging Face name)
+
+    def resolve_data(self, write_item: WriteItem):
+        # The state dict's flattened keys are "<its one top-level key>.<our parameter name>".
+        source = self.sources.get(write_item.index.fqn.partition(".")[2])
+        if source is None:  # a tensor the model holds itself (a fresh score head)
+            return super().resolve_data(write_item)
+        file, key = source
+        with safe_open(str(file), framework="pt") as handle:  # opened per tensor: no mapping of a whole shard
+            tensor = handle.get_tensor(key)
+        return tensor.to(write_item.tensor_data.properties.dtype)  # as load_hf_weights' copy_ casts it
+
+
+def hf_model_on_meta(folder: Path) -> tuple[Transformer, dict, HFTensorReader]:
+    """The folder's model on the meta device, its meta and the planner that reads its tensors when they are
+    written: `save_model(out, model, meta, planner)` converts it holding one tensor at a time. Everything is
+    checked here (open_hf), before anything is written. A tied head reads the embedding (as load_hf_weights: the
+    folder's lm_head.weight, if any, is not the model's); a score head the folder lacks starts fresh, with its
+    module's own init, as it does when the folder loads."""
+    meta, files = open_hf(folder)
+    with torch.device("meta"):
+        model = Transformer(TransformerConfig(**meta["model"]), head=meta["head"])
+    first = {id(param): name for name, param in model.named_parameters()}  # a tied parameter: its first name
+    sources = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = hf_name(first[id(param)])
+        if key in files:
+            sources[name] = (files[key], key)
+        else:  # only a score head may be missing (tensor_files): tiny, made here
+            module = model.get_submodule(name.rpartition(".")[0])
+            module.to_empty(device="cpu")
+            module.reset_parameters()
+    return model, meta, HFTensorReader(sources)
