@@ -57,7 +57,7 @@ BATCH = pick(16, 4)  # prompts per iteration
 RESPONSE = pick(32, 8)  # new tokens per response
 ROLLOUT_BATCH = BATCH // 2  # samples per generate call, both sides (ours: ppo.rollout_batch; TRL's chunks)
 MODEL = pick([], ["model.d_model=48", "model.n_layers=2"])
-SYNC_SIZES = pick([192, 384, 768], [48, 96, 192])  # d_model of the weight-sync curve (4 layers, vocab 4096)
+SYNC_SIZES = pick([192, 768, 1536], [48, 96, 192])  # d_model of the weight-sync curve (4 layers, vocab 4096)
 SYNC_REPEATS = pick(5, 2)  # syncs timed per size and side, interleaved, after one untimed each
 SYNC_ACTORS = 2  # rollout actors × 1 thread the weight-sync curve sends to
 THREAD_REPEATS = pick(5, 1)  # in-process generate calls per thread count (the scaling row's diagnosis)
@@ -374,7 +374,7 @@ def run() -> str:
         "(each parameter whole in turn, copied into buckets of `ppo.sync_bucket_mb` = "
         f"{PPOConfig.sync_bucket_mb:g} MiB broadcast over a gloo side group to the rollout actors, which copy them "
         "into their parameters) and through the object store (the whole policy by `ray.put`, each actor fetches "
-        "it and copies it into its parameters; chosen when the policy fits in one bucket), from this "
+        "it and copies it into its parameters: `ppo.weight_sync=object_store`), from this "
         f"process into {SYNC_ACTORS} fresh rollout actors × 1 thread each; d_model "
         f"{', '.join(map(str, SYNC_SIZES))} with the demo's 4 layers and vocab 4096; {SYNC_REPEATS} interleaved "
         "repeats after one untimed sync of each. Extra memory is the sender's (`ppo/weight_sync_peak_gib`): the "

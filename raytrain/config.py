@@ -265,6 +265,7 @@ class PPOConfig:
     actor_cpus: float = 0.5  # per actor; fractional allowed
     actor_gpus: float = 0.0  # per actor; fractional allowed
     actor_restarts: int = 3  # a dead actor is restarted and its call resubmitted this many times
+    weight_sync: Literal["stream", "object_store"] = "stream"  # to the rollout actors: in buckets, or ray.put whole
     sync_bucket_mb: float = 64.0  # weight sync: the policy goes to the rollout actors in buckets of this size
     sync_timeout_s: float = 120.0  # weight sync: a bucket not through by then fails the sync (an actor is gone)
     val_prompts: int = 32  # held-out prompts scored (greedy) every train.val_every iterations

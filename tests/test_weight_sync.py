@@ -1,6 +1,6 @@
 """The weight sync between a learner and real rollout actors (Ray actors, a gloo side group), without Ray Train:
 the whole policy arrives bucket by bucket, the sender's extra memory is about one bucket, an actor killed mid-sync
-is restarted and sent the weights again (streamed, and through the object store for a policy within one bucket),
+is restarted and sent the weights again (streamed, and through the object store: ppo.weight_sync=object_store),
 and an actor gone for good fails in one line. The same
 path under dp2 FSDP and TP with a killed actor runs in tests/test_ppo.py."""
 
@@ -59,10 +59,9 @@ def test_streamed_sync_reaches_every_actor_and_survives_a_killed_one(ray_session
     assert marker.exists()
     assert_actors_hold(("s", 1))
 
-    # A policy within one bucket goes through the object store, with the same recovery.
-    small = WeightSender(learner, 0, actors, bucket_bytes=2**20, timeout_s=30, nccl=False, restarts=1,
-                         agree=lambda value: value)
-    assert not small.streamed
+    # Through the object store (ppo.weight_sync=object_store), with the same recovery.
+    small = WeightSender(learner, 0, actors, bucket_bytes=BUCKET, timeout_s=30, nccl=False, restarts=1,
+                         agree=lambda value: value, streamed=False)
     with torch.no_grad():
         for p in learner.parameters():
             p.add_(0.25)

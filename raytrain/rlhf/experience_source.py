@@ -161,7 +161,7 @@ class ExperienceSource:
                                        bucket_bytes=int(self.ppo.sync_bucket_mb * 2**20),
                                        timeout_s=self.ppo.sync_timeout_s, restarts=self.ppo.actor_restarts,
                                        nccl=worker.device.type == "cuda" and self.ppo.actor_gpus > 0,
-                                       agree=worker.broadcast)
+                                       agree=worker.broadcast, streamed=self.ppo.weight_sync == "stream")
         self.sender.sync(version, fail_marker)
         self.synced = version
         return time.perf_counter() - tick

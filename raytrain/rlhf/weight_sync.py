@@ -6,8 +6,9 @@ group inside a Train worker). A sync walks the parameters in a fixed order; ever
 gathering each whole tensor (an FSDP/TP `full_tensor()`), rank 0 copies them into a bucket of at most
 `ppo.sync_bucket_mb` and broadcasts it, then frees it: the extra memory is one bucket and one tensor, not the model.
 Every actor knows the plan (names, shapes, dtypes in order), so it unpacks each bucket into its own parameters as
-it arrives, and holds the weights' version once the last bucket is in. A policy that fits in one bucket goes
-through the object store instead (`ray.put` once, each actor fetches it): the same memory, and faster here.
+it arrives, and holds the weights' version once the last bucket is in. `ppo.weight_sync=object_store` sends the
+whole policy through Ray's object store instead (`ray.put` once, each actor fetches it): no port beyond Ray's
+between learner and actors, but the whole model in memory and slower (BENCHMARKS.md).
 
 A gone actor fails the broadcast (its connection closes) or its receive call; then every learner rank finishes the
 gathers it is in, they agree to try again, rank 0 waits for Ray to restart the actor and forms a new group with all
@@ -135,8 +136,8 @@ class WeightSender:
     group with the rollout actors and drives them."""
 
     def __init__(self, module: torch.nn.Module, rank: int, actors: list, *, bucket_bytes: int, timeout_s: float,
-                 nccl: bool, restarts: int, agree: Callable[[object], object], streamed: bool | None = None):
-        """streamed: None chooses (below); True or False forces the side group or the object store."""
+                 nccl: bool, restarts: int, agree: Callable[[object], object], streamed: bool = True):
+        """streamed: through the side group in buckets, else the whole policy through the object store."""
         self.parameters = model_parameters(module)
         self.plan = bucket_plan([(n, tuple(p.shape), p.dtype) for n, p in self.parameters], bucket_bytes)
         self.rank, self.actors, self.timeout_s, self.restarts = rank, actors, timeout_s, restarts
@@ -146,9 +147,7 @@ class WeightSender:
         self.join_error: str | None = None
         self.peak_bytes = 0  # the most memory the last sync added on this rank
         self.bytes = sum(math.prod(shape) * dtype.itemsize for bucket in self.plan for _, shape, dtype in bucket)
-        # A policy within one bucket: streaming would hold as much, and the object store was measured faster for it
-        # (BENCHMARKS.md, "Weight sync against model size").
-        self.streamed = self.bytes > bucket_bytes if streamed is None else streamed
+        self.streamed = streamed
 
     def sync(self, version: tuple, fail_marker: str | None = None) -> None:
         """Every actor holds `version` of the weights afterwards; a gone actor (restarted by Ray) is sent them
