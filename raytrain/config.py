@@ -237,7 +237,7 @@ class PPOConfig:
 
     algorithm: Literal["ppo", "grpo"] = "ppo"  # ppo: value model and GAE; grpo: group-normalised rewards, no critic
     policy: str = ""  # checkpoint or run folder to start from (an SFT run); the KL reference too
-    reward: str = ""  # a reward checkpoint or run folder, or python:module:function
+    reward: str = ""  # a reward checkpoint or run folder, python:module:function, or http(s)://HOST:PORT/PATH
     prompts: str = ""  # 'stdlib-qa', or JSONL files/folders of 'prompt' or 'messages' records
     iterations: int = 20  # rollout → update rounds
     prompts_per_iteration: int = 16  # prompts drawn per iteration

@@ -26,6 +26,7 @@ from raytrain.errors import DataError
 from raytrain.model.generate import generate
 from raytrain.model.transformer import Transformer, TransformerConfig
 from raytrain.rlhf.experience import response_logp, response_slices
+from raytrain.rlhf.remote_reward import HTTP_REWARDS, RemoteReward
 from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec, model_parameters
 from raytrain.train.checkpoint import load_model
 
@@ -58,6 +59,15 @@ def import_reward(spec: str):
     if os.path.abspath(getattr(module, "__file__", None) or "/").startswith(here + os.sep):
         ray.cloudpickle.register_pickle_by_value(module)
     return function
+
+
+def reward_function(spec: str):
+    """The function a `python:` or `http(s)://` reward names (checked), or None for a reward model."""
+    if spec.startswith(PYTHON_REWARD):
+        return import_reward(spec)
+    if spec.startswith(HTTP_REWARDS):
+        return RemoteReward(spec)
+    return None
 
 
 def call_reward(function, spec: str, prompts: list[str], responses: list[str]) -> list[float]:
@@ -152,8 +162,8 @@ class RewardActor:
     model's log-probabilities of each response token."""
 
     def __init__(self, reward: str, function, reference: str, tokenizer: str, threads: int, pad_id: int):
-        """function: the Python reward the driver imported (sent by value when the nodes may lack its module),
-        or None for a reward model at `reward`."""
+        """function: the Python reward the driver imported (sent by value when the nodes may lack its module)
+        or the HTTP one, or None for a reward model at `reward`."""
         torch.set_num_threads(threads)
         self.spec, self.pad_id, self.device = reward, pad_id, actor_device()
         self.reference, _ = load_model(reference, self.device)
@@ -211,7 +221,7 @@ class ActorPools:
         # The driver keeps the handles: an actor lives while a handle of its creator does.
         pools.owned.extend(RolloutActor.options(name=name, **options).remote(model, threads)
                            for name in pools.rollout)
-        function = import_reward(reward) if reward.startswith(PYTHON_REWARD) else None
+        function = reward_function(reward)
         pools.owned.extend(ray.remote(RewardActor).options(name=name, **options)
                            .remote(reward, function, reference, tokenizer, threads, pad_id) for name in pools.reward)
         # Fail here, with the actor's own error, if one cannot start (a reward that does not load).

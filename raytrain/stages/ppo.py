@@ -58,9 +58,10 @@ class ProximalPolicyOptimisation(Stage):
         return [
             ("--policy", "ppo.policy", {"metavar": "CKPT|RUN", "help": "the policy to start from (an SFT run); "
                                                                       "the KL reference too"}),
-            ("--reward", "ppo.reward", {"metavar": "CKPT|RUN|python:mod:fn",
-                                        "help": "a reward model (`raytrain reward` run) or a Python function "
-                                                "(prompts, responses) -> list[float]"}),
+            ("--reward", "ppo.reward", {"metavar": "CKPT|RUN|python:mod:fn|http://HOST:PORT/PATH",
+                                        "help": "a reward model (`raytrain reward` run), a Python function "
+                                                "(prompts, responses) -> list[float], or a service taking them "
+                                                "as JSON"}),
             ("--prompts", "ppo.prompts", {"metavar": "SRC", "help": "'stdlib-qa', or JSONL files/folders of "
                                                                    "'prompt' or 'messages' records"}),
             ("--name", "run.name", {"help": "run name; rerunning a name resumes it"}),
@@ -74,7 +75,7 @@ class ProximalPolicyOptimisation(Stage):
         and what they read (prompts.json): the prompts' token ids, the row length and the checkpoints the models
         start from."""
         from raytrain.data.tokenizer import load_tokenizer
-        from raytrain.rlhf.actors import PYTHON_REWARD, call_reward, import_reward
+        from raytrain.rlhf.actors import call_reward, reward_function
         from raytrain.rlhf.experience import round_up
         from raytrain.rlhf.prompts import PromptSet, load_prompts
         from raytrain.train.checkpoint import model_head, read_checkpoint_meta, resolve_checkpoint
@@ -85,7 +86,7 @@ class ProximalPolicyOptimisation(Stage):
                               "folder (ppo.policy)")
         if not ppo.reward:
             raise ConfigError("PPO needs a reward: pass --reward runs/NAME (a `raytrain reward` run), a checkpoint "
-                              "folder, or python:module:function (ppo.reward)")
+                              "folder, python:module:function or http://HOST:PORT/PATH (ppo.reward)")
         if not ppo.prompts:
             raise ConfigError("PPO needs prompts: pass --prompts stdlib-qa or JSONL files of 'prompt' records "
                               "(ppo.prompts)")
@@ -95,8 +96,9 @@ class ProximalPolicyOptimisation(Stage):
             raise DataError(f"--policy '{ppo.policy}' is a reward model; start PPO from a language model (an SFT "
                             "run)")
         reward = value_init = policy
-        if ppo.reward.startswith(PYTHON_REWARD):
-            call_reward(import_reward(ppo.reward), ppo.reward, ["What does len do?"], ["Return the length."])
+        function = reward_function(ppo.reward)
+        if function is not None:  # a Python function or a service: tried once before anything starts
+            call_reward(function, ppo.reward, ["What does len do?"], ["Return the length."])
             reward = ppo.reward
         else:
             reward = value_init = str(resolve_checkpoint(ppo.reward))
@@ -143,7 +145,7 @@ class ProximalPolicyOptimisation(Stage):
 
     def run(self, config: Config, callbacks: tuple = ()) -> dict:
         from raytrain.cluster.resources import check_placement, use_gpus
-        from raytrain.rlhf.actors import PYTHON_REWARD, ActorPools
+        from raytrain.rlhf.actors import HTTP_REWARDS, PYTHON_REWARD, ActorPools
         from raytrain.rlhf.experience_source import PROMPTS_FILE
         from raytrain.runtime import init_ray
         from raytrain.train.launch import fit
@@ -158,7 +160,8 @@ class ProximalPolicyOptimisation(Stage):
         storage.write_text(storage.join(run_dir, PROMPTS_FILE), json.dumps(spec))
         log.info("ppo: %d train / %d held-out prompts; %d rollout and %d reward actor(s) (%s reward)",
                  len(spec["train"]), len(spec["val"]), ppo.rollout_actors, ppo.reward_actors,
-                 "Python" if ppo.reward.startswith(PYTHON_REWARD) else "model")
+                 "Python" if ppo.reward.startswith(PYTHON_REWARD) else "HTTP" if ppo.reward.startswith(HTTP_REWARDS)
+                 else "model")
         pools = ActorPools.create(ppo, vars(resolved.model), ppo.reward, ppo.policy, spec["tokenizer"]["path"],
                                   spec["special"]["pad"])
         try:
