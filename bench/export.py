@@ -20,10 +20,11 @@ from bench.common import REPEATS, SPREAD_NOTE, THREADS, TINY, curve, interleaved
 from raytrain.config import load_config
 from raytrain.data.sources import stdlib_files
 from raytrain.data.tokenizer import save_tokenizer, train_tokenizer
-from raytrain.export.commands import finish_folder, folder_bytes
+from raytrain.export.commands import finish_folder
+from raytrain.export.folder import folder_bytes
 from raytrain.export.graphs import export_graphs
 from raytrain.export.quality import onnx_runner, torch_runner
-from raytrain.export.quantize import quantize
+from raytrain.export.quantize import quantize_folder
 from raytrain.export.runtime import OnnxModel
 from raytrain.model.hf import save_hf
 from raytrain.model.transformer import Transformer
@@ -67,13 +68,12 @@ def exports(model: Transformer, work: Path) -> tuple[dict[str, Path], dict]:
     folders = {"fp32": work / "fp32"}
     folders["fp32"].mkdir()
     graphs = export_graphs(model, folders["fp32"])
-    finish_folder(folders["fp32"], graphs, "none", model, meta, work, tokenizer)
+    finish_folder(folders["fp32"], graphs, "none", model.config, meta, work, tokenizer)
     for method in ("int8", "int4"):
         folders[method] = work / method
         folders[method].mkdir()
-        for name in graphs:
-            quantize(folders["fp32"] / name, folders[method] / name, method)
-        finish_folder(folders[method], graphs, method, model, meta, work, tokenizer)
+        quantize_folder(folders["fp32"], folders[method], graphs, method)
+        finish_folder(folders[method], graphs, method, model.config, meta, work, tokenizer)
     return folders, graphs
 
 
@@ -173,8 +173,8 @@ def page(config, model, runners, mixed, batch, context, prefill, sizes) -> str:
                      f"{sizes.get(name, sizes.get(name.removeprefix('onnxruntime ')) or 0) / 1e6:.1f} MB |")
     lines += [
         "",
-        "Sizes: the fp32 weights for PyTorch and `transformers`; an export's prefill.onnx + decode.onnx (each graph "
-        "holds the weights). Why onnxruntime is faster on a model this small: a decode step is one onnxruntime "
+        "Sizes: the fp32 weights for PyTorch and `transformers`; an export's prefill.onnx + decode.onnx + the "
+        "weights.bin they share. Why onnxruntime is faster on a model this small: a decode step is one onnxruntime "
         "call with fused Attention and RMSNormalization kernels, where PyTorch pays Python dispatch per module; "
         "`transformers` adds its generation utilities' per-step work (logits processors, cache bookkeeping) on top.",
         "",

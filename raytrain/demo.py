@@ -123,8 +123,8 @@ def run_demo(config: Config) -> None:
           "summary.json, checkpoints/, wandb/; samples.jsonl for PPO)")
     print(f"  report     {page}  (plots of every stage's metrics and the summary tables; "
           f"`raytrain report RUN... --out DIR` for any runs)")
-    print(f"  onnx       {onnx_dir}/  (prefill.onnx + decode.onnx, int8, tokenizer and raytrain-onnx.json: "
-          "onnxruntime alone runs it)")
+    print(f"  onnx       {onnx_dir}/  (prefill.onnx + decode.onnx sharing weights.bin, int8, tokenizer and "
+          "raytrain-onnx.json: onnxruntime alone runs it)")
     print(f"  next       raytrain generate --chat --checkpoint {ppo_run} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain generate --chat --onnx {onnx_dir} --prompt 'What does `os.path.join` do?'")
     print(f"             raytrain score --checkpoint {reward_run} --prompt 'What does `os.path.join` do?' "

@@ -13,20 +13,26 @@ are our own Transformer's forward, so they are the model, not a re-implementatio
 
 A reward model becomes score.onnx: input_ids, attention_mask [batch, seq] (right-padded) → scores [batch], each
 row's score at its last real token, and position_scores [batch, seq].
+
+The graphs keep their weights in the folder's one weights file (folder.py: a model of any size, as protobuf holds
+2 GiB at most), written a tensor at a time straight from the exported program, each distinct tensor once: the
+decode graph's weights are the prefill graph's. The host holds the model and one exported program at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
+from raytrain.export.folder import INLINE_BYTES, WEIGHTS_FILE, WeightsFile
 from raytrain.model.transformer import Transformer
 
 PREFILL, DECODE, SCORE = "prefill.onnx", "decode.onnx", "score.onnx"
@@ -93,53 +99,60 @@ class Scorer(nn.Module):
 def export_graphs(model: Transformer, folder: Path) -> dict[str, dict]:
     """Write the model's fp32 graphs into folder; {file: {"inputs": {name: axes}, "outputs": {name: axes}}},
     the axes named as the module docstring names them."""
-    config = model.config
+    config, source = model.config, model
     model = untied(model)
-    if model.score is not None:
-        tokens = torch.tensor([[0, 5, 9, 2], [0, 7, 2, 2]])
-        axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
-                "outputs": {"scores": ["batch"], "position_scores": ["batch", "seq"]}}
-        _export(Scorer(model), (tokens, (tokens != 2).long()), folder / SCORE, axes)
-        return {SCORE: axes}
-    cache_axes = ["batch", config.n_kv_heads, "seq", config.head_dim]
-    prefill_axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"],
-                               "position_ids": ["batch", "seq"]},
-                    "outputs": {"logits": ["batch", "seq", config.vocab_size],
-                                **dict.fromkeys(cache_names("present", config.n_layers), cache_axes)}}
-    tokens = torch.tensor([[2, 0, 5, 9, 11], [0, 7, 8, 3, 4]])
-    mask = (tokens != 2).long()
-    _export(LanguageModelStep(model), (tokens, mask, (mask.cumsum(-1) - 1).clamp(min=0)), folder / PREFILL,
-            prefill_axes)
-    # The decode step's example has two new tokens, not one: an example axis of size 1 would be frozen at 1.
-    past = [torch.zeros(2, config.n_kv_heads, 5, config.head_dim) for _ in range(2 * config.n_layers)]
-    step_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
-    step_positions = mask.sum(-1, keepdim=True) + torch.arange(2)
-    total_axes = ["batch", config.n_kv_heads, "past_seq + seq", config.head_dim]
-    decode_axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "past_seq + seq"],
-                              "position_ids": ["batch", "seq"],
-                              **dict.fromkeys(cache_names("past", config.n_layers),
-                                              ["batch", config.n_kv_heads, "past_seq", config.head_dim])},
-                   "outputs": {"logits": ["batch", "seq", config.vocab_size],
-                               **dict.fromkeys(cache_names("present", config.n_layers), total_axes)}}
-    _export(LanguageModelStep(model), (tokens[:, :2], step_mask, step_positions, past), folder / DECODE,
-            decode_axes)
+    with WeightsFile(folder / WEIGHTS_FILE) as weights:
+        if model.score is not None:
+            tokens = torch.tensor([[0, 5, 9, 2], [0, 7, 2, 2]])
+            axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
+                    "outputs": {"scores": ["batch"], "position_scores": ["batch", "seq"]}}
+            _export(Scorer(model), (tokens, (tokens != 2).long()), folder / SCORE, axes, weights)
+            return {SCORE: axes}
+        cache_axes = ["batch", config.n_kv_heads, "seq", config.head_dim]
+        prefill_axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"],
+                                   "position_ids": ["batch", "seq"]},
+                        "outputs": {"logits": ["batch", "seq", config.vocab_size],
+                                    **dict.fromkeys(cache_names("present", config.n_layers), cache_axes)}}
+        tokens = torch.tensor([[2, 0, 5, 9, 11], [0, 7, 8, 3, 4]])
+        mask = (tokens != 2).long()
+        _export(LanguageModelStep(model), (tokens, mask, (mask.cumsum(-1) - 1).clamp(min=0)), folder / PREFILL,
+                prefill_axes, weights)
+        # The decode step's example has two new tokens, not one: an example axis of size 1 would be frozen at 1.
+        past = [torch.zeros(2, config.n_kv_heads, 5, config.head_dim) for _ in range(2 * config.n_layers)]
+        step_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
+        step_positions = mask.sum(-1, keepdim=True) + torch.arange(2)
+        total_axes = ["batch", config.n_kv_heads, "past_seq + seq", config.head_dim]
+        decode_axes = {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "past_seq + seq"],
+                                  "position_ids": ["batch", "seq"],
+                                  **dict.fromkeys(cache_names("past", config.n_layers),
+                                                  ["batch", config.n_kv_heads, "past_seq", config.head_dim])},
+                       "outputs": {"logits": ["batch", "seq", config.vocab_size],
+                                   **dict.fromkeys(cache_names("present", config.n_layers), total_axes)}}
+        _export(LanguageModelStep(model), (tokens[:, :2], step_mask, step_positions, past), folder / DECODE,
+                decode_axes, weights)
+    if model is not source:  # the output matrix copied for the graphs, which the exporter's leftovers still hold
+        model.lm_head.weight.data = torch.empty(0)  # (onnxscript's rewrite rules keep the last graph they matched)
     return {PREFILL: prefill_axes, DECODE: decode_axes}
 
 
 def untied(model: Transformer) -> Transformer:
     """The model with its own output matrix when it shares the embedding's: a shared weight reaches the output
-    MatMul through a Transpose run at every step, which the quantizers cannot quantize either."""
+    MatMul through a Transpose run at every step, which the quantizers cannot quantize either. The copy shares
+    every other tensor with the model: only the output matrix is new memory."""
     if not (model.config.tie_embeddings and model.lm_head is not None):
         return model
-    copy = Transformer(model.config)
-    copy.load_state_dict(model.state_dict())
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy.load_state_dict(model.state_dict(), assign=True)  # the model's tensors themselves, not copies
+    copy.rope_cos, copy.rope_sin = model.rope_cos, model.rope_sin
     copy.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())
     return copy.eval()
 
 
-def _export(module: nn.Module, example: tuple, path: Path, axes: dict) -> None:
+def _export(module: nn.Module, example: tuple, path: Path, axes: dict, weights: WeightsFile) -> None:
     """torch.onnx.export with every axis of every input dynamic (the exporter works out which are equal), its
-    progress lines and warnings kept off the console, then the graph's inputs and outputs named as `axes`."""
+    progress lines and warnings kept off the console, then the graph's inputs and outputs named as `axes`; saved
+    with its tensors of INLINE_BYTES or more in `weights` (beside `path`), a tensor at a time."""
     dynamic = tuple([{0: AUTO, 2: AUTO}] * len(x) if isinstance(x, list) else dict.fromkeys(range(x.dim()), AUTO)
                     for x in example)
     with quiet_exporter():
@@ -147,13 +160,22 @@ def _export(module: nn.Module, example: tuple, path: Path, axes: dict) -> None:
                                     input_names=list(axes["inputs"]),
                                     output_names=list(axes["outputs"]), verbose=False,
                                     opset_version=OPSET)
-    graph = program.model_proto
-    for value in [*graph.graph.input, *graph.graph.output]:
-        for dim, name in zip(value.type.tensor_type.shape.dim, axes["inputs"].get(value.name)
-                             or axes["outputs"][value.name], strict=True):
-            if isinstance(name, str):
-                dim.dim_param = name
-    onnx.save_model(graph, str(path))
+    graph = program.model.graph
+    # The exporter's record of each node's origin (our stack traces, FX nodes): 80% of a graph file's bytes.
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for key in [key for key in node.metadata_props if key.startswith("pkg.torch.onnx.")]:
+            del node.metadata_props[key]
+    for value in [*graph.inputs, *graph.outputs]:
+        names = axes["inputs"].get(value.name) or axes["outputs"][value.name]
+        value.shape = ir.Shape([name if isinstance(name, str) else dim
+                                for dim, name in zip(value.shape, names, strict=True)])
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes >= INLINE_BYTES:
+            offset, length = weights.add(functools.partial(iter, [tensor.tobytes()]))
+            value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, tensor.dtype, shape=tensor.shape,
+                                                  name=value.name, base_dir=path.parent)
+    ir.save(program.model, path)
 
 
 @contextlib.contextmanager

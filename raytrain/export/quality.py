@@ -22,7 +22,8 @@ NEW_TOKENS = 32
 def parity_error(model: Transformer, exported: OnnxModel, rows: list[list[int]], pad_id: int, steps: int = 3
                  ) -> float:
     """The largest |logit difference| between the model and its fp32 graphs over a left-padded batch: the
-    prefill, then `steps` decode steps on the model's greedy tokens."""
+    prefill, then `steps` decode steps on the model's greedy tokens. The prefill runs on prefill.onnx where
+    `exported` has a session on it, else on decode.onnx with an empty past (as OnnxModel runs it)."""
     reference = LanguageModelStep(model).eval()
     longest = max(map(len, rows))
     tokens = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
@@ -32,9 +33,12 @@ def parity_error(model: Transformer, exported: OnnxModel, rows: list[list[int]],
     for step in range(steps + 1):
         logits, *present = reference(tokens, mask, positions, past_torch)
         feeds = {"input_ids": tokens.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+        prefill = not step and PREFILL in exported.sessions
         if step:
             feeds.update(zip(cache_names("past", model.config.n_layers), past_onnx, strict=True))
-        onnx_logits, *past_onnx = exported.sessions[DECODE if step else PREFILL].run(None, feeds)
+        elif not prefill:
+            feeds.update(exported.no_past(len(rows)))
+        onnx_logits, *past_onnx = exported.sessions[PREFILL if prefill else DECODE].run(None, feeds)
         real = mask[:, -tokens.shape[1]:].bool()
         error = max(error, float((logits - torch.from_numpy(onnx_logits)).abs()[real].max()))
         past_torch = present

@@ -2,7 +2,11 @@
 
 `OnnxModel(folder)(tokens)` returns what `Transformer(tokens)` returns (logits, or a reward model's scores per
 position), so evaluation and scoring run unchanged; `generate` is `raytrain.model.generate`'s loop driving the
-prefill and decode graphs with the KV cache.
+graphs with the KV cache.
+
+A language model runs on decode.onnx alone: with an empty past (past_seq 0) it computes what prefill.onnx computes,
+bit for bit, and one onnxruntime session holds the weights once. (Two sessions cannot share them: onnxruntime
+repacks each MatMul's weights per session, and without that repacking int8 decodes 2.5× slower, measured.)
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from raytrain import storage
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.export.folder import read_config
-from raytrain.export.graphs import DECODE, PREFILL, SCORE, cache_names
+from raytrain.export.graphs import DECODE, SCORE, cache_names
 from raytrain.model.config import TransformerConfig
 from raytrain.model.generate import decode
 
 
 class OnnxModel:
-    def __init__(self, folder: str | Path, threads: int = 0):
-        self.folder = folder  # a folder or a URI (the graphs are read into memory)
+    def __init__(self, folder: str | Path, threads: int = 0, graphs: tuple[str, ...] | None = None):
+        """graphs: those to open sessions on (`sessions`); by default the one this class runs, decode.onnx (a
+        reward model's score.onnx)."""
+        self.folder = folder  # a folder or a URI (copied to a local temp folder while the sessions load)
         self.export = read_config(self.folder)
         self.config = TransformerConfig(**self.export["model"])
         self.head = self.export["head"]
@@ -33,9 +39,11 @@ class OnnxModel:
         options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per physical core
         options.log_severity_level = 3  # errors only
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = {name: ort.InferenceSession(storage.read_bytes(storage.join(folder, name)), options,
-                                                    providers=["CPUExecutionProvider"])
-                         for name in self.export["graphs"]}
+        graphs = graphs or ((SCORE,) if self.head == "score" else (DECODE,))
+        with storage.local_copy(folder) as local:  # onnxruntime reads the weights file beside a graph's path
+            self.sessions = {name: ort.InferenceSession(str(local / name), options,
+                                                        providers=["CPUExecutionProvider"])
+                             for name in graphs}
         self.past_names = cache_names("past", self.config.n_layers)
 
     def tokenizer(self):
@@ -53,9 +61,14 @@ class OnnxModel:
             _, per_position = self.sessions[SCORE].run(None, {"input_ids": ids, "attention_mask": ones})
             return torch.from_numpy(per_position)[..., None]
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-        logits = self.sessions[PREFILL].run(["logits"], {"input_ids": ids, "attention_mask": ones,
-                                                         "position_ids": positions})[0]
+        logits = self.sessions[DECODE].run(["logits"], {"input_ids": ids, "attention_mask": ones,
+                                                        "position_ids": positions, **self.no_past(len(ids))})[0]
         return torch.from_numpy(logits)
+
+    def no_past(self, batch: int) -> dict[str, np.ndarray]:
+        """decode.onnx's past inputs for a prefill: every layer's keys and values of length 0."""
+        empty = np.zeros((batch, self.config.n_kv_heads, 0, self.config.head_dim), np.float32)
+        return dict.fromkeys(self.past_names, empty)
 
     def scores(self, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """A reward model's score of each right-padded row, at its last real token."""
@@ -80,9 +93,8 @@ class OnnxModel:
         def step(tokens, positions, real, start):
             feeds = {"input_ids": tokens.numpy(), "attention_mask": real.long().numpy(),
                      "position_ids": positions.numpy()}
-            if start:
-                feeds.update(zip(self.past_names, past, strict=True))
-            logits, *present = self.sessions[DECODE if start else PREFILL].run(None, feeds)
+            feeds.update(zip(self.past_names, past, strict=True) if start else self.no_past(len(tokens)).items())
+            logits, *present = self.sessions[DECODE].run(None, feeds)
             past[:] = present
             return torch.from_numpy(logits[:, -1])
 
