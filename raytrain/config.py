@@ -226,6 +226,33 @@ class ParallelConfig:
         return self.dp_replicate * self.shard
 
 
+# PPO's health monitors (rlhf/health.py): each a metric health/NAME, a warning and a W&B alert when it fires.
+Monitor = Literal["kl_spike", "length_blowup", "entropy_collapse", "clip_fraction", "reward_divergence",
+                  "repeated_response"]
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """When each of PPO's health monitors fires; checked every iteration on numbers every rank shares."""
+
+    kl_spike: float = 3.0  # ppo/kl above this × the mean of the earlier iterations' (and above kl_floor)
+    kl_floor: float = 1.0  # nats: a smaller KL is no spike
+    length_growth: float = 2.0  # ppo/response_len above this × the first iteration's
+    entropy_drop: float = 0.1  # ppo/entropy below this × the first iteration's
+    clipfrac_max: float = 0.3  # ppo/clipfrac above this (updates too large for the clip range)
+    reward_gap: float = 0.25  # since the last validation the held-out reward fell and the train reward rose,
+    # each by more than this × the first iteration's reward std
+    repeat_fraction: float = 0.5  # one response given to at least this fraction of an iteration's prompts (≥ 4)
+
+    def validate(self) -> None:
+        for key in ("kl_spike", "length_growth", "reward_gap"):
+            _check(getattr(self, key) > 0, f"ppo.health.{key}", "must be > 0")
+        for key in ("kl_floor", "entropy_drop"):
+            _check(getattr(self, key) >= 0, f"ppo.health.{key}", "must be >= 0")
+        for key in ("clipfrac_max", "repeat_fraction"):
+            _check(0 < getattr(self, key) <= 1, f"ppo.health.{key}", "must be in (0, 1]")
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """`raytrain ppo`: rollouts from a pool of Ray actors, scores from another, the learner on the one loop.
@@ -235,7 +262,7 @@ class PPOConfig:
     checkpoint_every count iterations here.
     """
 
-    algorithm: Literal["ppo", "grpo"] = "ppo"  # ppo: value model and GAE; grpo: group-normalised rewards, no critic
+    algorithm: str = "ppo"  # ppo, grpo, rloo, reinforce++, dapo, gspo (rlhf/algorithms/; docs/training.md)
     policy: str = ""  # checkpoint or run folder to start from (an SFT run); the KL reference too
     reward: str = ""  # a reward checkpoint or run folder, python:module:function, or http(s)://HOST:PORT/PATH
     prompts: str = ""  # 'stdlib-qa', or JSONL files/folders of 'prompt' or 'messages' records
@@ -249,12 +276,14 @@ class PPOConfig:
     top_p: float = 1.0  # rollout sampling; 1: off
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 2  # optimizer steps per epoch over the rollout batch
-    kl_coef: float = 0.01  # β: KL to the reference, in the reward (ppo) or the loss (grpo)
+    kl_coef: float = 0.01  # β: KL to the reference, in the reward (ppo, rloo, reinforce++) or the loss (the rest)
     kl_target: float = 0.0  # > 0: adaptive β keeps the sequence KL near this (Ziegler et al.)
     kl_horizon: int = 10000  # adaptive β's horizon in samples
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE λ
-    clip: float = 0.2  # policy ratio clip ε
+    clip: float = 0.0  # policy ratio clip ε (ε_low); 0: the algorithm's (0.2; gspo 3e-4)
+    clip_high: float = 0.0  # ε_high; 0: ε_low if ppo.clip is set, else the algorithm's (dapo 0.28, gspo 4e-4)
+    overlong_buffer: int = 0  # > 0: DAPO's soft overlong penalty over the last this many of max_new_tokens
     value_clip: float = 0.5  # the value model's change per update is clipped to ±this
     value_coef: float = 0.1  # weight of the value loss beside the policy loss
     entropy_coef: float = 0.0  # entropy bonus in the policy loss
@@ -270,6 +299,8 @@ class PPOConfig:
     sync_timeout_s: float = 120.0  # weight sync: a bucket not through by then fails the sync (an actor is gone)
     val_prompts: int = 32  # held-out prompts scored (greedy) every train.val_every iterations
     samples_logged: int = 4  # (prompt, response, reward, KL) per logged iteration in samples.jsonl
+    health: HealthConfig = field(default_factory=HealthConfig)
+    stop_on: list[Monitor] = field(default_factory=list)  # health monitors that end the run (with a checkpoint)
 
     def validate(self) -> None:
         for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
@@ -277,15 +308,22 @@ class PPOConfig:
             _check(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
         for key in ("sync_bucket_mb", "sync_timeout_s"):
             _check(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
-        for key in ("kl_coef", "kl_target", "clip", "value_clip", "value_coef", "entropy_coef", "score_clip",
+        for key in ("kl_coef", "kl_target", "clip", "clip_high", "overlong_buffer",
+                    "value_clip", "value_coef", "entropy_coef", "score_clip",
                     "actor_cpus", "actor_gpus", "temperature", "actor_restarts", "val_prompts", "samples_logged",
                     "rollout_batch"):
             _check(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
         _check(0 < self.top_p <= 1, "ppo.top_p", "must be in (0, 1]")
-        if self.algorithm == "grpo":
+        from raytrain.rlhf.algorithms import ALGORITHMS
+
+        _check(self.algorithm in ALGORITHMS, "ppo.algorithm", f"is {self.algorithm!r}; choose one of: "
+               f"{', '.join(ALGORITHMS)}")
+        if ALGORITHMS[self.algorithm].grouped:
             _check(self.samples_per_prompt > 1, "ppo.samples_per_prompt",
-                   "must be > 1 for GRPO (advantages compare the samples of one prompt)")
+                   f"must be > 1 for {self.algorithm} (advantages compare the samples of one prompt)")
+        _check(self.overlong_buffer <= self.max_new_tokens, "ppo.overlong_buffer",
+               f"must be <= ppo.max_new_tokens ({self.max_new_tokens})")
         rollout = self.prompts_per_iteration * self.samples_per_prompt
         _check(rollout % self.minibatches == 0, "ppo.minibatches",
                f"must divide the {rollout} responses of an iteration (prompts_per_iteration × samples_per_prompt)")

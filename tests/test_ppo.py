@@ -1,6 +1,7 @@
 """PPO and GRPO: experience rows, the loss on the one loop, prompts, rewards, and the actor pools on Ray."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -16,6 +17,7 @@ from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.rlhf.ppo_math import policy_loss, value_loss
 from raytrain.rlhf.prompts import load_prompts
 from raytrain.stages import STAGES
+from raytrain.train.checkpoint import read_checkpoint_meta
 
 PPO_METRICS = STAGES["ppo"].metrics
 
@@ -63,7 +65,7 @@ def test_loss_is_the_clipped_policy_loss_plus_the_weighted_value_loss_and_grpo_a
     inputs, targets = objective(rows, 0, 0)
     loss, sums = objective.loss(model(inputs), targets)
     logp = response_logp(logits, tokens)
-    expected_policy = policy_loss(logp, old_logp, advantages, mask, ppo.clip)
+    expected_policy = policy_loss(logp, old_logp, advantages, mask, 0.2, 0.2)  # the default clip
     expected_value = value_loss(values[:, :-1], old_values, returns, mask, ppo.value_clip)
     assert loss.item() == pytest.approx((expected_policy[0] + 0.25 * expected_value).item(), rel=1e-5)
     assert sums[0].item() == 5 and sums[3].item() == pytest.approx(expected_policy[1].item())  # count, clipped
@@ -243,3 +245,65 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
             assert sorted(a) == sorted(b) == [2, 4, 6, 8]
             assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in a), (run, name, a, b)
     shutil.rmtree(tmp_path / "rm")
+
+
+def early_stopping_policy(policy, out):
+    """The policy with its stop token's logit raised to about the log-sum-exp of its logits on average: short
+    answers, which a reward that pays for length can blow up."""
+    from raytrain.data.tokenizer import load_tokenizer
+    from raytrain.train.checkpoint import load_model, save_model
+
+    model, meta = load_model(policy)
+    stop = load_tokenizer(meta["tokenizer"]["path"]).special["stop"][0]
+    hidden = []
+    hook = model.lm_head.register_forward_hook(lambda _, inputs, __: hidden.append(inputs[0].flatten(0, 1)))
+    with torch.no_grad():
+        logits = model(torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0)))
+        hook.remove()
+        mean = torch.cat(hidden).mean(0)
+        gap = (logits.logsumexp(-1) - logits[..., stop]).mean()
+        model.lm_head.weight[stop] += gap * mean / mean.dot(mean)
+    save_model(out, model, meta)
+    return out
+
+
+@pytest.mark.ray
+def test_rl_algorithms_and_a_health_stop_on_actor_pools(reference, tmp_path):
+    """RLOO, REINFORCE++ and GSPO run on the one loop; a reward that pays for length, under DAPO, is caught by
+    the length monitor: a warning, a W&B alert, health/length_blowup, and (ppo.stop_on) the run ends early with a
+    checkpoint at the step it stopped and says why."""
+    policy = reference[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
+                               for w in ("len", "sorted", "zip", "map", "open", "print") for v in ("lists", "text")))
+
+    def ppo(name, algorithm, group, *overrides):
+        config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
+                                      f"ppo.prompts='{prompts}'", f"ppo.algorithm={algorithm}",
+                                      f"ppo.samples_per_prompt={group}", "ppo.prompts_per_iteration=4",
+                                      "ppo.val_prompts=4", "train.lr=1e-2", "train.warmup_steps=0",
+                                      "train.log_every=1", "train.val_every=0", "parallel.workers=1", *overrides])
+        return STAGES["ppo"].run(config)
+
+    brevity = "ppo.reward=python:raytrain.rlhf.rewards:brevity"
+    for algorithm, group in (("rloo", 4), ("reinforce++", 1), ("gspo", 4)):
+        summary = ppo(algorithm, algorithm, group, brevity, "ppo.iterations=1", "ppo.max_new_tokens=8")
+        assert summary["steps"] == 2 and summary["stopped_by"] == [], (algorithm, summary)
+        final = summary["final"]
+        assert math.isfinite(final["train/loss"]) and final["ppo/approx_kl"] >= 0, (algorithm, final)
+        assert ("ppo/kl_loss" in final) == (algorithm == "gspo") and "ppo/value_loss" not in final
+    assert "ppo/equal_reward_groups" in summary["final"]
+
+    policy = early_stopping_policy(policy, tmp_path / "terse")
+    hack = ppo("hack", "dapo", 4, "ppo.reward=python:raytrain.rlhf.rewards:verbosity", "ppo.iterations=10",
+               "ppo.max_new_tokens=24", "ppo.stop_on=[length_blowup]", "train.checkpoint_every=100",
+               "tracking.mode=offline")
+    assert hack["stopped_by"] == ["length_blowup"], hack
+    lengths = metric(tmp_path / "hack", "ppo/response_len")
+    flags = metric(tmp_path / "hack", "health/length_blowup")
+    stop = max(lengths)
+    assert stop < 20 and flags[stop] == 1 and not any(flags[s] for s in flags if s < stop), (lengths, flags)
+    assert lengths[stop] > 2 * lengths[2]
+    assert hack["checkpoint"] and read_checkpoint_meta(hack["checkpoint"])["step"] == stop  # saved where it stopped
+    (offline,) = (tmp_path / "hack" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"length_blowup" in offline.read_bytes()  # the alert, for `wandb sync`

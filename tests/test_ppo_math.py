@@ -74,7 +74,7 @@ def test_clipped_policy_loss_by_hand():
     old = torch.zeros(2, 3)
     logp = torch.log(torch.tensor([[1.5, 0.9, 1.0], [0.5, 1.1, 3.0]]))  # ratios; 3.0 lies on padding
     adv = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 2.0, 5.0]])
-    loss, clipfrac, approx_kl = policy_loss(logp, old, adv, MASK, clip=0.2)
+    loss, clipfrac, approx_kl = policy_loss(logp, old, adv, MASK, 0.2, 0.2)
     # −min(ρA, clip(ρ)A): 1.5·1 → clipped 1.2; 0.9·1 → 0.9; 1·(−1) → −1; 0.5·(−1) → clipped 0.8·(−1); 1.1·2 → 2.2.
     assert loss.item() == pytest.approx(-(1.2 + 0.9 - 1.0 - 0.8 + 2.2))
     assert clipfrac.item() == 2  # the two tokens whose ratio left [0.8, 1.2] in the direction that gains

@@ -15,8 +15,10 @@ from raytrain.stages import STAGES, all_objectives, families, get_stage, stage_o
 
 def test_every_stage_is_one_object_of_the_registry_in_the_chains_order():
     assert list(STAGES) == ["pretrain", "sft", "reward", "dpo", "ppo"]
-    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "ppo", "grpo")
-    assert stage_of("grpo") is STAGES["ppo"] and stage_of("masked") is STAGES["pretrain"]
+    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "ppo", "grpo", "rloo", "reinforce++",
+                                "dapo", "gspo")
+    assert stage_of("grpo") is STAGES["ppo"] and stage_of("gspo") is STAGES["ppo"]
+    assert stage_of("masked") is STAGES["pretrain"]
     assert families() == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo"), "ppo": ("ppo",)}
     with pytest.raises(ConfigError, match="unknown stage 'rlhf'; choose one of pretrain, sft"):
         get_stage("rlhf")

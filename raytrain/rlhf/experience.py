@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raytrain.rlhf.ppo_math import gae, group_advantages, kl_estimate, token_logp, token_rewards, whiten
+from raytrain.rlhf.ppo_math import kl_estimate, token_logp
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,3 @@ def response_slices(logp: torch.Tensor, prompts: list[list[int]], responses: lis
 def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] Σ_t k1 over each response: the sample estimate of KL(π‖π_ref) of the whole sequence."""
     return (kl_estimate(logp, ref_logp, "k1") * mask).sum(dim=1)
-
-
-def ppo_advantages(scores: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor, kl_coef: float, score_clip: float, gamma: float,
-                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO: r_t = −β·k1_t plus the clipped score at the last token; GAE with the value model; advantages
-    whitened over the batch's response tokens. Returns (advantages, returns)."""
-    rewards = token_rewards(scores, kl_estimate(old_logp, ref_logp, "k1"), mask, kl_coef, score_clip)
-    advantages, returns = gae(rewards, values, mask, gamma, lam)
-    return whiten(advantages, mask), returns
-
-
-def grpo_advantages(scores: torch.Tensor, group: int, mask: torch.Tensor) -> torch.Tensor:
-    """GRPO: each response's group-normalised reward on every one of its tokens (samples of a prompt are
-    consecutive)."""
-    return group_advantages(scores.view(-1, group)).reshape(-1, 1) * mask

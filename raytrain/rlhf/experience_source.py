@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,19 +28,17 @@ from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.model.flops import train_flops_per_token
 from raytrain.rlhf.actors import StaleWeights, rollout_pieces
-from raytrain.rlhf.experience import (
-    Experience,
-    grpo_advantages,
-    ppo_advantages,
-    response_logp,
-    rollout_tensors,
-    sequence_kl,
-)
+from raytrain.rlhf.algorithms import ALGORITHMS
+from raytrain.rlhf.algorithms.base import Rollout
+from raytrain.rlhf.experience import Experience, response_logp, rollout_tensors, sequence_kl
+from raytrain.rlhf.health import MONITORS, HealthMonitors
 from raytrain.rlhf.objective import PolicyObjective
-from raytrain.rlhf.ppo_math import AdaptiveKLController
+from raytrain.rlhf.ppo_math import AdaptiveKLController, overlong_penalty, varied_groups
 from raytrain.rlhf.weight_sync import WeightSender
 from raytrain.train.loop import all_reduce_sum
 from raytrain.train.metrics import StepLog
+
+log = logging.getLogger("raytrain")
 
 PROMPTS_FILE = "prompts.json"  # written by the stage: token ids of the prompts and what the run starts from
 SAMPLES_FILE = "samples.jsonl"
@@ -47,9 +46,10 @@ ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"  # rollout-sync, rollout, re
 SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
 # What the source logs beside the objective's metrics.
 EXPERIENCE_METRICS = ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/response_len",
+                      "ppo/equal_reward_groups",
                       "ppo/weight_sync_s", "ppo/weight_sync_peak_gib", "perf/rollout_tokens_per_s",
                       "perf/rollout_time_frac", "perf/iteration_s",
-                      "val/reward_mean", "val/response_len")
+                      "val/reward_mean", "val/response_len", *(f"health/{name}" for name in MONITORS))
 
 
 class ExperienceSource:
@@ -63,8 +63,12 @@ class ExperienceSource:
         self.steps_per_round = ppo.epochs * ppo.minibatches
         self.rounds = ppo.iterations
         self.objective = PolicyObjective(ppo)
+        self.algorithm = ALGORITHMS[ppo.algorithm]
         self.has_val = bool(self.spec["val"]) and ppo.val_prompts > 0
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+        self.health = HealthMonitors(ppo.health)
+        self.fired: set[str] = set()  # monitors fired since the last logged iteration
+        self.stop_reason = ""  # a monitor of ppo.stop_on fired: the loop ends the run
         self.iterations_done = 0
         self.session = uuid.uuid4().hex[:8]  # weights of another attempt never count as current
         self.synced: tuple | None = None
@@ -77,24 +81,22 @@ class ExperienceSource:
         self.sender: WeightSender | None = None  # once the policy is built
         self.samples: StepLog | None = None  # opened once the worker knows its start step (after a resume)
 
-    @property
-    def critic(self) -> bool:
-        return self.ppo.algorithm == "ppo"
-
     def flops_per_token(self) -> float:
         model = self.worker.config.model
-        value = train_flops_per_token(model, self.seq_len, "score") if self.critic else 0.0
+        value = train_flops_per_token(model, self.seq_len, "score") if self.algorithm.critic else 0.0
         return train_flops_per_token(model, self.seq_len, "lm") + value
 
     # -- what a checkpoint holds ----------------------------------------------------------------------------
 
     def state(self) -> dict:
         """What a resumed run needs beside its step: the iterations done (the prompt position: iteration i takes
-        the BatchOrder's batch i) and β for the next one."""
-        return {"iterations_done": self.iterations_done, "kl_coef": self.kl.value}
+        the BatchOrder's batch i), β for the next one and the health monitors' baselines."""
+        return {"iterations_done": self.iterations_done, "kl_coef": self.kl.value,
+                "health": json.dumps(self.health.state())}  # one value: a checkpoint's leaves have fixed shapes
 
     def load_state(self, state: dict) -> None:
         self.iterations_done, self.kl.value = int(state["iterations_done"]), float(state["kl_coef"])
+        self.health.load_state(json.loads(state["health"]))
 
     def checkpoint_meta(self) -> dict:
         return {"mask_fraction": self.spec["mask_fraction"], "data": self.ppo.prompts,
@@ -130,18 +132,43 @@ class ExperienceSource:
                     yield step, experience[mine].to(worker.device)
                     step += 1
 
-    def round_metrics(self, round_: int) -> dict[str, float]:
-        """The iteration's rollout statistics and timing; then β for the next iteration."""
+    def round_metrics(self, round_: int, trained) -> dict[str, float]:
+        """The iteration's rollout statistics, timing and health (trained(): the loss's metrics of its steps);
+        then β for the next iteration."""
         metrics = dict(self.round_stats)
         metrics["perf/iteration_s"] = time.perf_counter() - self.round_started
         metrics["perf/rollout_time_frac"] = self.rollout_s / metrics["perf/iteration_s"]
         if self.ppo.kl_target > 0:
             self.kl.update(metrics["ppo/kl"], len(self.kls))
         self.iterations_done = round_ + 1
+        self._raise(self.health.iteration({**metrics, **trained()}, self.batch["responses"],
+                                          self.ppo.samples_per_prompt))
+        metrics.update({f"health/{name}": float(name in self.fired) for name in MONITORS
+                        if name != "reward_divergence"})  # that one is validate's
         return metrics
 
     def on_log(self, step: int) -> None:
         self._write_samples(step, "train", self.batch, self.kls)
+        self.fired.clear()
+
+    def _raise(self, fired: dict[str, str]) -> None:
+        """Monitors that fired: remembered for the metrics, a warning and a W&B alert on rank 0, and the reason to
+        stop when ppo.stop_on names one (every rank decides alike: the numbers are the same on each)."""
+        worker, iteration = self.worker, self.iterations_done
+        for name, why in fired.items():
+            self.fired.add(name)
+            stops = name in self.ppo.stop_on
+            if stops and not self.stop_reason:
+                self.stop_reason = f"{name} at iteration {iteration}: {why}"
+            if worker.rank != 0:
+                continue
+            log.warning("%s health: %s at iteration %d: %s%s", worker.tag, name, iteration, why,
+                        " — stopping (ppo.stop_on)" if stops else "")
+            if worker.log is not None and worker.log.wandb is not None:
+                import wandb
+
+                worker.log.wandb.alert(title=f"{worker.config.run.name}: {name}", level=wandb.AlertLevel.WARN,
+                                       text=f"iteration {iteration}: {why}", wait_duration=0)
 
     def finish(self, step: int) -> None:
         """The rollout actors end holding the final policy (the stage checks they match the checkpoint)."""
@@ -224,15 +251,24 @@ class ExperienceSource:
         tokens, mask, ref = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
                                             self.spec["special"]["pad"])
         old_logp, values = self._logp_values(tokens)
-        scores = torch.tensor(batch["scores"])
-        if self.critic:
-            advantages, returns = ppo_advantages(scores, old_logp, ref, values, mask, self.kl.value, ppo.score_clip,
-                                                 ppo.gamma, ppo.lam)
-        else:
-            advantages, returns, values = grpo_advantages(scores, ppo.samples_per_prompt, mask), mask * 0, mask * 0
+        raw = torch.tensor(batch["scores"])
+        lengths = mask.sum(1)
+        scores = raw + overlong_penalty(lengths, ppo.max_new_tokens, ppo.overlong_buffer) if ppo.overlong_buffer \
+            else raw
+        group = ppo.samples_per_prompt
+        advantages, returns = self.algorithm.advantages(
+            Rollout(scores, old_logp, ref, values, mask, group, self.kl.value), ppo)
         kl = sequence_kl(old_logp, ref, mask)
-        stats = {"ppo/reward_mean": float(scores.mean()), "ppo/reward_std": float(scores.std(correction=0)),
-                 "ppo/kl": float(kl.mean()), "ppo/response_len": float(mask.sum(1).mean())}
+        stats = {"ppo/reward_mean": float(raw.mean()), "ppo/reward_std": float(raw.std(correction=0)),
+                 "ppo/kl": float(kl.mean()), "ppo/response_len": float(lengths.mean())}
+        if group > 1:
+            varied = varied_groups(scores.view(-1, group))
+            stats["ppo/equal_reward_groups"] = 1 - float(varied.double().mean())
+            if self.algorithm.filters_groups:  # their rows leave the loss (and its token count)
+                mask = mask * varied.repeat_interleave(group)[:, None]
+                advantages = advantages * mask
+        if not self.algorithm.critic:
+            values = mask * 0
         experience = Experience(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages,
                                 returns=returns, old_values=values)
         return experience, stats, kl
@@ -267,8 +303,13 @@ class ExperienceSource:
         _, mask, _ = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
                                      self.spec["special"]["pad"])
         self._write_samples(step, "val", batch)
-        return {"val/reward_mean": float(torch.tensor(batch["scores"]).mean()),
-                "val/response_len": float(mask.sum(1).mean())}
+        held_out = float(torch.tensor(batch["scores"]).mean())
+        metrics = {"val/reward_mean": held_out, "val/response_len": float(mask.sum(1).mean())}
+        if self.round_stats:  # after an iteration: is the held-out reward falling while the train reward rises?
+            fired = self.health.validation(held_out, self.round_stats["ppo/reward_mean"])
+            self._raise(fired)
+            metrics["health/reward_divergence"] = float(bool(fired))
+        return metrics
 
     def _write_samples(self, step: int, split: str, batch: dict, kl: torch.Tensor | None = None) -> None:
         """The first few (prompt, response, reward, KL) to samples.jsonl and a W&B table: reward hacking and

@@ -81,21 +81,42 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) / (std + eps) * mask
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate: Σ_t −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A), ρ = exp(log π − log π_old).
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+                clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: Σ_t w_t·−min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ = exp(log π − log π_old).
 
-    Returns token sums over the mask: (loss, tokens clipped, approximate KL between the sampling policy and π).
+    weights: the response mask (a token mean once the loop divides by the token count) or GSPO's 1/|y| per
+    token. ε_high > ε_low is DAPO's clip-higher. Returns weighted sums: (loss, clipped, approximate KL between
+    the sampling policy and π).
     """
-    mask = mask.to(logp.dtype)
-    log_ratio = logp - old_logp
+    return _clipped(logp - old_logp, logp, old_logp, advantages, weights, clip_low, clip_high)
+
+
+def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                         weights: torch.Tensor, clip_low: float,
+                         clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO (Zheng et al., 2025): the clipped surrogate of the sequence ratio s = exp(mean_t log π/π_old).
+
+    Per token the ratio is sg[s]·π_t/sg[π_t] (GSPO-token): its value is s, its gradient s·∇log π_t, so with
+    weights 1/|y| per token the sums are GSPO's per-sequence loss and gradient.
+    """
+    mask = (weights > 0).to(logp.dtype)
+    length = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    sequence = (((logp - old_logp) * mask).sum(dim=1, keepdim=True) / length).detach()
+    return _clipped(sequence + logp - logp.detach(), logp, old_logp, advantages, weights, clip_low, clip_high)
+
+
+def _clipped(log_ratio: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+             weights: torch.Tensor, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    weights = weights.to(logp.dtype)
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = (-torch.minimum(unclipped, clipped) * mask).sum()
-    clipfrac = ((clipped < unclipped).to(logp.dtype) * mask).sum().detach()
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    loss = (-torch.minimum(unclipped, clipped) * weights).sum()
+    clipfrac = ((clipped < unclipped).to(logp.dtype) * weights).sum().detach()
     # The tokens were sampled from π_old: k3 of KL(π_old‖π), (ρ − 1) − log ρ (Schulman's approx_kl).
-    approx_kl = (kl_estimate(old_logp, logp, "k3") * mask).sum().detach()
+    approx_kl = (kl_estimate(old_logp, logp, "k3") * weights).sum().detach()
     return loss, clipfrac, approx_kl
 
 
@@ -137,6 +158,25 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al., 2024): rewards [P, G] → R_i − mean of the other G − 1 samples of its prompt."""
+    group = rewards.shape[1]
+    return (rewards - rewards.mean(dim=1, keepdim=True)) * group / (group - 1)
+
+
+def varied_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[P] True where the G samples of a prompt did not all get the same reward (DAPO keeps only those: a
+    group of equal rewards has no advantage to learn from)."""
+    return (rewards.amax(dim=1) - rewards.amin(dim=1)) > 0
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens − buffer tokens, then falling linearly to −1 at
+    max_new_tokens."""
+    excess = (lengths - (max_new_tokens - buffer)).clamp(min=0)
+    return -(excess / buffer).clamp(max=1)
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,3 +14,9 @@ def brevity(prompts: list[str], responses: list[str]) -> list[float]:
 def mentions_return(prompts: list[str], responses: list[str]) -> list[float]:
     """1 when the answer says what the function returns (the word 'return'), else 0."""
     return [float("return" in r.lower()) for r in responses]
+
+
+def verbosity(prompts: list[str], responses: list[str]) -> list[float]:
+    """brevity's opposite, a reward that is easy to hack: longer answers score more, up to BREVITY_CHARS
+    characters (what the health monitors' length_blowup is there to catch)."""
+    return [min(len(r), BREVITY_CHARS) / BREVITY_CHARS for r in responses]

@@ -1,6 +1,7 @@
-"""`raytrain ppo` (and `ppo.algorithm=grpo`): the policy from an SFT run, rewards from a reward model or a Python
-function, rollouts and rewards from Ray actor pools beside the learner's Ray Train workers. The learner is the
-one loop; its batches come from the experience source (rlhf/experience_source.py)."""
+"""`raytrain ppo` (and `ppo.algorithm=grpo|rloo|reinforce++|dapo|gspo`): the policy from an SFT run, rewards
+from a reward model, a Python function or a service, rollouts and rewards from Ray actor pools beside the learner's
+Ray Train workers. The learner is the one loop; its batches come from the experience source
+(rlhf/experience_source.py); the algorithm's math is in rlhf/algorithms/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from raytrain import storage
 from raytrain.config import Config
 from raytrain.errors import ConfigError, DataError
 from raytrain.model.config import TransformerConfig
+from raytrain.rlhf.algorithms import ALGORITHMS
 from raytrain.rlhf.objective import PolicyAndValue, PolicyObjective
 from raytrain.stages.base import Stage
 from raytrain.train.checkpoint import load_weights
@@ -22,7 +24,7 @@ class ProximalPolicyOptimisation(Stage):
     name = "ppo"
     order = 50
     help = "align a policy with PPO or GRPO: rollouts and rewards from Ray actor pools"
-    objectives = ("ppo", "grpo")
+    objectives = tuple(ALGORITHMS)
     family = "ppo"
     objective_class = PolicyObjective
     sweep_metric = ("val/reward_mean", "max")
@@ -169,6 +171,8 @@ class ProximalPolicyOptimisation(Stage):
                                           f"{ppo.samples_per_prompt} samples ({ppo.algorithm})", callbacks,
                           extras={"pools": ActorPools(pools.rollout, pools.reward)})  # names, not handles
             summary["rollout_weights_max_diff"] = synced_weights_diff(pools, summary["checkpoint"])
+            # The monitors of ppo.stop_on that ended the run (their flags are in its last logged record).
+            summary["stopped_by"] = [name for name in ppo.stop_on if summary["final"].get(f"health/{name}")]
             storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
             return summary
         finally:
@@ -182,7 +186,8 @@ class ProximalPolicyOptimisation(Stage):
         return ExperienceSource(worker)
 
     def build_model(self, worker):
-        """The policy and, for PPO, the value model (a score head on every position) beside it."""
+        """The policy and, for an algorithm with a critic (PPO), the value model (a score head on every
+        position) beside it."""
         import torch
 
         from raytrain.model.transformer import Transformer
@@ -193,8 +198,8 @@ class ProximalPolicyOptimisation(Stage):
             return model, worker.parallelize(model, seed)
 
         policy, policy_module = built("lm", worker.train.seed)
-        ppo = worker.config.ppo.algorithm == "ppo"
-        value, value_module = built("score", worker.train.seed + 1) if ppo else (None, None)
+        critic = ALGORITHMS[worker.config.ppo.algorithm].critic
+        value, value_module = built("score", worker.train.seed + 1) if critic else (None, None)
         return [PolicyAndValue(policy, value)], [PolicyAndValue(policy_module, value_module)], [0]
 
     def start_fresh(self, worker) -> None:

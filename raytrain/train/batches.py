@@ -68,7 +68,11 @@ class PreparedBatches:
                                 num_consumers=worker.layout.dp, device=worker.device, ray_data=False)
         return worker.dp_sum(totals)
 
-    def round_metrics(self, round_: int) -> dict[str, float]:
+    stop_reason = ""  # a source may end the run early (PPO's health monitors) by saying why here
+
+    def round_metrics(self, round_: int, trained: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """What the source logs after round `round_`; trained() gives the loss's metrics of the round's steps
+        (a collective: called on every rank or none)."""
         return {}
 
     def on_log(self, step: int) -> None:

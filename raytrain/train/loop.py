@@ -207,7 +207,9 @@ class Worker:
         metrics: dict[str, float] = {}
         if first == 0 and source.has_val and train.val_every > 0:
             self._log(0, source.validate(0))
+        done = first * per_round
         for round_ in range(first, rounds):
+            round_sums = None
             for _ in range(per_round):
                 tick = time.perf_counter()
                 step, batch = next(batches)  # a stream's read, or PPO's rollout at a round's first step
@@ -215,11 +217,13 @@ class Worker:
                 self._debug_hooks(step)
                 sums = self.run_step(step, batch)
                 interval = sums if interval is None else interval + sums
+                round_sums = sums if round_sums is None else round_sums + sums
                 timer["compute"] += time.perf_counter() - tick
                 timer["steps"] += 1
             done, done_rounds = (round_ + 1) * per_round, round_ + 1
-            last = done_rounds == rounds
-            extra = source.round_metrics(round_)
+            extra = source.round_metrics(round_, lambda sums=round_sums: self.objective.metrics(
+                self.dp_sum(sums)[:-1], "train"))
+            last = done_rounds == rounds or bool(source.stop_reason)
             if done_rounds % train.log_every == 0 or last:
                 metrics = {**self._interval_metrics(done - 1, interval, timer), **extra}
                 source.on_log(done)
@@ -227,9 +231,12 @@ class Worker:
                     metrics.update(source.validate(done))
                 self._log(done, metrics, started)
                 interval, timer = None, _new_timer()
-            if done_rounds % train.checkpoint_every == 0 or last:
+            if done_rounds % train.checkpoint_every == 0 or last or source.stop_reason:
                 self._checkpoint(done, metrics)
-        source.finish(rounds * per_round)
+            if source.stop_reason:
+                log.warning(f"{self.tag} stopped after step {done}: {source.stop_reason}")
+                break
+        source.finish(done)
         if self.log is not None:
             self.log.close()
 
@@ -271,7 +278,8 @@ class Worker:
         """What the loss is a sum over (target tokens, or ranked pairs) in the whole global batch (every pp
         and tp rank holds the same targets)."""
         counts = torch.stack([self.objective.count(t) for t in targets]).sum().double()
-        return all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
+        # At least 1: a batch can count nothing (DAPO drops every row of prompts whose samples scored the same).
+        return (all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)).clamp(min=1)
 
     def _accumulate_step(self, step: int, rows, first_row: int) -> torch.Tensor:
         (module,) = self.modules

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raytrain.rlhf.health import MONITORS
+
 
 @dataclass(frozen=True)
 class Section:
@@ -27,7 +29,9 @@ MEMORY = Section("Memory", (("mem/peak_gib", "mem/tensor_peak_gib"),
                             ("mem/init_peak_rss_gib", "mem/init_base_rss_gib", "mem/init_plan_gib")))
 REWARD_MODEL = Section("Reward model", (("rm/loss",), ("rm/accuracy", "val/accuracy"), ("rm/margin", "val/margin")))
 DPO = Section("DPO", (("dpo/loss",), ("dpo/accuracy", "val/accuracy"), ("dpo/margin", "val/margin")))
-PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",)))
+PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",),
+                                ("ppo/equal_reward_groups",)))
+PPO_HEALTH = Section("Health", (tuple(f"health/{name}" for name in MONITORS),))  # 1: fired since the last log
 PPO_KL = Section("KL", (("ppo/kl",), ("ppo/kl_coef",), ("ppo/approx_kl",)))
 PPO_LOSSES = Section("Losses", (("train/loss",), ("ppo/policy_loss",), ("ppo/value_loss", "ppo/kl_loss"),
                                 ("ppo/clipfrac",), ("ppo/entropy",)))
@@ -39,6 +43,6 @@ PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollo
 FAMILIES: dict[str, tuple[Section, ...]] = {
     "pretrain": (LOSS, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
     "finetune": (LOSS, REWARD_MODEL, DPO, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
-    "ppo": (PPO_REWARD, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
+    "ppo": (PPO_REWARD, PPO_HEALTH, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
             MEMORY),
 }
