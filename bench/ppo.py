@@ -1,5 +1,6 @@
 """PPO: iteration time against TRL's PPOTrainer, rollout throughput of 2 actors × 1 thread against 1 actor × 2
-threads, weight sync's share of an iteration, and weight-sync time against model size, in one run.
+threads, weight sync's share of an iteration, asynchronous rollouts against synchronous ones, and weight-sync
+time against model size, in one run.
 
 The same models on both sides: a randomly initialised policy of the demo architecture (speed does not depend
 on the weights), its copy as the reference, and a reward model of the same architecture that is also the value
@@ -9,10 +10,11 @@ even on the CPU: set off explicitly and read back), no activation checkpointing.
 (one Ray Train worker with 2 threads, one reward actor, and one rollout actor × 2 threads or two × 1 thread);
 TRL runs `trl.experimental.ppo.PPOTrainer` in this process with 2 threads.
 
-Each repeat runs ours (1 × 2), TRL, ours (2 × 1) in turn. The statistic is the same on both sides: the median,
-over the iterations after warm-up, of one iteration's wall time (ours: `perf/iteration_s`, from the weight sync
-before the rollout to the end of the update; TRL: the time between consecutive `on_step_end` callbacks, one per
-rollout + update).
+Each repeat runs ours (1 × 2), TRL, ours (2 × 1), then ours synchronous and asynchronous (`ppo.async_rollouts`,
+`ppo.max_staleness=1`; learner and rollout actor 1 thread each, so each has a core) in turn. The statistic is the
+same on both sides: the median, over the iterations after warm-up, of one iteration's wall time (ours:
+`perf/iteration_s`, from the weight sync before the rollout to the end of the update; TRL: the time between
+consecutive `on_step_end` callbacks, one per rollout + update).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ MODEL = pick([], ["model.d_model=48", "model.n_layers=2"])
 SYNC_SIZES = pick([192, 768, 1536], [48, 96, 192])  # d_model of the weight-sync curve (4 layers, vocab 4096)
 SYNC_REPEATS = pick(5, 2)  # syncs timed per size and side, interleaved, after one untimed each
 SYNC_ACTORS = 2  # rollout actors × 1 thread the weight-sync curve sends to
+STALENESS = 1  # (d): the asynchronous run's ppo.max_staleness
 THREAD_REPEATS = pick(5, 1)  # in-process generate calls per thread count (the scaling row's diagnosis)
 MIB = 2**20
 
@@ -92,6 +95,7 @@ def our_run(work: Path, base: list[str], name: str, *overrides: str) -> dict:
     shutil.rmtree(work / name, ignore_errors=True)
     train, parallel, ppo = resolved["train"], resolved["parallel"], resolved["ppo"]
     ran_with = settings(precision=train["precision"], learner_threads=int(parallel["cpus_per_worker"]),
+                        async_rollouts=ppo["async_rollouts"], max_staleness=ppo["max_staleness"],
                         rollout_actors=ppo["rollout_actors"], reward_actors=ppo["reward_actors"],
                         threads_per_actor=max(1, int(ppo["actor_cpus"])), rollout_batch=ppo["rollout_batch"],
                         activation_checkpointing=parallel["activation_checkpointing"])
@@ -257,11 +261,11 @@ def run() -> str:
         trl = TRLPPO(work, prompts)
         notes: dict[str, str] = {}
 
-        def ours(actors: int, threads: int):
+        def ours(actors: int, threads: int, *overrides: str, label: str = ""):
             def measure() -> dict[str, float]:
                 result = our_run(work, base, f"ppo-{actors}x{threads}-{next(names)}",
-                                 f"ppo.rollout_actors={actors}", f"ppo.actor_cpus={threads}")
-                notes[f"{actors}x{threads}"] = result.pop("settings")
+                                 f"ppo.rollout_actors={actors}", f"ppo.actor_cpus={threads}", *overrides)
+                notes[label or f"{actors}x{threads}"] = result.pop("settings")
                 return result
             return measure
 
@@ -270,8 +274,11 @@ def run() -> str:
             notes["trl"] = trl.ran_with
             return result
 
-        # (a), (b), (c): ours 1 × 2, TRL, ours 2 × 1, in turn.
-        runs = interleaved({"1x2": ours(1, THREADS), "trl": baseline, "2x1": ours(2, 1)})
+        # (a), (b), (c): ours 1 × 2, TRL, ours 2 × 1; (d) ours synchronous and asynchronous; in turn.
+        one_core = ["parallel.cpus_per_worker=1", f"ppo.max_staleness={STALENESS}"]
+        runs = interleaved({"1x2": ours(1, THREADS), "trl": baseline, "2x1": ours(2, 1),
+                            "sync": ours(1, 1, *one_core, "ppo.async_rollouts=false", label="sync"),
+                            "async": ours(1, 1, *one_core, "ppo.async_rollouts=true", label="async")})
         with phase("ppo", "generate thread scaling"):
             threads = generate_thread_scaling(policy, prompts, tuple(tokenizer.special["stop"]),
                                               tokenizer.special["pad"])
@@ -283,6 +290,8 @@ def run() -> str:
 
     model = config.model
     one, two, base_trl = runs["1x2"], runs["2x1"], runs["trl"]
+    sync_rate = Spread([1 / s for s in runs["sync"]["iteration_s"].values])
+    async_rate = Spread([1 / s for s in runs["async"]["iteration_s"].values])
     ours_rate = Spread([1 / s for s in one["iteration_s"].values])
     trl_rate = Spread([1 / s for s in base_trl["iteration_s"].values])
     share = Spread([s / i for s, i in zip(one["sync_s"].values, one["iteration_s"].values, strict=True)])
@@ -317,6 +326,13 @@ def run() -> str:
                f"{2 / thread_gain.median:.2f}× if generating were all of it. Besides, the one reward actor (with "
                "`ppo.actor_cpus` threads in both layouts) scores the first piece while the next is generated, on "
                "the same cores.")
+    notes_d = (f"(d) {'goal met' if async_rate.median >= 1.3 * sync_rate.median else 'short of the goal'}: the "
+               "learner waited for the rollout (generation and scoring) for "
+               f"{runs['sync']['rollout_frac'].cell('{:.0%}')} of a synchronous iteration and "
+               f"{runs['async']['rollout_frac'].cell('{:.0%}')} of an asynchronous one, whose rollout was asked "
+               "of the weights one iteration old while the learner trained (its first iteration, which waits, is "
+               "warm-up). The two sides share the 2 cores with the reward actor, which scores each piece as it "
+               "comes.")
     notes_c = (f"(c) {'goal met' if share.median <= 0.05 else 'short of the goal'}: the sync is "
                f"{sync_ms.cell('{:,.0f}')} ms per iteration at d_model {model.d_model}; the curve below shows "
                "how it grows with the model.")
@@ -333,8 +349,9 @@ def run() -> str:
         f"named in each row; TRL {_trl_version()}: `trl.experimental.ppo.PPOTrainer` in this process "
         f"({THREADS} threads) (`bench/ppo.py`).",
         "",
-        f"Each repeat runs ours (1 rollout actor × {THREADS} threads), TRL, ours (2 rollout actors × 1 thread) "
-        "in turn, each a fresh run. The statistic is the same on both sides: the median over the iterations "
+        f"Each repeat runs ours (1 rollout actor × {THREADS} threads), TRL, ours (2 rollout actors × 1 thread), "
+        "ours synchronous and asynchronous (1 rollout actor × 1 thread, a 1-thread learner) in turn, each a fresh "
+        "run. The statistic is the same on both sides: the median over the iterations "
         "after warm-up of one iteration's wall time (ours: `perf/iteration_s`, from the weight sync before the "
         "rollout to the end of the update; TRL: the time between consecutive `on_step_end` callbacks, one per "
         "rollout + update). Rollout tokens/s: response tokens ÷ the time from the first generate call to the "
@@ -349,6 +366,9 @@ def run() -> str:
         f"{rollout_1.cell()} | {ratio_cell(rollout_2, rollout_1)} | ≥ 1.6× |",
         f"| (c) weight sync, share of an iteration (1 actor × {THREADS} threads; "
         f"{sync_ms.cell('{:,.0f}')} ms) | {share.cell('{:.1%}')} | | | ≤ 5% |",
+        f"| (d) PPO iterations/s, asynchronous rollouts (`ppo.async_rollouts=true`, `ppo.max_staleness={STALENESS}`) "
+        f"vs synchronous, 1 rollout actor × 1 thread and a 1-thread learner on both sides | "
+        f"{async_rate.cell('{:.3f}')} | {sync_rate.cell('{:.3f}')} | {ratio_cell(async_rate, sync_rate)} | ≥ 1.3× |",
         "",
         notes_a,
         "",
@@ -356,11 +376,15 @@ def run() -> str:
         "",
         notes_c,
         "",
+        notes_d,
+        "",
         "What each side ran with (read back: ours from each run's resolved config, TRL's from the trainer's args, "
         "its accelerator and `torch.get_num_threads()` during the iterations):",
         "",
         f"- raytrain, 1 × {THREADS}: {notes[f'1x{THREADS}']}",
         f"- raytrain, 2 × 1: {notes['2x1']}",
+        f"- raytrain, synchronous: {notes['sync']}",
+        f"- raytrain, asynchronous: {notes['async']}",
         f"- TRL: {notes['trl']}",
         "",
         "Tensor memory is not compared for PPO: TRL holds the policy, reference, reward and value models and "

@@ -142,6 +142,10 @@ def report_ppo(summary: dict, run: Path) -> None:
           f"answer length {before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
     print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, weight sync "
           f"{final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
+    monitors = sorted({key for r in records for key in r if key.startswith("health/")})
+    fired = {key.removeprefix("health/"): [str(r["step"]) for r in records if r.get(key)] for key in monitors}
+    print("  health monitors: " + (", ".join(f"{name} fired at step(s) {', '.join(steps)}"
+                                             for name, steps in fired.items() if steps) or "none fired"))
     samples = [json.loads(line) for line in (run / SAMPLES_FILE).read_text().splitlines()]
     first = [s for s in samples if s["split"] == "val" and s["step"] == 0][0]
     last = [s for s in samples if s["split"] == "val" and s["prompt"] == first["prompt"]][-1]

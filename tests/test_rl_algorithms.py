@@ -6,14 +6,18 @@ import math
 import pytest
 import torch
 
-from raytrain.config import PPOConfig
+from raytrain.config import PPOConfig, load_config
+from raytrain.model.transformer import Transformer
 from raytrain.rlhf.algorithms import ALGORITHMS
 from raytrain.rlhf.algorithms.base import Rollout
+from raytrain.rlhf.engines import ENGINES
+from raytrain.rlhf.experience import on_grid, response_logp, rollout_tensors
 from raytrain.rlhf.ppo_math import (
     leave_one_out_advantages,
     overlong_penalty,
     policy_loss,
     sequence_policy_loss,
+    truncated_importance_weights,
     varied_groups,
     whiten,
 )
@@ -106,3 +110,38 @@ def test_every_algorithm_gives_advantages_on_response_tokens_only(name):
     assert torch.all(advantages[mask == 0] == 0) and torch.all(returns[mask == 0] == 0)
     assert torch.isfinite(advantages).all() and advantages.abs().sum() > 0
     assert math.isclose(algorithm.token_weights(mask).sum().item(), 4 if name == "gspo" else 9)
+
+
+def test_truncated_importance_weights_and_their_place_in_the_loss():
+    learner = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.3, 0.6, 0.1]]))
+    engine = torch.log(torch.tensor([[0.5, 0.3, 0.4], [0.6, 0.2, 0.9]]))
+    weights = truncated_importance_weights(learner, engine, MASK, cap=2.0)
+    close = pytest.approx([1.0, 2.0, 0.5, 0.5, 2.0, 0.0])  # 0.9/0.3 = 3 and 0.6/0.2 = 3 are capped at 2
+    assert weights.flatten().tolist() == close
+    assert torch.equal(truncated_importance_weights(learner, engine, MASK, cap=0), MASK)  # off
+    # The weight scales each token's policy loss only: with ρ = 1 the loss is −Σ c_t·A_t.
+    adv = torch.ones(2, 3)
+    loss, clipped, approx_kl = policy_loss(learner, learner, adv, MASK, 0.2, 0.2, weights)
+    assert loss.item() == pytest.approx(-(1 + 2 + 0.5 + 0.5 + 2)) and clipped == 0 and approx_kl == 0
+
+
+def test_the_native_engine_gives_the_learners_log_probs_of_its_samples():
+    config = load_config("tiny").model
+    learner = Transformer(config)
+    learner.init_weights(3)
+    engine = ENGINES["native"](vars(config), torch.device("cpu"))
+    with torch.no_grad():
+        for name, tensor in engine.parameters().items():
+            tensor.copy_(learner.state_dict()[name])
+    engine.loaded()
+    prompts = [[4, 10, 11, 12], [4, 13]]
+    settings = {"max_new_tokens": 6, "stop_ids": (), "pad_id": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    responses, logprobs = engine.generate(prompts, [5, 6], settings)
+    assert [len(r) for r in responses] == [len(lp) for lp in logprobs] == [6, 6]
+    tokens, mask, _ = rollout_tensors(prompts, responses, logprobs, 12, 2)
+    with torch.no_grad():
+        learned = response_logp(learner(tokens), tokens)
+    # The KV cache and a full forward pass differ only in rounding.
+    torch.testing.assert_close(on_grid(prompts, logprobs, 12), learned * mask, atol=1e-5, rtol=0)
+    again, _ = engine.generate(prompts[::-1], [6, 5], settings)
+    assert again == responses[::-1]  # a sample depends on its seed, not its batch

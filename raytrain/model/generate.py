@@ -57,9 +57,11 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     seeds: list[int] | None = None,
+    logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (the stop token included when reached); prompt i is sampled with seeds[i], by default
-    seed + i."""
+    seed + i. A `logprobs` list gets each new token's log-probability under the model (its raw logits, before
+    temperature or top-k/p: what the learner computes), one list per prompt."""
     device = next(model.parameters()).device
     total = max(len(p) for p in prompts) + max_new_tokens
     if total > model.config.max_seq_len:
@@ -77,11 +79,12 @@ def generate(
 
     seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
     return decode(step, prompts, max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
-                  top_k=top_k, top_p=top_p, seeds=seeds, device=device)
+                  top_k=top_k, top_p=top_p, seeds=seeds, device=device, logprobs=logprobs)
 
 
 def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: tuple[int, ...], pad_id: int,
-           temperature: float, top_k: int, top_p: float, seeds: list[int], device=None) -> list[list[int]]:
+           temperature: float, top_k: int, top_p: float, seeds: list[int], device=None,
+           logprobs: list[list[float]] | None = None) -> list[list[int]]:
     """The generation loop around any model's `step` (ours in torch, an exported one on onnxruntime): left-pad
     the prompts, prefill, then one token per step until max_new_tokens or every row's stop token."""
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -94,6 +97,7 @@ def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, stop_id
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    chosen_logp = torch.zeros((batch, max_new_tokens), device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     stops = torch.tensor(list(stop_ids), device=device) if stop_ids else None
     step_tokens, start, produced = tokens, 0, 0
@@ -103,6 +107,8 @@ def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, stop_id
         next_ids = sample_next(logits, temperature, top_k, top_p, generators)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         out[:, produced - 1] = next_ids
+        if logprobs is not None:
+            chosen_logp[:, produced - 1] = torch.log_softmax(logits.float(), -1).gather(-1, next_ids[:, None])[:, 0]
         if stops is not None:
             done |= torch.isin(next_ids, stops)
             if done.all():
@@ -110,8 +116,10 @@ def decode(step: Step, prompts: list[list[int]], max_new_tokens: int, *, stop_id
         step_tokens, start = next_ids[:, None], end
     out = out[:, :produced]
     results = []
-    for row, finished in zip(out.tolist(), done.tolist(), strict=True):
+    for row, finished, row_logp in zip(out.tolist(), done.tolist(), chosen_logp.tolist(), strict=True):
         if finished:
             row = row[: next(i for i, t in enumerate(row) if t in stop_ids) + 1]
         results.append(row)
+        if logprobs is not None:
+            logprobs.append(row_logp[: len(row)])
     return results

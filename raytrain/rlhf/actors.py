@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,11 +24,10 @@ import torch
 from raytrain import storage
 from raytrain.config import PPOConfig
 from raytrain.errors import DataError
-from raytrain.model.generate import generate
-from raytrain.model.transformer import Transformer, TransformerConfig
+from raytrain.rlhf.engines import ENGINES
 from raytrain.rlhf.experience import response_logp, response_slices
 from raytrain.rlhf.remote_reward import HTTP_REWARDS, RemoteReward
-from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec, model_parameters
+from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec
 from raytrain.train.checkpoint import load_model
 
 NAMESPACE = "raytrain"
@@ -109,14 +109,12 @@ class StaleWeights(Exception):
 
 @ray.remote(concurrency_groups=SYNC_THREADS)
 class RolloutActor:
-    """Generates responses with the KV cache from the policy weights last streamed to it (weight_sync)."""
+    """Generates responses with a rollout engine (rlhf/engines/) from the policy weights last streamed to it
+    (weight_sync)."""
 
-    def __init__(self, model: dict, threads: int):
+    def __init__(self, model: dict, threads: int, engine: str = "native"):
         torch.set_num_threads(threads)
-        with torch.device("meta"):  # the weights come with the first sync: no values to draw
-            self.model = Transformer(TransformerConfig(**model)).eval()
-        self.model.to_empty(device=actor_device())
-        self.model.reset_rotary(actor_device())
+        self.engine = ENGINES[engine](model, actor_device())
         self.version: tuple | None = None
         self.side: SideGroup | None = None
 
@@ -138,23 +136,28 @@ class RolloutActor:
         self._take(ray.get(weights[0]).items(), version, fail_marker)
 
     def _take(self, tensors: Iterable[tuple[str, torch.Tensor]], version: tuple, fail_marker: str | None) -> None:
-        parameters = dict(model_parameters(self.model))
+        parameters = self.engine.parameters()
         with torch.no_grad():
             for name, tensor in tensors:
                 parameters[name].copy_(tensor)
                 exit_once(fail_marker)
+        self.engine.loaded()
         self.version = version
 
+    @ray.method(num_returns=2)
     def generate(self, version: tuple, prompts: list[list[int]], seeds: list[int], settings: dict,
-                 fail_marker: str | None = None) -> list[list[int]]:
-        """Responses to prompts from the weights `version`; StaleWeights when this actor lost them."""
+                 fail_marker: str | None = None) -> tuple[list[list[int]], tuple[list[list[float]], float]]:
+        """(responses to prompts from the weights `version`, (each token's log-probability under the engine, the
+        seconds it took)); StaleWeights when this actor lost them."""
         if version != self.version:
             raise StaleWeights(f"holds weights {self.version}, asked for {version}")
         exit_once(fail_marker)
-        return generate(self.model, prompts, seeds=seeds, **settings)
+        tick = time.perf_counter()
+        responses, logprobs = self.engine.generate(prompts, seeds, settings)
+        return responses, (logprobs, time.perf_counter() - tick)
 
     def weights(self) -> tuple[tuple | None, dict]:
-        return self.version, {key: value.cpu() for key, value in self.model.state_dict().items()}
+        return self.version, self.engine.state_dict()
 
 
 class RewardActor:
@@ -219,7 +222,7 @@ class ActorPools:
         pools = ActorPools([f"rollout-{tag}-{i}" for i in range(ppo.rollout_actors)],
                            [f"reward-{tag}-{i}" for i in range(ppo.reward_actors)])
         # The driver keeps the handles: an actor lives while a handle of its creator does.
-        pools.owned.extend(RolloutActor.options(name=name, **options).remote(model, threads)
+        pools.owned.extend(RolloutActor.options(name=name, **options).remote(model, threads, ppo.rollout_engine)
                            for name in pools.rollout)
         function = reward_function(reward)
         pools.owned.extend(ray.remote(RewardActor).options(name=name, **options)

@@ -19,8 +19,9 @@ from raytrain.rlhf.ppo_math import kl_estimate, token_logp
 @dataclass(frozen=True)
 class Experience:
     """A batch of scored samples: tokens [B, L] (long) and, on the shifted grid [B, L − 1] (float32), the
-    response mask, the log-probs of the policy that sampled them and of the reference, advantages, returns and
-    the value model's values (zeros without one)."""
+    response mask, the learner's log-probs before the update and the reference's, advantages, returns, the value
+    model's values (zeros without one) and each token's truncated importance weight min(π_learner/π_engine, cap)
+    (ones without the correction)."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -29,6 +30,7 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     old_values: torch.Tensor
+    tis: torch.Tensor
 
     def _map(self, fn) -> Experience:
         return Experience(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
@@ -58,13 +60,19 @@ def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], ref_lo
     batch = len(prompts)
     tokens = torch.full((batch, length), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, length - 1))
-    ref = torch.zeros((batch, length - 1))
-    for i, (prompt, response, logps) in enumerate(zip(prompts, responses, ref_logps, strict=True)):
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         start, end = len(prompt), len(prompt) + len(response)
         tokens[i, :end] = torch.tensor(prompt + response)
         mask[i, start - 1 : end - 1] = 1
-        ref[i, start - 1 : end - 1] = torch.tensor(logps)
-    return tokens, mask, ref
+    return tokens, mask, on_grid(prompts, ref_logps, length)
+
+
+def on_grid(prompts: list[list[int]], values: list[list[float]], length: int) -> torch.Tensor:
+    """Per-response-token values (a list per response) on the shifted grid [B, L − 1], 0 elsewhere."""
+    grid = torch.zeros((len(prompts), length - 1))
+    for i, (prompt, row) in enumerate(zip(prompts, values, strict=True)):
+        grid[i, len(prompt) - 1 : len(prompt) - 1 + len(row)] = torch.tensor(row)
+    return grid
 
 
 def response_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

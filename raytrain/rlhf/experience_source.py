@@ -30,10 +30,15 @@ from raytrain.model.flops import train_flops_per_token
 from raytrain.rlhf.actors import StaleWeights, rollout_pieces
 from raytrain.rlhf.algorithms import ALGORITHMS
 from raytrain.rlhf.algorithms.base import Rollout
-from raytrain.rlhf.experience import Experience, response_logp, rollout_tensors, sequence_kl
+from raytrain.rlhf.experience import Experience, on_grid, response_logp, rollout_tensors, sequence_kl
 from raytrain.rlhf.health import MONITORS, HealthMonitors
 from raytrain.rlhf.objective import PolicyObjective
-from raytrain.rlhf.ppo_math import AdaptiveKLController, overlong_penalty, varied_groups
+from raytrain.rlhf.ppo_math import (
+    AdaptiveKLController,
+    overlong_penalty,
+    truncated_importance_weights,
+    varied_groups,
+)
 from raytrain.rlhf.weight_sync import WeightSender
 from raytrain.train.loop import all_reduce_sum
 from raytrain.train.metrics import StepLog
@@ -43,10 +48,11 @@ log = logging.getLogger("raytrain")
 PROMPTS_FILE = "prompts.json"  # written by the stage: token ids of the prompts and what the run starts from
 SAMPLES_FILE = "samples.jsonl"
 ACTOR_FAILED_MARKER = ".debug_{}_actor_failed_once"  # rollout-sync, rollout, reward
-SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl"]
+SAMPLE_COLUMNS = ["step", "split", "prompt", "response", "reward", "kl", "policy_step"]
 # What the source logs beside the objective's metrics.
 EXPERIENCE_METRICS = ("ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/response_len",
-                      "ppo/equal_reward_groups",
+                      "ppo/equal_reward_groups", "ppo/logprob_mismatch", "ppo/logprob_mismatch_max",
+                      "ppo/staleness", "ppo/regenerated_rollouts",
                       "ppo/weight_sync_s", "ppo/weight_sync_peak_gib", "perf/rollout_tokens_per_s",
                       "perf/rollout_time_frac", "perf/iteration_s",
                       "val/reward_mean", "val/response_len", *(f"health/{name}" for name in MONITORS))
@@ -67,6 +73,9 @@ class ExperienceSource:
         self.has_val = bool(self.spec["val"]) and ppo.val_prompts > 0
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.health = HealthMonitors(ppo.health)
+        self.pending: dict[int, dict] = {}  # async: iteration → its rollout's calls in flight
+        self.ready: dict[int, dict | None] = {}  # async: iteration → its rollout, done (None: lost with an actor)
+        self.regenerated = 0  # async rollouts lost with an actor and made again from newer weights
         self.fired: set[str] = set()  # monitors fired since the last logged iteration
         self.stop_reason = ""  # a monitor of ppo.stop_on fired: the loop ends the run
         self.iterations_done = 0
@@ -90,13 +99,19 @@ class ExperienceSource:
 
     def state(self) -> dict:
         """What a resumed run needs beside its step: the iterations done (the prompt position: iteration i takes
-        the BatchOrder's batch i), β for the next one and the health monitors' baselines."""
+        the BatchOrder's batch i), β for the next one, the health monitors' baselines and (async) the rollouts
+        already asked of older weights, waited for here. Structures go as JSON text: a checkpoint's leaves have
+        fixed shapes."""
+        self._wait_for_pending()
         return {"iterations_done": self.iterations_done, "kl_coef": self.kl.value,
-                "health": json.dumps(self.health.state())}  # one value: a checkpoint's leaves have fixed shapes
+                "health": json.dumps(self.health.state()), "regenerated": self.regenerated,
+                "rollouts": json.dumps({str(iteration): batch for iteration, batch in self.ready.items()})}
 
     def load_state(self, state: dict) -> None:
         self.iterations_done, self.kl.value = int(state["iterations_done"]), float(state["kl_coef"])
         self.health.load_state(json.loads(state["health"]))
+        self.regenerated = int(state["regenerated"])
+        self.ready = {int(iteration): batch for iteration, batch in json.loads(state["rollouts"]).items()}
 
     def checkpoint_meta(self) -> dict:
         return {"mask_fraction": self.spec["mask_fraction"], "data": self.ppo.prompts,
@@ -112,14 +127,14 @@ class ExperienceSource:
         for iteration in range(self.iterations_done, self.rounds):
             step = iteration * self.steps_per_round
             tick = time.perf_counter()
-            fails = iteration == worker.config.debug.fail_actor_at_iteration
-            sync_s = self._sync_weights(step, self._marker("rollout-sync") if fails else None)
-            self.batch = self._rollout(iteration, step)
-            rollout_s = time.perf_counter() - tick - sync_s
+            self.batch, sync_s = self._batch_for(iteration, step)
+            rollout_s = time.perf_counter() - tick - sync_s  # what the learner waited for (async: what was left)
             experience, stats, self.kls = self._experience(self.batch)
             self.objective.kl_coef = self.kl.value
             self.round_stats = {**stats, "ppo/kl_coef": self.kl.value, "ppo/weight_sync_s": sync_s,
                                 "ppo/weight_sync_peak_gib": self.sender.peak_bytes / 2**30,
+                                "ppo/staleness": (step - self.batch["version"]) / self.steps_per_round,
+                                "ppo/regenerated_rollouts": float(self.regenerated),
                                 "perf/rollout_tokens_per_s": stats["ppo/response_len"] * len(self.kls)
                                 / max(self.batch["generate_s"], 1e-9)}
             self.round_started, self.rollout_s = tick, rollout_s
@@ -176,11 +191,13 @@ class ExperienceSource:
 
     def _sync_weights(self, step: int, fail_marker: str | None = None) -> float:
         """Stream the policy into every rollout actor (every rank takes part); returns the seconds it took.
-        Skipped when the actors already hold this step's weights."""
+        Skipped when the actors already hold this step's weights; rollouts still in flight finish first (they
+        were asked of the weights the actors hold)."""
         worker = self.worker
         version = (self.session, step)
         if version == self.synced:
             return 0.0
+        self._wait_for_pending()
         tick = time.perf_counter()
         if self.sender is None:
             (module,) = worker.modules
@@ -193,24 +210,56 @@ class ExperienceSource:
         self.synced = version
         return time.perf_counter() - tick
 
-    def _rollout(self, iteration: int, step: int) -> dict:
-        """The iteration's samples, scored, on every rank: G samples of each of its prompts."""
+    def _wait_for_pending(self) -> None:
+        """Every rollout in flight, collected (a collective: every rank calls it)."""
+        for iteration in sorted(self.pending):
+            self.ready[iteration] = self._collect(self.pending.pop(iteration))
+
+    def _batch_for(self, iteration: int, step: int) -> tuple[dict, float]:
+        """The iteration's scored samples on every rank, and the seconds the weight sync took.
+
+        Asynchronous (ppo.async_rollouts), every max_staleness iterations the actors take the current weights and
+        start the rollouts of the next max_staleness iterations, which they generate while the learner trains: a
+        rollout comes from weights at most max_staleness iterations old, on a schedule fixed by the iteration
+        alone (so a resumed run, which finds the rollouts in flight in its checkpoint, repeats it). A rollout lost
+        with an actor (restarted by Ray, its weights gone) is made again from the current weights and counted."""
+        fails = iteration == self.worker.config.debug.fail_actor_at_iteration
+        marker = self._marker("rollout-sync") if fails else None
+        if not self.ppo.async_rollouts:
+            sync_s = self._sync_weights(step, marker)
+            return self._rollout(iteration, step), sync_s
+        if iteration in self.pending:
+            self.ready[iteration] = self._collect(self.pending.pop(iteration))
+        batch = self.ready.pop(iteration, None)
+        sync_s = 0.0
+        if batch is None or iteration % self.ppo.max_staleness == 0:
+            sync_s = self._sync_weights(step, marker)
+        if batch is None:  # the first iteration, or its rollout was lost with an actor
+            self.regenerated += iteration > 0
+            batch = self._rollout(iteration, step)
+        if iteration % self.ppo.max_staleness == 0:
+            for later in range(iteration + 1, min(iteration + self.ppo.max_staleness, self.rounds - 1) + 1):
+                self.pending[later] = self._launch(*self._rollout_inputs(later), self.ppo.temperature,
+                                                   later == self.worker.config.debug.fail_actor_at_iteration)
+        return batch, sync_s
+
+    def _rollout_inputs(self, iteration: int) -> tuple[list[list[int]], list[int]]:
+        """The iteration's prompts (G samples of each) and each sample's seed."""
         group, seed = self.ppo.samples_per_prompt, self.worker.train.seed
         prompts = [self.spec["train"][int(i)] for i in self.order.consumer_rows(iteration) for _ in range(group)]
-        seeds = [(seed * 1_000_003 + iteration * 10_007 + k) % 2**63 for k in range(len(prompts))]
+        return prompts, [(seed * 1_000_003 + iteration * 10_007 + k) % 2**63 for k in range(len(prompts))]
+
+    def _rollout(self, iteration: int, step: int) -> dict:
+        """The iteration's samples, scored, on every rank, from the weights the actors hold."""
         fail = iteration == self.worker.config.debug.fail_actor_at_iteration
-        return self._samples(step, prompts, seeds, self.ppo.temperature, fail)
+        return self._samples(step, *self._rollout_inputs(iteration), self.ppo.temperature, fail)
 
     def _samples(self, step: int, prompts: list[list[int]], seeds: list[int], temperature: float,
                  fail: bool = False) -> dict:
-        """Generated and scored on rank 0, then on every rank. An actor restarted by Ray since the sync lost the
-        weights: all ranks stream them again and rank 0 asks again (each sample's seed makes it the same)."""
+        """Generated and scored, on every rank. An actor restarted by Ray since the sync lost the weights: all
+        ranks stream them again and rank 0 asks again (each sample's seed makes it the same)."""
         for _ in range(self.ppo.actor_restarts + 1):
-            batch = None
-            if self.worker.rank == 0:
-                with contextlib.suppress(StaleWeights):
-                    batch = self._generate_and_score(prompts, seeds, temperature, fail)
-            batch = self.worker.broadcast(batch)
+            batch = self._collect(self._launch(prompts, seeds, temperature, fail))
             if batch is not None:
                 return batch
             self.synced = None
@@ -218,29 +267,44 @@ class ExperienceSource:
         raise DataError(f"the rollout actors lost the policy's weights {self.ppo.actor_restarts + 1} times in a "
                         "row (restarted by Ray each time); see their logs for why they die")
 
-    def _generate_and_score(self, prompts: list[list[int]], seeds: list[int], temperature: float,
-                            fail: bool = False) -> dict:
-        """Rank 0: the rollout actors generate the samples in pieces; a reward actor scores each piece as soon as
-        it exists (the responses pass between them as an object ref)."""
+    def _launch(self, prompts: list[list[int]], seeds: list[int], temperature: float, fail: bool = False) -> dict:
+        """Rank 0 asks the rollout actors for the samples in pieces, and a reward actor to score each piece as
+        soon as it exists (the responses pass between them as an object ref); returns the calls in flight (other
+        ranks: what will be asked)."""
         ppo, special = self.ppo, self.spec["special"]
+        calls = {"prompts": prompts, "version": self.synced[1], "generated": [], "scored": []}
+        if self.worker.rank != 0:
+            return calls
         settings = {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(special["stop"]), "pad_id": special["pad"],
                     "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
-        tick = time.perf_counter()
-        generated, scored = [], []
         for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
             fails = fail and i == 0
-            responses = self.rollout[i % len(self.rollout)].generate.remote(
+            responses, details = self.rollout[i % len(self.rollout)].generate.remote(
                 self.synced, prompts[start:end], seeds[start:end], settings,
                 self._marker("rollout") if fails else None)
-            generated.append(responses)
-            scored.append(self.rewards[i % len(self.rewards)].score.remote(
+            calls["generated"].append((i % len(self.rollout), responses, details))
+            calls["scored"].append(self.rewards[i % len(self.rewards)].score.remote(
                 prompts[start:end], responses, self._marker("reward") if fails else None))
-        responses = [r for part in ray.get(generated) for r in part]
-        generate_s = time.perf_counter() - tick
-        results = ray.get(scored)
-        return {"prompts": prompts, "responses": responses, "generate_s": generate_s,
-                "scores": [s for part, _ in results for s in part],
-                "ref_logps": [lp for _, part in results for lp in part]}
+        return calls
+
+    def _collect(self, calls: dict) -> dict | None:
+        """The launched calls' batch on every rank, or None when a rollout actor lost its weights (restarted by
+        Ray). generate_s: the busiest actor's generation time."""
+        batch = None
+        if self.worker.rank == 0:
+            with contextlib.suppress(StaleWeights):
+                responses = [r for part in ray.get([g[1] for g in calls["generated"]]) for r in part]
+                details = ray.get([g[2] for g in calls["generated"]])
+                busy: dict[int, float] = {}
+                for (actor, _, _), (_, seconds) in zip(calls["generated"], details, strict=True):
+                    busy[actor] = busy.get(actor, 0.0) + seconds
+                results = ray.get(calls["scored"])
+                batch = {"prompts": calls["prompts"], "responses": responses, "version": calls["version"],
+                         "generate_s": max(busy.values()),
+                         "engine_logps": [lp for logps, _ in details for lp in logps],
+                         "scores": [s for part, _ in results for s in part],
+                         "ref_logps": [lp for _, part in results for lp in part]}
+        return self.worker.broadcast(batch)
 
     def _marker(self, pool: str) -> str:
         return storage.join(self.worker.run_dir, ACTOR_FAILED_MARKER.format(pool))
@@ -251,6 +315,9 @@ class ExperienceSource:
         tokens, mask, ref = rollout_tensors(batch["prompts"], batch["responses"], batch["ref_logps"], self.seq_len,
                                             self.spec["special"]["pad"])
         old_logp, values = self._logp_values(tokens)
+        # The engine's log-probs of its own samples against the learner's (other kernels, or older weights).
+        engine_logp = on_grid(batch["prompts"], batch["engine_logps"], self.seq_len)
+        mismatch = (old_logp - engine_logp).abs() * mask
         raw = torch.tensor(batch["scores"])
         lengths = mask.sum(1)
         scores = raw + overlong_penalty(lengths, ppo.max_new_tokens, ppo.overlong_buffer) if ppo.overlong_buffer \
@@ -260,7 +327,9 @@ class ExperienceSource:
             Rollout(scores, old_logp, ref, values, mask, group, self.kl.value), ppo)
         kl = sequence_kl(old_logp, ref, mask)
         stats = {"ppo/reward_mean": float(raw.mean()), "ppo/reward_std": float(raw.std(correction=0)),
-                 "ppo/kl": float(kl.mean()), "ppo/response_len": float(lengths.mean())}
+                 "ppo/kl": float(kl.mean()), "ppo/response_len": float(lengths.mean()),
+                 "ppo/logprob_mismatch": float(mismatch.sum() / mask.sum().clamp(min=1)),
+                 "ppo/logprob_mismatch_max": float(mismatch.max())}
         if group > 1:
             varied = varied_groups(scores.view(-1, group))
             stats["ppo/equal_reward_groups"] = 1 - float(varied.double().mean())
@@ -269,8 +338,9 @@ class ExperienceSource:
                 advantages = advantages * mask
         if not self.algorithm.critic:
             values = mask * 0
+        tis = truncated_importance_weights(old_logp, engine_logp, mask, ppo.tis_cap)
         experience = Experience(tokens, mask=mask, old_logp=old_logp, ref_logp=ref, advantages=advantages,
-                                returns=returns, old_values=values)
+                                returns=returns, old_values=values, tis=tis)
         return experience, stats, kl
 
     def _logp_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +393,8 @@ class ExperienceSource:
         decode = self.tokenizer.decode_batch
         prompts = decode(batch["prompts"][:count], skip_special_tokens=True)
         responses = decode(batch["responses"][:count], skip_special_tokens=True)
-        rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i]) if kl is not None else None]
+        rows = [[step, split, p, r, float(batch["scores"][i]), float(kl[i]) if kl is not None else None,
+                 batch["version"]]
                 for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         self.samples.append([dict(zip(SAMPLE_COLUMNS, row, strict=True)) for row in rows])
         if worker.log is not None and worker.log.wandb is not None:

@@ -58,7 +58,7 @@ class PolicyObjective:
         weights = self.algorithm.token_weights(mask)
         logp = response_logp(logits, targets.tokens)
         policy, clipped, approx_kl = self.algorithm.policy_loss(logp, targets.old_logp, targets.advantages, weights,
-                                                                ppo)
+                                                                targets.tis, ppo)
         total = policy
         zero = policy.new_zeros(())
         value = zero

@@ -82,19 +82,21 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
-                clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate: Σ_t w_t·−min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ = exp(log π − log π_old).
+                clip_low: float, clip_high: float,
+                tis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: Σ_t w_t·c_t·−min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ = exp(log π − log π_old).
 
     weights: the response mask (a token mean once the loop divides by the token count) or GSPO's 1/|y| per
-    token. ε_high > ε_low is DAPO's clip-higher. Returns weighted sums: (loss, clipped, approximate KL between
-    the sampling policy and π).
+    token. ε_high > ε_low is DAPO's clip-higher. tis: c_t, the truncated importance weight min(π_old/π_engine,
+    C) of a token sampled by another engine or older weights (Yao et al., 2025), 1 if None. Returns weighted
+    sums: (loss, clipped, approximate KL between π_old and π); only the loss carries c.
     """
-    return _clipped(logp - old_logp, logp, old_logp, advantages, weights, clip_low, clip_high)
+    return _clipped(logp - old_logp, logp, old_logp, advantages, weights, clip_low, clip_high, tis)
 
 
 def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                         weights: torch.Tensor, clip_low: float,
-                         clip_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         weights: torch.Tensor, clip_low: float, clip_high: float,
+                         tis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GSPO (Zheng et al., 2025): the clipped surrogate of the sequence ratio s = exp(mean_t log π/π_old).
 
     Per token the ratio is sg[s]·π_t/sg[π_t] (GSPO-token): its value is s, its gradient s·∇log π_t, so with
@@ -103,17 +105,17 @@ def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
     mask = (weights > 0).to(logp.dtype)
     length = mask.sum(dim=1, keepdim=True).clamp(min=1)
     sequence = (((logp - old_logp) * mask).sum(dim=1, keepdim=True) / length).detach()
-    return _clipped(sequence + logp - logp.detach(), logp, old_logp, advantages, weights, clip_low, clip_high)
+    return _clipped(sequence + logp - logp.detach(), logp, old_logp, advantages, weights, clip_low, clip_high, tis)
 
 
 def _clipped(log_ratio: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-             weights: torch.Tensor, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
+             weights: torch.Tensor, clip_low: float, clip_high: float,
+             tis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = weights.to(logp.dtype)
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    loss = (-torch.minimum(unclipped, clipped) * weights).sum()
+    loss = (-torch.minimum(unclipped, clipped) * weights * (1 if tis is None else tis)).sum()
     clipfrac = ((clipped < unclipped).to(logp.dtype) * weights).sum().detach()
     # The tokens were sampled from π_old: k3 of KL(π_old‖π), (ρ − 1) − log ρ (Schulman's approx_kl).
     approx_kl = (kl_estimate(old_logp, logp, "k3") * weights).sum().detach()
@@ -170,6 +172,15 @@ def varied_groups(rewards: torch.Tensor) -> torch.Tensor:
     """[P] True where the G samples of a prompt did not all get the same reward (DAPO keeps only those: a
     group of equal rewards has no advantage to learn from)."""
     return (rewards.amax(dim=1) - rewards.amin(dim=1)) > 0
+
+
+def truncated_importance_weights(learner_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """min(π_learner/π_engine, cap) per response token (1 with cap 0: no correction), 0 on padding: how much a
+    token sampled by the engine counts in the learner's policy loss."""
+    if cap == 0:
+        return mask.clone()
+    return (learner_logp - engine_logp).exp().clamp(max=cap) * mask
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:

@@ -37,7 +37,9 @@ PPO_LOSSES = Section("Losses", (("train/loss",), ("ppo/policy_loss",), ("ppo/val
                                 ("ppo/clipfrac",), ("ppo/entropy",)))
 PPO_RESPONSES = Section("Responses", (("ppo/response_len", "val/response_len"),))
 PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollout_time_frac",),
-                                    ("perf/iteration_s",), ("ppo/weight_sync_s",), ("ppo/weight_sync_peak_gib",)))
+                                    ("perf/iteration_s",), ("ppo/weight_sync_s",), ("ppo/weight_sync_peak_gib",),
+                                    ("ppo/logprob_mismatch", "ppo/logprob_mismatch_max"), ("ppo/staleness",),
+                                    ("ppo/regenerated_rollouts",)))
 
 # Stage family (each stage names its own, raytrain/stages/) → its sections, most telling first.
 FAMILIES: dict[str, tuple[Section, ...]] = {

@@ -55,8 +55,9 @@ class Algorithm:
         return mask
 
     def policy_loss(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    weights: torch.Tensor, ppo: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return policy_loss(logp, old_logp, advantages, weights, *self.clip(ppo))
+                    weights: torch.Tensor, tis: torch.Tensor,
+                    ppo: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return policy_loss(logp, old_logp, advantages, weights, *self.clip(ppo), tis)
 
 
 def per_response(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

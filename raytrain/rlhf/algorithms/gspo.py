@@ -21,8 +21,9 @@ class GroupSequence(GroupRelative):
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
     def policy_loss(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    weights: torch.Tensor, ppo: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return sequence_policy_loss(logp, old_logp, advantages, weights, *self.clip(ppo))
+                    weights: torch.Tensor, tis: torch.Tensor,
+                    ppo: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sequence_policy_loss(logp, old_logp, advantages, weights, *self.clip(ppo), tis)
 
 
 ALGORITHM = GroupSequence()
