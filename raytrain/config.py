@@ -240,8 +240,7 @@ class HealthConfig:
     length_growth: float = 2.0  # ppo/response_len above this × the first iteration's
     entropy_drop: float = 0.1  # ppo/entropy below this × the first iteration's
     clipfrac_max: float = 0.3  # ppo/clipfrac above this (updates too large for the clip range)
-    reward_gap: float = 0.25  # since the last validation the held-out reward fell and the train reward rose,
-    # each by more than this × the first iteration's reward std
+    reward_gap: float = 0.25  # held-out reward fell and train reward rose by over this × the first reward std
     repeat_fraction: float = 0.5  # one response given to at least this fraction of an iteration's prompts (≥ 4)
 
     def validate(self) -> None:

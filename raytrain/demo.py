@@ -39,7 +39,7 @@ DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
 # coefficient holds the policy near the fine-tuned model (KL_TARGET nats per answer).
 # (At lr 4e-4 with a slow controller the policy found that "." scores well: reward hacking, KL 15 nats.)
 PPO_OVERRIDES = {"iterations": 20, "prompts_per_iteration": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 2.0,
-                 "kl_horizon": 100, "val_prompts": 32, "drop_long_prompts": True}
+                 "kl_horizon": 100, "val_prompts": 32, "drop_long_prompts": True, "async_rollouts": True}
 PPO_LR = 2e-4
 KL_WINDOW = 5  # iterations the reported KL is averaged over (one iteration's 16 answers are a noisy estimate)
 
@@ -140,8 +140,10 @@ def report_ppo(summary: dict, run: Path) -> None:
           f"model {kl:.2f} nats per sampled answer over the last {KL_WINDOW} iterations (target "
           f"{PPO_OVERRIDES['kl_target']:.1f}, β {PPO_OVERRIDES['kl_coef']} → {final['ppo/kl_coef']:.3f}); held-out "
           f"answer length {before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
-    print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, weight sync "
-          f"{final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
+    waited = statistics.mean(r["perf/rollout_time_frac"] for r in records if "perf/rollout_time_frac" in r)
+    print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, generated while the "
+          f"learner trained (asynchronous, one iteration stale; the learner waited {waited:.0%} of an iteration), "
+          f"weight sync {final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
     monitors = sorted({key for r in records for key in r if key.startswith("health/")})
     fired = {key.removeprefix("health/"): [str(r["step"]) for r in records if r.get(key)] for key in monitors}
     print("  health monitors: " + (", ".join(f"{name} fired at step(s) {', '.join(steps)}"
