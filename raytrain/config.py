@@ -235,12 +235,12 @@ Monitor = Literal["kl_spike", "length_blowup", "entropy_collapse", "clip_fractio
 class HealthConfig:
     """When each of PPO's health monitors fires; checked every iteration on numbers every rank shares."""
 
-    kl_spike: float = 3.0  # ppo/kl above this × the mean of the earlier iterations' (and above kl_floor)
+    kl_spike: float = 3.0  # ppo/kl above this × the mean of the last 10 iterations' (and above kl_floor)
     kl_floor: float = 1.0  # nats: a smaller KL is no spike
     length_growth: float = 2.0  # ppo/response_len above this × the first iteration's
     entropy_drop: float = 0.1  # ppo/entropy below this × the first iteration's
     clipfrac_max: float = 0.3  # ppo/clipfrac above this (updates too large for the clip range)
-    reward_gap: float = 0.25  # held-out reward fell and train reward rose by over this × the first reward std
+    reward_gap: float = 0.25  # held-out reward fell and train reward rose by over this × the first nonzero reward std
     repeat_fraction: float = 0.5  # one response given to at least this fraction of an iteration's prompts (≥ 4)
 
     def validate(self) -> None:

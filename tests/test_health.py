@@ -57,3 +57,12 @@ def test_an_iteration_that_trained_on_nothing_checks_no_loss_metric():
     monitors = HealthMonitors(HealthConfig())
     assert monitors.iteration(quiet, VARIED, 2) == {}  # DAPO dropped every group: no entropy to compare
     assert monitors.iteration(CALM, VARIED, 2) == {} and monitors.first["ppo/entropy"] == 2.0
+
+
+def test_reward_divergence_waits_for_a_reward_spread_to_measure_by():
+    monitors = HealthMonitors(HealthConfig())
+    monitors.iteration({**CALM, "ppo/reward_std": 0.0}, VARIED, 2)  # a 0/1 reward that scored all alike
+    monitors.validation(held_out=0.5, train=0.0)
+    assert monitors.validation(held_out=0.49, train=0.01) == {}  # no scale yet: no divergence to speak of
+    monitors.iteration(CALM, VARIED, 2)  # now a std of 0.5
+    assert set(monitors.validation(held_out=0.2, train=0.5)) == {"reward_divergence"}

@@ -308,13 +308,18 @@ def test_rl_algorithms_and_a_health_stop_on_actor_pools(reference, tmp_path):
     assert hack["checkpoint"] and read_checkpoint_meta(hack["checkpoint"])["step"] == stop  # saved where it stopped
     (offline,) = (tmp_path / "hack" / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"length_blowup" in offline.read_bytes()  # the alert, for `wandb sync`
+    again = ppo("hack", "dapo", 4, "ppo.reward=python:raytrain.rlhf.rewards:verbosity", "ppo.iterations=10",
+                "ppo.max_new_tokens=24", "ppo.stop_on=[length_blowup]", "train.checkpoint_every=100",
+                "tracking.mode=offline")
+    assert again["steps"] == stop and again["stopped_by"] == ["length_blowup"]  # rerun: still stopped
 
 
 @pytest.mark.ray
 def test_async_rollouts_learn_and_resume_exactly(reference, tmp_path):
-    """ppo.async_rollouts: the next rollout is generated from weights one iteration old while the learner trains;
-    GRPO still raises the reward; a worker that dies mid-run resumes from a checkpoint holding the rollout in
-    flight and repeats the uninterrupted run's numbers; a rollout lost with its actor is made again (counted)."""
+    """ppo.async_rollouts with ppo.max_staleness=2: every other iteration the actors take the weights and generate
+    the next two rollouts while the learner trains; GRPO still raises the reward; a worker that dies mid-run
+    resumes between two syncs from a checkpoint holding the rollout in flight and repeats the uninterrupted run's
+    numbers; a rollout lost with its actor is made again (counted)."""
     policy = reference[0]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
@@ -325,8 +330,9 @@ def test_async_rollouts_learn_and_resume_exactly(reference, tmp_path):
                                       f"ppo.prompts='{prompts}'", "ppo.algorithm=grpo", "ppo.samples_per_prompt=4",
                                       "ppo.prompts_per_iteration=4", "ppo.max_new_tokens=12", "ppo.val_prompts=4",
                                       "ppo.reward=python:raytrain.rlhf.rewards:brevity", "ppo.async_rollouts=true",
-                                      "train.lr=1e-2", "train.warmup_steps=0", "train.min_lr_ratio=1",
-                                      "train.log_every=1", "train.val_every=0", "train.checkpoint_every=2",
+                                      "ppo.max_staleness=2", "train.lr=1e-2", "train.warmup_steps=0",
+                                      "train.min_lr_ratio=1", "train.log_every=1", "train.val_every=0",
+                                      "train.checkpoint_every=1",
                                       "parallel.workers=1", *overrides])
         return STAGES["ppo"].run(config)
 
@@ -334,19 +340,22 @@ def test_async_rollouts_learn_and_resume_exactly(reference, tmp_path):
     reward = list(metric(tmp_path / "async", "ppo/reward_mean").values())
     assert sum(reward[-2:]) > sum(reward[:2]) + 0.1, reward
     staleness = metric(tmp_path / "async", "ppo/staleness")
-    assert list(staleness.values()) == [0.0] + [1.0] * 7  # the first rollout waits for nobody
+    assert list(staleness.values()) == [0.0] + [1.0, 2.0] * 3 + [1.0]  # the first rollout waits for nobody
     mismatch = metric(tmp_path / "async", "ppo/logprob_mismatch")
     assert mismatch[2] < 1e-4 < mismatch[4], mismatch  # same weights: rounding only; then one update apart
     assert summary["rollout_weights_max_diff"] == 0.0 and summary["final"]["ppo/regenerated_rollouts"] == 0
     samples = [json.loads(line) for line in (tmp_path / "async" / "samples.jsonl").read_text().splitlines()]
-    assert {(s["step"], s["policy_step"]) for s in samples if s["split"] == "train"} >= {(2, 0), (4, 0), (6, 2)}
+    assert {(s["step"], s["policy_step"]) for s in samples if s["split"] == "train"} >= {(2, 0), (4, 0), (6, 0),
+                                                                                            (8, 4)}
 
-    grpo("async-failures", "ppo.iterations=5", "debug.fail_at_step=5", "train.max_failures=1",
+    # The worker dies in iteration 3 and resumes from step 6, between two syncs (iteration 3's rollout came with
+    # the weights of step 4); iteration 4's rollout dies with its actor.
+    grpo("async-failures", "ppo.iterations=5", "debug.fail_at_step=7", "train.max_failures=1",
          "debug.fail_actor_at_iteration=4")
-    assert (tmp_path / "async-failures" / ".debug_failed_once").read_text() == "resumed from step 4\n"
+    assert (tmp_path / "async-failures" / ".debug_failed_once").read_text() == "resumed from step 6\n"
     for name in ("ppo/reward_mean", "train/loss", "ppo/logprob_mismatch"):
         a, b = metric(tmp_path / "async", name), metric(tmp_path / "async-failures", name)
-        assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in (2, 4, 6)), (name, a, b)
+        assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in (2, 4, 6, 8)), (name, a, b)
     regenerated = metric(tmp_path / "async-failures", "ppo/regenerated_rollouts")
     assert regenerated[8] == 0 and regenerated[10] == 1, regenerated  # iteration 4's rollout died with its actor
     assert metric(tmp_path / "async-failures", "ppo/staleness")[10] == 0  # made again from the current weights

@@ -77,7 +77,7 @@ class ExperienceSource:
         self.ready: dict[int, dict | None] = {}  # async: iteration → its rollout, done (None: lost with an actor)
         self.regenerated = 0  # async rollouts lost with an actor and made again from newer weights
         self.fired: set[str] = set()  # monitors fired since the last logged iteration
-        self.stop_reason = ""  # a monitor of ppo.stop_on fired: the loop ends the run
+        self.stopped_by, self.stop_reason = "", ""  # a monitor of ppo.stop_on fired: the loop ends the run
         self.iterations_done = 0
         self.session = uuid.uuid4().hex[:8]  # weights of another attempt never count as current
         self.synced: tuple | None = None
@@ -104,12 +104,16 @@ class ExperienceSource:
         fixed shapes."""
         self._wait_for_pending()
         return {"iterations_done": self.iterations_done, "kl_coef": self.kl.value,
-                "health": json.dumps(self.health.state()), "regenerated": self.regenerated,
+                "health": json.dumps(self.health.state()), "stop": json.dumps([self.stopped_by, self.stop_reason]),
+                "regenerated": self.regenerated,
                 "rollouts": json.dumps({str(iteration): batch for iteration, batch in self.ready.items()})}
 
     def load_state(self, state: dict) -> None:
         self.iterations_done, self.kl.value = int(state["iterations_done"]), float(state["kl_coef"])
         self.health.load_state(json.loads(state["health"]))
+        stopped_by, reason = json.loads(state["stop"])
+        if stopped_by in self.ppo.stop_on:  # a run resumed after its stop stays stopped, unless told to go on
+            self.stopped_by, self.stop_reason = stopped_by, reason
         self.regenerated = int(state["regenerated"])
         self.ready = {int(iteration): batch for iteration, batch in json.loads(state["rollouts"]).items()}
 
@@ -132,7 +136,8 @@ class ExperienceSource:
             experience, stats, self.kls = self._experience(self.batch)
             self.objective.kl_coef = self.kl.value
             self.round_stats = {**stats, "ppo/kl_coef": self.kl.value, "ppo/weight_sync_s": sync_s,
-                                "ppo/weight_sync_peak_gib": self.sender.peak_bytes / 2**30,
+                                # No sender yet: a resumed asynchronous run whose first iteration had its rollout.
+                                "ppo/weight_sync_peak_gib": self.sender.peak_bytes / 2**30 if self.sender else 0.0,
                                 "ppo/staleness": (step - self.batch["version"]) / self.steps_per_round,
                                 "ppo/regenerated_rollouts": float(self.regenerated),
                                 "perf/rollout_tokens_per_s": stats["ppo/response_len"] * len(self.kls)
@@ -174,16 +179,16 @@ class ExperienceSource:
             self.fired.add(name)
             stops = name in self.ppo.stop_on
             if stops and not self.stop_reason:
-                self.stop_reason = f"{name} at iteration {iteration}: {why}"
+                self.stopped_by, self.stop_reason = name, f"{name} after {iteration} iterations: {why}"
             if worker.rank != 0:
                 continue
-            log.warning("%s health: %s at iteration %d: %s%s", worker.tag, name, iteration, why,
+            log.warning("%s health: %s after %d iterations: %s%s", worker.tag, name, iteration, why,
                         " — stopping (ppo.stop_on)" if stops else "")
             if worker.log is not None and worker.log.wandb is not None:
                 import wandb
 
                 worker.log.wandb.alert(title=f"{worker.config.run.name}: {name}", level=wandb.AlertLevel.WARN,
-                                       text=f"iteration {iteration}: {why}", wait_duration=0)
+                                       text=f"after {iteration} iterations: {why}", wait_duration=0)
 
     def finish(self, step: int) -> None:
         """The rollout actors end holding the final policy (the stage checks they match the checkpoint)."""

@@ -40,7 +40,9 @@ class HealthMonitors:
         `group` per prompt in a row."""
         health, fired = self.health, {}
         for key in ("ppo/response_len", "ppo/entropy", "ppo/reward_std"):
-            if key in metrics:  # the loss's metrics are missing when no row was trained on (DAPO)
+            # The loss's metrics are missing when no row was trained on (DAPO); a reward std of 0 (every sample
+            # scored alike) is no scale to measure a divergence by: the first iteration with a spread sets it.
+            if key in metrics and (key != "ppo/reward_std" or metrics[key] > 0):
                 self.first.setdefault(key, metrics[key])
         kl, earlier = metrics["ppo/kl"], self.kls[-KL_WINDOW:]
         if earlier:
@@ -75,7 +77,7 @@ class HealthMonitors:
         previous, self.validated = self.validated, [held_out, train]
         if previous is None or "ppo/reward_std" not in self.first:
             return {}
-        gap = self.health.reward_gap * max(self.first["ppo/reward_std"], 1e-6)
+        gap = self.health.reward_gap * self.first["ppo/reward_std"]
         fell, rose = previous[0] - held_out, train - previous[1]
         if fell > gap and rose > gap:
             return {"reward_divergence": f"held-out reward fell {fell:.3g} while the train reward rose {rose:.3g} "

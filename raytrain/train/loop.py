@@ -209,6 +209,9 @@ class Worker:
             self._log(0, source.validate(0))
         done = first * per_round
         for round_ in range(first, rounds):
+            if source.stop_reason:  # resumed after a stop that still holds (ppo.stop_on)
+                log.warning(f"{self.tag} stopped at step {done}: {source.stop_reason}")
+                break
             round_sums = None
             for _ in range(per_round):
                 tick = time.perf_counter()
@@ -266,6 +269,11 @@ class Worker:
             sums = self._pipeline_step(step, rows, first_row)
         else:
             sums = self._accumulate_step(step, rows, first_row)
+        if self.nothing_counted:  # no gradient: AdamW's momentum and decay must not move the weights either
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.grad_norm = 0.0
+            return sums
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         params = [p for part in self.parts for p in part.parameters()]
         self.grad_norm = clip_grad_norm(params, max_norm, self.layout.pp_group)
@@ -278,8 +286,11 @@ class Worker:
         """What the loss is a sum over (target tokens, or ranked pairs) in the whole global batch (every pp
         and tp rank holds the same targets)."""
         counts = torch.stack([self.objective.count(t) for t in targets]).sum().double()
-        # At least 1: a batch can count nothing (DAPO drops every row of prompts whose samples scored the same).
-        return (all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)).clamp(min=1)
+        count = all_reduce_sum(counts) / (self.layout.tp * self.layout.pp)
+        # A batch can count nothing (DAPO drops every row of prompts whose samples all scored the same): then the
+        # step is skipped (every rank sees the same count).
+        self.nothing_counted = bool(count == 0)
+        return count.clamp(min=1)
 
     def _accumulate_step(self, step: int, rows, first_row: int) -> torch.Tensor:
         (module,) = self.modules
