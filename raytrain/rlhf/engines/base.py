@@ -8,6 +8,11 @@ import torch
 class RolloutEngine:
     name: str
 
+    @classmethod
+    def problems(cls, model: dict, gpu: bool) -> list[str]:
+        """Why this engine cannot generate for the policy `model` here (checked before any actor starts)."""
+        return []
+
     def __init__(self, model: dict, device: torch.device):
         """model: the policy's TransformerConfig as a dict; no weights until the first sync."""
 
