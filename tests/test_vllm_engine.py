@@ -12,8 +12,11 @@ from raytrain.model.transformer import Transformer, TransformerConfig
 from raytrain.rlhf.engines import ENGINES
 from raytrain.rlhf.weight_sync import model_parameters
 
-CONFIG = TransformerConfig(vocab_size=640, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)
-PROMPTS = [[5, 9, 11], [7] * 9, list(range(20, 37))]  # mixed lengths: vLLM batches them continuously
+CONFIG = TransformerConfig(vocab_size=640, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=192)
+# Mixed lengths (vLLM batches them continuously); the last fills a 128-token block of vLLM's CPU prefix cache,
+# which must not outlive the weights that computed it.
+PROMPTS = [[5, 9, 11], [7] * 9, list(range(20, 37)), list(range(100, 240))]
+SEEDS = list(range(len(PROMPTS)))
 
 
 def policy(seed: int) -> Transformer:
@@ -32,10 +35,11 @@ def test_vllm_engine_generates_what_the_learner_would():
 def check_vllm_engine():
     engine_class = ENGINES["vllm"]
     assert engine_class.problems(vars(CONFIG), gpu=False) == []
-    tiny = vars(TransformerConfig(vocab_size=640, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2))
-    (why,) = engine_class.problems(tiny, gpu=False)
-    assert "head_dim >= 32" in why and "ppo.rollout_engine=native" in why
-    assert engine_class.problems(tiny, gpu=True) == []
+    for d_model, heads in ((32, 4), (96, 2)):  # head sizes 8 and 48: not among the CPU kernels'
+        model = vars(TransformerConfig(vocab_size=640, d_model=d_model, n_layers=2, n_heads=heads, n_kv_heads=1))
+        (why,) = engine_class.problems(model, gpu=False)
+        assert f"this policy's is {d_model // heads}" in why and "ppo.rollout_engine=native" in why, why
+        assert engine_class.problems(model, gpu=True) == []
 
     engine = engine_class(vars(CONFIG), torch.device("cpu"))
     for seed in (0, 1):  # a first version, then another reloaded in place
@@ -48,14 +52,14 @@ def check_vllm_engine():
         greedy = {"max_new_tokens": 12, "stop_ids": (stop,), "pad_id": 0, "temperature": 0.0, "top_k": 0,
                   "top_p": 1.0}
         ours: list[list[float]] = []
-        expected = generate(model, PROMPTS, seeds=[0, 1, 2], logprobs=ours, **greedy)
-        responses, logprobs = engine.generate(PROMPTS, [0, 1, 2], greedy)
+        expected = generate(model, PROMPTS, seeds=SEEDS, logprobs=ours, **greedy)
+        responses, logprobs = engine.generate(PROMPTS, SEEDS, greedy)
         assert responses == expected and responses[0][-1] == stop, (responses, expected)  # the stop token kept
         assert max(abs(a - b) for x, y in zip(logprobs, ours, strict=True) for a, b in zip(x, y, strict=True)) < 1e-4
 
     sampled = {**greedy, "temperature": 1.0, "top_k": 50, "top_p": 0.9}
-    batch, batch_logprobs = engine.generate(PROMPTS, [10, 11, 12], sampled)
-    alone, _ = engine.generate(PROMPTS[2:], [12], sampled)
+    batch, batch_logprobs = engine.generate(PROMPTS, [10, 11, 12, 13], sampled)
+    alone, _ = engine.generate(PROMPTS[2:3], [12], sampled)
     assert alone[0] == batch[2] and batch != expected  # seeded per sample, whatever the batch
     # A sampled token's log-prob is the raw one (no temperature, top-k/p): what the learner computes.
     with torch.no_grad():

@@ -103,6 +103,12 @@ def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     return torch.tensor([r + [pad_id] * (longest - len(r)) for r in rows], dtype=torch.long)
 
 
+def rollout_settings(ppo: PPOConfig, special: dict, temperature: float) -> dict:
+    """What a rollout engine generates with (RolloutEngine.generate's settings)."""
+    return {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(special["stop"]), "pad_id": special["pad"],
+            "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
+
+
 class StaleWeights(Exception):
     """A rollout actor asked for weights it does not hold (restarted by Ray since the last sync)."""
 

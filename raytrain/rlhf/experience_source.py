@@ -27,7 +27,7 @@ from raytrain.data.stream import BatchOrder
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.model.flops import train_flops_per_token
-from raytrain.rlhf.actors import StaleWeights, rollout_pieces
+from raytrain.rlhf.actors import StaleWeights, rollout_pieces, rollout_settings
 from raytrain.rlhf.algorithms import ALGORITHMS
 from raytrain.rlhf.algorithms.base import Rollout
 from raytrain.rlhf.experience import Experience, on_grid, response_logp, rollout_tensors, sequence_kl
@@ -280,8 +280,7 @@ class ExperienceSource:
         calls = {"prompts": prompts, "version": self.synced[1], "generated": [], "scored": []}
         if self.worker.rank != 0:
             return calls
-        settings = {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(special["stop"]), "pad_id": special["pad"],
-                    "temperature": temperature, "top_k": ppo.top_k, "top_p": ppo.top_p}
+        settings = rollout_settings(ppo, special, temperature)
         for i, (start, end) in enumerate(rollout_pieces(len(prompts), len(self.rollout), ppo.rollout_batch)):
             fails = fail and i == 0
             responses, details = self.rollout[i % len(self.rollout)].generate.remote(

@@ -218,29 +218,30 @@ class ProximalPolicyOptimisation(Stage):
 
 def rollout_check(pools, checkpoint: str | None, spec: dict, ppo) -> dict:
     """How a rollout actor's engine stands after the last sync against the final checkpoint's policy: the largest
-    weight difference (0 when the sync delivered the trained weights) and the share of (up to 8) held-out prompts
-    whose greedy answer from the engine equals our own generation from the checkpoint (1.0 when the engine
-    generates from those weights, under its own kernels: vLLM's too)."""
+    weight difference (0 when the sync delivered the trained weights; for vLLM, delivered into the buffers it
+    reloads from) and the share of (up to 8) held-out prompts whose greedy answer from the engine equals our own
+    generation from the checkpoint (1.0 when the engine generates from those weights, under its own kernels:
+    what shows that vLLM took them). None for both when the actor restarted after the last sync."""
     import ray
 
     from raytrain.model.generate import generate
-    from raytrain.rlhf.actors import NAMESPACE
+    from raytrain.rlhf.actors import NAMESPACE, rollout_settings
+    from raytrain.rlhf.weight_sync import model_parameters
     from raytrain.train.checkpoint import load_model
 
-    if checkpoint is None:
-        return {"rollout_weights_max_diff": None, "rollout_greedy_agreement": None}
-    model, _ = load_model(checkpoint)
     actor = ray.get_actor(pools.rollout[0], namespace=NAMESPACE)
     version, weights = ray.get(actor.weights.remote())
+    if checkpoint is None or version is None:  # nothing trained, or the actor restarted since the last sync
+        return {"rollout_weights_max_diff": None, "rollout_greedy_agreement": None}
+    model, _ = load_model(checkpoint)
     prompts = (spec["val"] or spec["train"])[:8]
     seeds = list(range(len(prompts)))
-    settings = {"max_new_tokens": ppo.max_new_tokens, "stop_ids": tuple(spec["special"]["stop"]),
-                "pad_id": spec["special"]["pad"], "temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    settings = {**rollout_settings(ppo, spec["special"], 0.0), "top_k": 0, "top_p": 1.0}
     responses, _ = actor.generate.remote(version, prompts, seeds, settings)
     ours = generate(model.eval(), prompts, seeds=seeds, **settings)
     agree = sum(a == b for a, b in zip(ray.get(responses), ours, strict=True))
-    return {"rollout_weights_max_diff": max(float((weights[k] - v).abs().max())
-                                            for k, v in model.state_dict().items() if k in weights),
+    return {"rollout_weights_max_diff": max(float((weights[name] - p).abs().max())
+                                            for name, p in model_parameters(model)),
             "rollout_greedy_agreement": agree / len(prompts)}
 
 
