@@ -8,10 +8,12 @@ that lives as long as the command. One line says which.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 
 import ray
@@ -101,21 +103,25 @@ def init_ray(config: RuntimeConfig) -> None:
 def start_local_ray(config: RuntimeConfig, level: int) -> None:
     """A Ray of this process's own, with its dashboard on 127.0.0.1 (the State API that frees stopped runs'
     placement groups needs it)."""
-    port = free_port(DASHBOARD_PORT)
-    api = f"http://127.0.0.1:{port}"
-    # Ray Train's placement-group cleaner finds "the" cluster's State API by guessing, which fails or picks
-    # another cluster when two Rays run on one host. The cluster's processes inherit this and ask ours.
-    with environ(RAY_API_SERVER_ADDRESS=api):
-        ray.init(
-            address="local",
-            num_cpus=local_num_cpus(config),
-            object_store_memory=int(config.object_store_gib * 2**30),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            logging_level=level,
-            configure_logging=True,
-        )
+    # Two commands starting at once would both find the same port free: the probe and the start (ray.init
+    # returns once the dashboard listens) hold a lock shared by every raytrain on this host.
+    with open(os.path.join(tempfile.gettempdir(), "raytrain-ray-start.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        port = free_port(DASHBOARD_PORT)
+        api = f"http://127.0.0.1:{port}"
+        # Ray Train's placement-group cleaner finds "the" cluster's State API by guessing, which fails or picks
+        # another cluster when two Rays run on one host. The cluster's processes inherit this and ask ours.
+        with environ(RAY_API_SERVER_ADDRESS=api):
+            ray.init(
+                address="local",
+                num_cpus=local_num_cpus(config),
+                object_store_memory=int(config.object_store_gib * 2**30),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                logging_level=level,
+                configure_logging=True,
+            )
 
 
 def free_port(start: int) -> int:

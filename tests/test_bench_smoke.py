@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.run import NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_every_benchmark_section_runs_at_toy_sizes_and_writes_its_page_and_curves(tmp_path):
     # Its own Ray per section (bench/run.py), never the tests' session Ray. The timeout only stops a hang: ~9 min
     # here on a slow day, 15 when another job shares the 2 cores.

@@ -165,15 +165,17 @@ def test_reward_model_exports_as_a_scorer(plain_tokenizer, tmp_path, capsys):
     assert float(capsys.readouterr().out.split()[0]) == pytest.approx(ours[0], abs=2e-4)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_an_export_past_2_gib_round_trips(plain_tokenizer, tmp_path, monkeypatch):
-    """A 0.64 B-parameter model, 2.56 GB in fp32 (past the 2 GiB one protobuf holds): its graphs keep their
+    """A 0.54 B-parameter model, 2.18 GB in fp32 (past the 2 GiB one protobuf holds; wide and 2 layers deep, as
+    exporting costs per layer and the 2 GiB limit counts bytes): its graphs keep their
     weights in weights.bin, once for both; onnxruntime's greedy tokens are PyTorch's on 4 prompts, and the int8
     folder is under 0.35× the fp32 one. The export measures its speed on 1 prompt × 4 tokens here (16 × 32 of a
     model this size take minutes on a CPU)."""
     monkeypatch.setattr(commands, "PROMPTS", 1)
     monkeypatch.setattr(commands, "NEW_TOKENS", 4)
-    config = TransformerConfig(vocab_size=32768, d_model=2048, n_layers=10, n_heads=16, n_kv_heads=16, max_seq_len=64)
+    config = TransformerConfig(vocab_size=32768, d_model=3584, n_layers=2, n_heads=28, n_kv_heads=28, max_seq_len=64)
     with torch.device("meta"):  # no default init to overwrite
         model = Transformer(config)
     model.to_empty(device="cpu")
@@ -194,8 +196,8 @@ def test_an_export_past_2_gib_round_trips(plain_tokenizer, tmp_path, monkeypatch
     del model
     try:
         fp32 = export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "fp32"))
-        # The weights once (the 21 norm scales, all ones, once in all), not once per graph.
-        assert weights * 0.999 < (tmp_path / "fp32" / WEIGHTS_FILE).stat().st_size <= weights
+        # The weights once (the 5 norm scales, all ones, once in all; a few KB of alignment), not once per graph.
+        assert weights * 0.999 < (tmp_path / "fp32" / WEIGHTS_FILE).stat().st_size < weights * 1.001
         assert fp32["bytes"] < weights * 1.001 and margin > 10 * fp32["parity"], (margin, fp32["parity"])
         assert OnnxModel(tmp_path / "fp32").generate(prompts, 8, pad_id=pad) == expected
         int8 = export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "int8"), quantization="int8")
