@@ -164,13 +164,18 @@ class TrainConfig:
     init_from: str = ""  # a raytrain checkpoint or run to start from, or a Hugging Face folder (hf:DIR)
     peak_tflops: float = 0.0  # per worker, for MFU; 0: measured on the machine at start
     dpo_beta: float = 0.1  # DPO: strength of the implicit KL penalty to the reference (β)
+    simpo_beta: float = 2.0  # SimPO: scale of the length-normalised log-probability reward (β)
+    simpo_gamma: float = 0.5  # SimPO: the reward margin a preferred response must win by (γ)
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the preferred responses' NLL (λ)
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(0 < self.mask_fraction < 1, "train.mask_fraction", "must be in (0, 1)")
         _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.dpo_beta > 0, "train.dpo_beta", "must be > 0")
+        for key in ("dpo_beta", "simpo_beta", "orpo_lambda"):
+            _check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
+        _check(self.simpo_gamma >= 0, "train.simpo_gamma", "must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 

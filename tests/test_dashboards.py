@@ -65,7 +65,8 @@ def test_stage_workspaces_show_the_runs_of_their_job_types():
         (only,) = runset_filters(workspace._spec)
         assert only["key"] == {"section": "run", "name": "jobType"}
         assert only["value"] in (list(JOB_TYPES[family]), JOB_TYPES[family][0])
-    assert JOB_TYPES == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo"), "ppo": ("ppo",)}
+    assert JOB_TYPES == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo"),
+                         "ppo": ("ppo",)}
 
 
 def test_exported_specs_load_back_unchanged(tmp_path):

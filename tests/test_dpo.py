@@ -68,17 +68,55 @@ def test_loss_is_dpo_of_the_reply_log_probs_and_log_2_against_itself():
     assert same.item() == pytest.approx(math.log(2))  # the policy is its own reference at the start
 
 
+def uniform_logits_but(boosts: dict[tuple[int, int], float], shape=(2, 6, 30)) -> torch.Tensor:
+    """Logits 0 everywhere (each token log-prob −log 30) but logit `boost` at (response, position) for the token
+    the prefs rows' reply has there: its log-prob is boost − log(29 + e^boost)."""
+    _, (targets, _) = DirectPreference(PAD, beta=0.1, responses=2)(prefs_rows(), 0, 0)
+    logits = torch.zeros(shape)
+    for (row, position), boost in boosts.items():
+        logits[row, position, targets[row, position]] = boost
+    return logits
+
+
+def test_simpo_and_orpo_losses_by_hand():
+    from raytrain.stages.orpo import OddsRatioPreference
+    from raytrain.stages.simpo import SimplePreference
+
+    # Reply tokens: the better response has 3 (20 21 eos), the worse 2 (22 eos); one better token boosted by 2.
+    logits = uniform_logits_but({(0, 3): 2.0})
+    uniform, boosted = -math.log(30), 2.0 - math.log(29 + math.exp(2.0))
+    better, worse = (2 * uniform + boosted) / 3, uniform  # mean log-prob per reply token
+    simpo = SimplePreference(PAD, beta=2.0, gamma=0.5, responses=2)
+    _, targets = simpo(prefs_rows(), 0, 0)
+    loss, (pairs, right, margin) = simpo.loss(logits, targets)
+    assert targets[0].shape == (2, 6)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(0.5 - 2.0 * (better - worse))), rel=1e-6)
+    assert (pairs, right) == (1, 1) and margin.item() == pytest.approx(2.0 * (better - worse), rel=1e-6)
+    # No reference: targets stay as they are, and the DPO stage builds no reference model for it.
+    assert not SimplePreference.reference and not OddsRatioPreference.reference
+
+    orpo = OddsRatioPreference(PAD, beta=0.1, responses=2)
+    loss, (pairs, right, margin) = orpo.loss(logits, targets)
+
+    def log_odds(mean_logp):  # log(p / (1 − p))
+        return math.log(math.exp(mean_logp) / (1 - math.exp(mean_logp)))
+
+    odds_margin = log_odds(better) - log_odds(worse)
+    assert loss.item() == pytest.approx(-better + 0.1 * math.log1p(math.exp(-odds_margin)), rel=1e-6)
+    assert (pairs, right) == (1, 1) and margin.item() == pytest.approx(odds_margin, rel=1e-6)
+
+
 @pytest.mark.ray
 def test_dpo_prefers_the_chosen_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_prefs_dataset,
                                                                            tmp_path):
     from raytrain.errors import ConfigError
     from raytrain.train.local import run_local
 
-    def dpo(name, *overrides, in_process=False):
+    def dpo(name, *overrides, in_process=False, stage="dpo"):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}",
                                       f"train.data='{tiny_prefs_dataset}'", f"train.init_from='{reference[0]}'",
                                       "train.steps=20", "train.lr=0.002", "train.dpo_beta=0.5", *overrides])
-        return run_local(config, STAGES["dpo"]) if in_process else STAGES["dpo"].run(config)
+        return run_local(config, STAGES[stage]) if in_process else STAGES[stage].run(config)
 
     # The one-worker curve from the same loop without Ray Train (test_pretrain shows the two agree).
     dpo("one", "parallel.workers=1", in_process=True)
@@ -97,3 +135,16 @@ def test_dpo_prefers_the_chosen_answers_and_every_layout_and_a_restart_match_one
     assert_same_curve(one, losses(tmp_path / "tp2"))
     with pytest.raises(ConfigError, match="`raytrain dpo` cannot run under parallel.pp=2"):
         dpo("pp", "parallel.workers=2", "parallel.pp=2")
+
+    # SimPO and ORPO (no reference model) on the same rows and loop: their held-out loss falls, SimPO's margin
+    # grows (ORPO's margin of log odds does not in 20 steps here: its NLL term, raising both answers, leads);
+    # SimPO on two FSDP workers under Ray repeats its one-worker curve.
+    for stage in ("simpo", "orpo"):
+        dpo(stage, "parallel.workers=1", in_process=True, stage=stage)
+        val = metric(tmp_path / stage, "val/loss")
+        assert val[20] < val[0], (stage, val)
+        assert set(STAGES[stage].metrics) - untracked <= set(records(tmp_path / stage)[-1])
+    margin = metric(tmp_path / "simpo", "val/margin")
+    assert margin[20] > margin[0], margin
+    dpo("simpo-fsdp2", "parallel.workers=2", stage="simpo")
+    assert_same_curve(losses(tmp_path / "simpo"), losses(tmp_path / "simpo-fsdp2"))

@@ -14,12 +14,13 @@ from raytrain.stages import STAGES, all_objectives, families, get_stage, stage_o
 
 
 def test_every_stage_is_one_object_of_the_registry_in_the_chains_order():
-    assert list(STAGES) == ["pretrain", "sft", "reward", "dpo", "ppo"]
-    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "ppo", "grpo", "rloo", "reinforce++",
-                                "dapo", "gspo")
+    assert list(STAGES) == ["pretrain", "sft", "reward", "dpo", "simpo", "orpo", "ppo"]
+    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "simpo", "orpo", "ppo", "grpo", "rloo",
+                                "reinforce++", "dapo", "gspo")
     assert stage_of("grpo") is STAGES["ppo"] and stage_of("gspo") is STAGES["ppo"]
     assert stage_of("masked") is STAGES["pretrain"]
-    assert families() == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo"), "ppo": ("ppo",)}
+    assert families() == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo"),
+                          "ppo": ("ppo",)}
     with pytest.raises(ConfigError, match="unknown stage 'rlhf'; choose one of pretrain, sft"):
         get_stage("rlhf")
     with pytest.raises(ConfigError, match="no stage's; choose one of causal"):
@@ -29,6 +30,8 @@ def test_every_stage_is_one_object_of_the_registry_in_the_chains_order():
                      "sft": ("lm", True, False, ("val/loss", "min")),
                      "reward": ("score", False, False, ("val/accuracy", "max")),
                      "dpo": ("lm", False, True, ("val/loss", "min")),
+                     "simpo": ("lm", False, True, ("val/loss", "min")),
+                     "orpo": ("lm", False, True, ("val/loss", "min")),
                      "ppo": ("lm", False, True, ("val/reward_mean", "max"))}
 
 
@@ -36,7 +39,7 @@ def test_metric_names_are_what_each_stages_objective_logs():
     """The registry's names come from the objectives themselves: what `metrics` returns is what they list."""
     special = {"pad": 2, "assistant": 5, "mask": 6}
     config = load_config("tiny", ["train.objective=dpo"])
-    for name in ("pretrain", "sft", "reward", "dpo"):
+    for name in ("pretrain", "sft", "reward", "dpo", "simpo", "orpo"):
         stage = STAGES[name]
         objective = stage.make_objective(config.with_values({"train.objective": stage.objectives[0]}), special, 1)
         totals = torch.tensor([4.0, 2.0, 1.0, 0.5])

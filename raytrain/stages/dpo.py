@@ -31,7 +31,9 @@ class DirectPreferenceOptimisation(PreparedDataStage):
 
     def build_reference(self, worker):
         """The frozen reference in the policy's layout, never updated; a restart loads it from train.init_from
-        again, so it is not part of the checkpoints."""
+        again, so it is not part of the checkpoints. None for a loss without one (SimPO, ORPO)."""
+        if not self.objective_class.reference:
+            return None
         import torch
 
         from raytrain.model.transformer import Transformer

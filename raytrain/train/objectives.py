@@ -145,14 +145,15 @@ def ranked_pairs(ends: torch.Tensor) -> torch.Tensor:
     return present.unsqueeze(-1) & present.unsqueeze(-2) & above
 
 
-def pairwise_loss(scores: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bradley–Terry: Σ over ranked pairs of −log σ(s_i − s_j) = softplus(s_j − s_i).
+def pairwise_loss(scores: torch.Tensor, pairs: torch.Tensor, gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley–Terry: Σ over ranked pairs of −log σ(s_i − s_j − γ) = softplus(γ − (s_i − s_j)); γ is a margin the
+    better response must win by (SimPO's; 0 elsewhere).
 
     Returns (loss sum, [pairs, pairs ranked right (s_i > s_j), Σ margin s_i − s_j]).
     """
     margin = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [b, K, K]: s_i − s_j
     weight = pairs.to(margin.dtype)
-    loss = (F.softplus(-margin) * weight).sum()
+    loss = (F.softplus(gamma - margin) * weight).sum()
     detached = margin.detach().double()
     sums = torch.stack([pairs.sum().double(), ((detached > 0) & pairs).sum().double(), (detached * pairs).sum()])
     return loss, sums
@@ -260,6 +261,12 @@ class DirectPreference(PairwiseReward):
         tokens, ends = targets[0], targets[1]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), ignore_index=IGNORE, reduction="none")
         return -nll.view(tokens.shape).sum(dim=1).view(ends.shape)
+
+    @staticmethod
+    def reply_lengths(targets) -> torch.Tensor:
+        """[b, K] reply tokens per response (at least 1, so that an empty slot divides by 1)."""
+        tokens, ends = targets[0], targets[1]
+        return (tokens != IGNORE).sum(dim=1).view(ends.shape).clamp(min=1)
 
     def with_reference(self, targets, reference_logits: torch.Tensor):
         return (*targets[:2], self.sequence_logp(reference_logits, targets).detach())

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raytrain.rlhf.health import MONITORS
+from raytrain.stages import STAGES
+from raytrain.train.objectives import DirectPreference
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,12 @@ STEP_TIME = Section("Step time", (("perf/step_time_s",), ("perf/data_wait_frac",
 MEMORY = Section("Memory", (("mem/peak_gib", "mem/tensor_peak_gib"),
                             ("mem/init_peak_rss_gib", "mem/init_base_rss_gib", "mem/init_plan_gib")))
 REWARD_MODEL = Section("Reward model", (("rm/loss",), ("rm/accuracy", "val/accuracy"), ("rm/margin", "val/margin")))
-DPO = Section("DPO", (("dpo/loss",), ("dpo/accuracy", "val/accuracy"), ("dpo/margin", "val/margin")))
+# DPO's and its variants' metrics (a run logs its own stage's): one panel of each quantity for all of them.
+PREFERENCE_LOSSES = tuple(stage.objective_class.prefix for stage in STAGES.values()
+                          if issubclass(stage.objective_class, DirectPreference))
+PREFERENCE = Section("Preference optimisation", (tuple(f"{p}/loss" for p in PREFERENCE_LOSSES),
+                                                 (*(f"{p}/accuracy" for p in PREFERENCE_LOSSES), "val/accuracy"),
+                                                 (*(f"{p}/margin" for p in PREFERENCE_LOSSES), "val/margin")))
 PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",),
                                 ("ppo/equal_reward_groups",)))
 PPO_HEALTH = Section("Health", (tuple(f"health/{name}" for name in MONITORS),))  # 1: fired since the last log
@@ -44,7 +51,7 @@ PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollo
 # Stage family (each stage names its own, raytrain/stages/) → its sections, most telling first.
 FAMILIES: dict[str, tuple[Section, ...]] = {
     "pretrain": (LOSS, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
-    "finetune": (LOSS, REWARD_MODEL, DPO, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
+    "finetune": (LOSS, REWARD_MODEL, PREFERENCE, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
     "ppo": (PPO_REWARD, PPO_HEALTH, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
             MEMORY),
 }
