@@ -229,9 +229,12 @@ def _add_model_commands(commands) -> None:
     directions = convert.add_subparsers(dest="direction", required=True)
     to_hf = directions.add_parser("to-hf", help="raytrain checkpoint → safetensors + config.json of its family "
                                                 "({Family}ForCausalLM; {Family}ForSequenceClassification for a "
-                                                "reward model) and its tokenizer")
+                                                "reward model) and its tokenizer; a LoRA run's: a PEFT "
+                                                "adapter folder")
     to_hf.add_argument("checkpoint")
     to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--merge", action="store_true", help="a LoRA run's adapters folded into full weights, "
+                                                            "not a PEFT adapter folder")
     to_hf.set_defaults(action=handlers.convert_to_hf)
     from_hf = directions.add_parser("from-hf", help="Hugging Face model folder → raytrain checkpoint, its tokenizer "
                                                     "and a starting config.yaml")

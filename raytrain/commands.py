@@ -93,8 +93,8 @@ def score(args: argparse.Namespace) -> list[float]:
 def convert_to_hf(args: argparse.Namespace) -> None:
     from raytrain.export.hf import checkpoint_to_hf
 
-    architecture = checkpoint_to_hf(args.checkpoint, args.out)
-    print(f"{resolve_checkpoint(args.checkpoint)} → {args.out} ({architecture}, safetensors)")
+    written = checkpoint_to_hf(args.checkpoint, args.out, merge=args.merge)
+    print(f"{resolve_checkpoint(args.checkpoint)} → {args.out} ({written})")
 
 
 def convert_from_hf(args: argparse.Namespace) -> None:

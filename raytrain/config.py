@@ -134,6 +134,26 @@ class DataConfig:
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (model/lora.py) on a frozen base: rank 0 trains every weight."""
+
+    rank: int = 0  # the adapters' rank r; 0: no adapters
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers by name
+
+    def validate(self) -> None:
+        _check(self.rank >= 0, "train.lora.rank", "must be >= 0 (0: no adapters)")
+        _check(self.alpha > 0, "train.lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "train.lora.target_modules",
+               f"must name at least one linear layer ({', '.join(LORA_TARGETS)})")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The shared training loop: pre-training here; SFT, reward and PPO reuse it."""
@@ -167,6 +187,7 @@ class TrainConfig:
     simpo_beta: float = 2.0  # SimPO: scale of the length-normalised log-probability reward (β)
     simpo_gamma: float = 0.5  # SimPO: the reward margin a preferred response must win by (γ)
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the preferred responses' NLL (λ)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on a frozen base (sft, reward, dpo, ppo)
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):

@@ -198,6 +198,17 @@ def pretrain(root, name, dataset, *overrides):
     return STAGES["pretrain"].run(config)
 
 
+PROMPT_WORDS = ("len", "sorted", "zip", "map", "open", "print")
+
+
+def prompts_file(folder: Path, words=PROMPT_WORDS, topics=("lists", "text")) -> Path:
+    """A JSONL prompt set for RL runs: "What does WORD do with TOPIC?" for each pair."""
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
+                            for w in words for v in topics))
+    return path
+
+
 def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import metric, records
+from conftest import PROMPT_WORDS, metric, prompts_file, records
 
 from raytrain.config import PPOConfig, load_config
 from raytrain.errors import DataError
@@ -183,10 +183,8 @@ def test_ppo_and_grpo_on_actor_pools(reference, tmp_path):
     from raytrain.inference import generate_from_checkpoint
 
     policy = reference[0]
-    prompts = tmp_path / "prompts.jsonl"
-    words = ["len", "sorted", "zip", "map", "open", "print", "range", "sum", "min", "max", "abs", "iter"]
-    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
-                               for w in words for v in ("lists", "text", "numbers", "files")))
+    prompts = prompts_file(tmp_path, (*PROMPT_WORDS, "range", "sum", "min", "max", "abs", "iter"),
+                           ("lists", "text", "numbers", "files"))
 
     def ppo(name, *overrides):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
@@ -274,9 +272,7 @@ def test_rl_algorithms_and_a_health_stop_on_actor_pools(reference, tmp_path):
     the length monitor: a warning, a W&B alert, health/length_blowup, and (ppo.stop_on) the run ends early with a
     checkpoint at the step it stopped and says why."""
     policy = reference[0]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
-                               for w in ("len", "sorted", "zip", "map", "open", "print") for v in ("lists", "text")))
+    prompts = prompts_file(tmp_path)
 
     def ppo(name, algorithm, group, *overrides):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
@@ -321,9 +317,7 @@ def test_async_rollouts_learn_and_resume_exactly(reference, tmp_path):
     resumes between two syncs from a checkpoint holding the rollout in flight and repeats the uninterrupted run's
     numbers; a rollout lost with its actor is made again (counted)."""
     policy = reference[0]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
-                               for w in ("len", "sorted", "zip", "map", "open", "print") for v in ("lists", "text")))
+    prompts = prompts_file(tmp_path)
 
     def grpo(name, *overrides):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",
@@ -382,9 +376,7 @@ def test_grpo_and_ppo_with_vllm_rollouts(reference, tmp_path):
     resumes and repeats the uninterrupted run's numbers, and a vLLM actor killed mid-generate is restarted (a new
     engine) and the run finishes."""
     policy = vllm_policy(reference[0], tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What does {w} do with {v}?"}) + "\n"
-                               for w in ("len", "sorted", "zip", "map", "open", "print") for v in ("lists", "text")))
+    prompts = prompts_file(tmp_path)
 
     def run(name, *overrides):
         config = load_config("tiny", [f"run.root='{tmp_path}'", f"run.name={name}", f"ppo.policy='{policy}'",

@@ -9,6 +9,7 @@ starts as the base model; every other parameter is frozen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zlib
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.nn import functional as F
 
+from raytrain.config import LORA_TARGETS as TARGETS
+from raytrain.config import LoRAConfig
 from raytrain.errors import ConfigError
 from raytrain.model.hf import hf_name
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own names
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -33,16 +36,44 @@ class LoRALinear(nn.Linear):
     lora_A: nn.Linear
     lora_B: nn.Linear
     scaling: float
+    enabled = True  # off: the base layer alone (adapters_off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        base = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return base
+        return base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """add_lora with train.lora's settings; a model with rank 0 stays as it is."""
+    if not config.rank:
+        return []
+    return add_lora(model, config.rank, config.alpha, config.dropout, tuple(config.target_modules))
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model, adapters bypassed: a LoRA run's frozen reference (DPO's) without a second copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
              targets: tuple[str, ...] = TARGETS) -> list[str]:
-    """Adapt the model's linear layers named by `targets` in place and freeze every other parameter; returns the
-    adapted modules' names. A ConfigError names what cannot be adapted: a target that matches no layer, a rank
-    above a layer's smaller dimension."""
+    """Adapt the model's linear layers named by `targets` in place and freeze every other parameter but a score
+    head's; returns the adapted modules' names. A ConfigError names what cannot be adapted: a target that matches
+    no layer, a rank above a layer's smaller dimension."""
     unknown = sorted(set(targets) - {name.rpartition(".")[2] for name, m in model.named_modules()
                                      if isinstance(m, nn.Linear)})
     if unknown:
@@ -54,8 +85,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         if not 0 < rank <= min(module.in_features, module.out_features):
             raise ConfigError(f"train.lora.rank={rank} must be between 1 and the smaller dimension of {name} "
                               f"({module.in_features} × {module.out_features}); lower it")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("score."))  # a score head is new: it trains beside the adapters
     for _, module in adapted:
         device, dtype = module.weight.device, module.weight.dtype
         module.lora_A = nn.Linear(module.in_features, rank, bias=False, device=device, dtype=dtype)
@@ -64,6 +95,21 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         module.scaling = alpha / rank
         module.__class__ = LoRALinear
     return [name for name, _ in adapted]
+
+
+class BaseModel:
+    """Calls a LoRA model with its adapters bypassed: what it was before training (DPO's reference). It holds no
+    parameters of its own."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.module):
+            return self.module(*args, **kwargs)
+
+    def parameters(self):
+        return iter(())
 
 
 def lora_initial_values(model: nn.Module, seed: int) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -88,7 +134,9 @@ def init_lora(model: nn.Module, seed: int) -> None:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    """The adapters by name, the wrappers' prefixes (activation checkpointing) dropped: the same names under every
+    layout, which their initial values are drawn from."""
+    return {name.replace(_CHECKPOINT_PREFIX, ""): p for name, p in model.named_parameters() if is_adapter(name)}
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.tensor import DTensor
 
+from raytrain.model.lora import lora_initial_values
 from raytrain.model.transformer import Transformer, initial_values
 
 
@@ -21,12 +22,13 @@ def is_meta(module: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def materialize(part: Transformer, device: torch.device, seed: int) -> None:
-    """Allocate this rank's shards of a part built on the meta device and give them their seeded values."""
+    """Allocate this rank's shards of a part built on the meta device and give them their seeded values (its LoRA
+    adapters' too, if any)."""
     part.to_empty(device=device)
     part.reset_rotary(device)
     # Activation checkpointing wraps blocks; the wrapper's prefix is not part of a parameter's name.
     local = {name.replace(_CHECKPOINT_PREFIX, ""): param for name, param in part.named_parameters()}
-    for name, first, values in initial_values(part.config, part.head, seed):
+    for name, first, values in (*initial_values(part.config, part.head, seed), *lora_initial_values(part, seed)):
         param = local.get(name)
         if param is not None:  # else another pipeline stage's
             copy_rows(param, first, values)

@@ -33,12 +33,48 @@ from torch.distributed.tensor.parallel import (
 from raytrain.model.config import TransformerConfig
 from raytrain.model.transformer import Transformer
 
+
+def _distribute(name: str, module: nn.Module, placements: dict[str, Placement], mesh: DeviceMesh,
+                src_data_rank) -> None:
+    """A linear layer's parameters as DTensors, each placed as named (dotted names reach a LoRA adapter's).
+    distribute_module calls this for the layer (name "") and then for each of its submodules (a LoRA layer's
+    adapters), whose parameters the layer's call placed already."""
+    if name:
+        return
+    for name, placement in placements.items():
+        owner_name, _, key = name.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module  # no adapter on a plain layer
+        param = getattr(owner, key, None)
+        if param is not None:
+            owner.register_parameter(key, nn.Parameter(
+                distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
+                requires_grad=param.requires_grad))
+
+
+class Colwise(ColwiseParallel):
+    """ColwiseParallel that also splits a LoRA layer (model/lora.py): lora_A (in → rank) whole on every rank,
+    lora_B (rank → out) by output rows like the base weight, so the update is split as the base output is."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute(name, module, {"weight": Shard(0), "bias": Shard(0), "lora_A.weight": Replicate(),
+                             "lora_B.weight": Shard(0)}, device_mesh, self.src_data_rank)
+
+
+class Rowwise(RowwiseParallel):
+    """RowwiseParallel that also splits a LoRA layer: lora_A by input columns like the base weight (each rank's
+    partial sum), lora_B whole; the update's partial sums are reduced with the base output's."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute(name, module, {"weight": Shard(1), "bias": Replicate(), "lora_A.weight": Shard(1),
+                             "lora_B.weight": Replicate()}, device_mesh, self.src_data_rank)
+
+
 PROJECTIONS = {
-    "self_attn.q_proj": ColwiseParallel(),
-    "self_attn.k_proj": ColwiseParallel(),
-    "self_attn.v_proj": ColwiseParallel(),
-    "mlp.gate_proj": ColwiseParallel(),
-    "mlp.up_proj": ColwiseParallel(),
+    "self_attn.q_proj": Colwise(),
+    "self_attn.k_proj": Colwise(),
+    "self_attn.v_proj": Colwise(),
+    "mlp.gate_proj": Colwise(),
+    "mlp.up_proj": Colwise(),
 }
 ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, causal, mask, cache): only x is laid out
 
@@ -51,7 +87,7 @@ def block_plan(sequence_parallel: bool, qk_norm: bool = False) -> dict:
     if not sequence_parallel:
         # Norms replicated as DTensors, so every parameter is one: an optimizer's foreach step fails on a
         # group that mixes DTensors and plain tensors (a reward model's replicated head joins the split matrices).
-        return {**PROJECTIONS, **head_norms, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+        return {**PROJECTIONS, **head_norms, "self_attn.o_proj": Rowwise(), "mlp.down_proj": Rowwise(),
                 "input_layernorm": Replicated(Replicate()), "post_attention_layernorm": Replicated(Replicate())}
     rest = (None,) * (ATTENTION_ARGS - 1)
     return {
@@ -59,10 +95,10 @@ def block_plan(sequence_parallel: bool, qk_norm: bool = False) -> dict:
         **head_norms,
         "input_layernorm": SequenceParallel(),
         "self_attn": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest)),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "self_attn.o_proj": Rowwise(output_layouts=Shard(1)),
         "post_attention_layernorm": SequenceParallel(),
         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "mlp.down_proj": Rowwise(output_layouts=Shard(1)),
     }
 
 
@@ -86,6 +122,7 @@ def tp_errors(config: TransformerConfig, tp: int, seq_len: int, sequence_paralle
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
                           split_loss: bool) -> None:
     """Split the model, or the pipeline stage, in place (a stage may lack embedding or head)."""
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}  # LoRA's base
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(sequence_parallel, model.config.qk_norm))
     stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream between blocks
@@ -106,6 +143,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     if model.config.tie_embeddings and model.embed_tokens is not None and model.lm_head is not None:
         # parallelize_module gave each module its own DTensor: tie them again.
         model.lm_head.weight = model.embed_tokens.weight
+    for name, param in model.named_parameters():  # SequenceParallel's new parameters all require gradients
+        if name in frozen:
+            param.requires_grad_(False)
 
 
 class Replicated(ParallelStyle):
@@ -121,7 +161,8 @@ class Replicated(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(name, part, mesh):
             for key, param in list(part.named_parameters(recurse=False)):
-                part.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+                part.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Replicate()]),
+                                                          requires_grad=param.requires_grad))
 
         def gather(part, inputs, mesh):
             x = inputs[0]

@@ -19,6 +19,7 @@ group), so they do not hold up the new one.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import _get_fqns
 from torch.distributed.tensor import DTensor
 
 from raytrain.errors import DataError
+from raytrain.model.lora import LoRALinear, is_adapter
 from raytrain.train.memory import TensorMemory
 
 Plan = list[list[tuple[str, tuple[int, ...], torch.dtype]]]
@@ -131,6 +133,31 @@ def whole(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter.detach()
 
 
+def synced_parameters(module: torch.nn.Module) -> list[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
+    """(name, parameter, what gives its whole value) of what the rollout engines hold: the plain model's weights.
+    A LoRA policy's adapted weights are sent merged (W + B·A·alpha/rank, gathered a layer at a time), its adapters
+    not at all: the engines run the plain architecture, whatever trains."""
+    parameters = dict(model_parameters(module))
+    scaling = next((m.scaling for m in module.modules() if isinstance(m, LoRALinear)), 0.0)
+    synced = []
+    for name, parameter in parameters.items():
+        layer = name.removesuffix(".weight")
+        if is_adapter(name):
+            continue
+        if f"{layer}.lora_A.weight" in parameters:
+            adapters = parameters[f"{layer}.lora_A.weight"], parameters[f"{layer}.lora_B.weight"]
+            synced.append((name, parameter, functools.partial(merged, parameter, *adapters, scaling)))
+        else:
+            synced.append((name, parameter, functools.partial(whole, parameter)))
+    return synced
+
+
+def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """An adapted layer's whole weight with its update folded in (a collective, like whole)."""
+    base = whole(weight)
+    return (base.float() + whole(lora_b).float() @ whole(lora_a).float() * scaling).to(base.dtype)
+
+
 class WeightSender:
     """The learner's side of the sync, on every rank (each takes part in the gathers); rank 0 also holds the side
     group with the rollout actors and drives them."""
@@ -138,8 +165,8 @@ class WeightSender:
     def __init__(self, module: torch.nn.Module, rank: int, actors: list, *, bucket_bytes: int, timeout_s: float,
                  nccl: bool, restarts: int, agree: Callable[[object], object], streamed: bool = True):
         """streamed: through the side group in buckets, else the whole policy through the object store."""
-        self.parameters = model_parameters(module)
-        self.plan = bucket_plan([(n, tuple(p.shape), p.dtype) for n, p in self.parameters], bucket_bytes)
+        self.parameters = synced_parameters(module)
+        self.plan = bucket_plan([(n, tuple(p.shape), p.dtype) for n, p, _ in self.parameters], bucket_bytes)
         self.rank, self.actors, self.timeout_s, self.restarts = rank, actors, timeout_s, restarts
         self.backend = "nccl" if nccl else "gloo"
         self.agree = agree  # rank 0's value on every rank
@@ -197,12 +224,12 @@ class WeightSender:
     def _stream(self, receipts: list | None) -> str | None:
         """Every rank gathers each whole tensor in the plan's order; rank 0 sends them. Rank 0's error, if any."""
         memory = TensorMemory()
-        memory.track(p for _, p in self.parameters)
+        memory.track(p for _, p, _ in self.parameters)
         base = memory.current
         error = None
         sending = self.rank == 0 and self.group is not None
         with memory:
-            tensors = (whole(p) for _, p in self.parameters)
+            tensors = (value() for _, _, value in self.parameters)
             if sending:
                 try:
                     self.group.send(self.plan, tensors)
@@ -222,10 +249,10 @@ class WeightSender:
         import ray
 
         memory = TensorMemory()
-        memory.track(p for _, p in self.parameters)
+        memory.track(p for _, p, _ in self.parameters)
         base = memory.current
         with memory:
-            state = {name: whole(p).cpu() for name, p in self.parameters}
+            state = {name: value().cpu() for name, _, value in self.parameters}
         self.peak_bytes = memory.peak - base + self.bytes  # and the object store's copy
         if self.rank != 0:
             return None

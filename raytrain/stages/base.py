@@ -81,6 +81,23 @@ class Stage:
         """Everything that can be checked before a worker starts; the config the workers run (frozen)."""
         raise NotImplementedError
 
+    def check_lora(self, config: Config, base: str) -> None:
+        """train.lora adapts a model that exists (base: the checkpoint it starts from), and its targets and rank
+        fit the model's layers (tried on the meta device)."""
+        lora = config.train.lora
+        if not lora.rank:
+            return
+        if not base:
+            raise ConfigError(f"train.lora.rank={lora.rank} adapts a trained model, but `raytrain {self.name}` "
+                              "starts from scratch here; pass --init (train.init_from) or set train.lora.rank=0")
+        import torch
+
+        from raytrain.model.lora import apply_lora
+        from raytrain.model.transformer import Transformer
+
+        with torch.device("meta"):
+            apply_lora(Transformer(config.model, head=self.head), lora)
+
     def cli_flags(self) -> list[tuple[str, str, dict]]:
         """The command's flags: (flag, config key, argparse options), sugar for `key=value` overrides."""
         raise NotImplementedError
@@ -121,6 +138,10 @@ class Stage:
     def checkpoint_meta(self, worker) -> dict:
         """What this stage's checkpoints say of themselves beside what every checkpoint says."""
         return {}
+
+    def lora_base(self, worker) -> str:
+        """The checkpoint whose frozen weights a LoRA run adapts (its checkpoints hold the adapters only)."""
+        return worker.train.init_from
 
 
 class PreparedDataStage(Stage):
@@ -208,6 +229,7 @@ class PreparedDataStage(Stage):
             # Each response's log-probability needs whole logits: under tp they are gathered, not vocabulary-split.
             **({"parallel.loss_parallel": False} if self.whole_logits else {})})
         self.check_layout(resolved, dataset.seq_len)
+        self.check_lora(resolved, init)
         if dataset.split("train").num_rows == 0:
             raise DataError(f"'{data}' has no train rows")
         return resolved

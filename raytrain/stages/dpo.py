@@ -31,9 +31,15 @@ class DirectPreferenceOptimisation(PreparedDataStage):
 
     def build_reference(self, worker):
         """The frozen reference in the policy's layout, never updated; a restart loads it from train.init_from
-        again, so it is not part of the checkpoints. None for a loss without one (SimPO, ORPO)."""
+        again, so it is not part of the checkpoints. None for a loss without one (SimPO, ORPO). A LoRA run's is
+        its own base, the policy with its adapters bypassed: no second copy."""
         if not self.objective_class.reference:
             return None
+        if worker.train.lora.rank:
+            from raytrain.model.lora import BaseModel
+
+            (module,) = worker.modules
+            return BaseModel(module)
         import torch
 
         from raytrain.model.transformer import Transformer

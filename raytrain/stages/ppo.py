@@ -145,6 +145,7 @@ class ProximalPolicyOptimisation(Stage):
             "train.steps": self.total_steps(config), "train.data": "", "train.init_from": "",
             "parallel.loss_parallel": False})  # log-probs need whole logits
         self.check_layout(resolved, length)
+        self.check_lora(resolved, policy)
         spec = {"train": prompts.train, "val": prompts.val, "length": length, "policy": policy,
                 "value_init": value_init, "tokenizer": meta["tokenizer"], "special": tokenizer.special,
                 "mask_fraction": meta.get("mask_fraction", 0.15)}
@@ -192,20 +193,25 @@ class ProximalPolicyOptimisation(Stage):
 
     def build_model(self, worker):
         """The policy and, for an algorithm with a critic (PPO), the value model (a score head on every
-        position) beside it."""
+        position) beside it; under train.lora both adapted (the value model's score head trains whole)."""
         import torch
 
+        from raytrain.model.lora import apply_lora
         from raytrain.model.transformer import Transformer
 
         def built(head: str, seed: int) -> tuple[Transformer, torch.nn.Module]:
             with torch.device("meta"):
                 model = Transformer(worker.config.model, head=head)
+            apply_lora(model, worker.train.lora)
             return model, worker.parallelize(model, seed)
 
         policy, policy_module = built("lm", worker.train.seed)
         critic = ALGORITHMS[worker.config.ppo.algorithm].critic
         value, value_module = built("score", worker.train.seed + 1) if critic else (None, None)
         return [PolicyAndValue(policy, value)], [PolicyAndValue(policy_module, value_module)], [0]
+
+    def lora_base(self, worker) -> str:
+        return worker.source.spec["policy"]
 
     def start_fresh(self, worker) -> None:
         """A new run: the policy from --policy, the value model from the reward model."""

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -28,8 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raytrain import storage
 from raytrain.errors import DataError
+from raytrain.model.lora import is_adapter
 from raytrain.model.transformer import Transformer, TransformerConfig
-from raytrain.train.hf_checkpoint import HF_SCHEME, hf_folder, hf_meta, load_hf_weights
+from raytrain.parallel.materialize import local_slices
+from raytrain.train.hf_checkpoint import HF_SCHEME, hf_folder, hf_meta, load_hf_weights, read_hf_tensor
 
 META_FILE = "raytrain.json"
 CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints/step_NNNNNN/ (Ray Train's run name)
@@ -40,13 +43,23 @@ FORMAT = "raytrain.checkpoint/2"  # /2: the stage, head and weights prefix are n
 NEW_HEAD = "score."  # the one part of a model that may start fresh (a reward model's head)
 # Optimizer state keyed by parameter name: the same keys under every layout and pipeline split.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+# A LoRA run's checkpoints hold what trains; its frozen base is loaded from where it came from.
+FLAT_TRAINED = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+
+
+def frozen_keys(part: torch.nn.Module) -> set[str]:
+    """The state-dict keys of a part's frozen parameters (a LoRA run's base), the wrappers' prefixes dropped."""
+    return {fqn for name, p in part.named_parameters() if not p.requires_grad for fqn in _get_fqns(part, name)}
 
 
 def _training_state(parts: list[torch.nn.Module], optimizers: list) -> tuple[dict, list[set[str]]]:
-    """This rank's share of model and optimizer state, and which model keys each part owns."""
+    """This rank's share of model and optimizer state (trained parameters only), and which model keys each part
+    owns."""
     model_state, optim_state, owned = {}, {}, []
     for part, optimizer in zip(parts, optimizers, strict=True):
         part_model, part_optim = get_state_dict(part, optimizer, options=FLAT)
+        frozen = frozen_keys(part)
+        part_model = {key: value for key, value in part_model.items() if key not in frozen}
         model_state.update(part_model)
         optim_state.update(part_optim)
         owned.append(set(part_model))
@@ -73,7 +86,7 @@ def load_training_checkpoint(folder: Path, parts: list[torch.nn.Module], optimiz
         dcp.load(state, checkpoint_id=str(folder))
     for part, optimizer, keys in zip(parts, optimizers, owned, strict=True):
         set_state_dict(part, optimizer, model_state_dict={k: state["model"][k] for k in keys},
-                       optim_state_dict=state["optim"], options=FLAT)
+                       optim_state_dict=state["optim"], options=FLAT_TRAINED if frozen_keys(part) else FLAT)
     return meta, state["stage"]
 
 
@@ -90,10 +103,11 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
         with storage.local_copy(folder) as local:
             return load_weights(local, model)
     meta = read_checkpoint_meta(folder)
+    if "lora" in meta:
+        return _load_adapted(folder, meta, model)
     prefix = meta["weights_prefix"]
-    wanted = get_model_state_dict(model)
-    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    stored = {key.removeprefix("model.") for key in saved}
+    wanted = {key: value for key, value in get_model_state_dict(model).items() if not is_adapter(key)}
+    stored = stored_keys(folder)
     missing = [key for key in wanted if prefix + key not in stored]
     if any(not key.startswith(NEW_HEAD) for key in missing):
         raise DataError(f"checkpoint '{folder}' lacks the model's weights {missing[:4]}; start from a checkpoint "
@@ -102,19 +116,81 @@ def load_weights(folder: str | Path, model: torch.nn.Module) -> dict:
     with single_process_quiet():
         dcp.load(state, checkpoint_id=str(folder))
     loaded = {key.removeprefix(prefix): value for key, value in state["model"].items()}
-    set_model_state_dict(model, loaded, options=StateDictOptions(strict=not missing))
+    set_model_state_dict(model, loaded, options=StateDictOptions(strict=False))
     return meta
+
+
+def stored_keys(folder: str | Path) -> set[str]:
+    """The model keys a local checkpoint holds (weights prefix included)."""
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {key.removeprefix("model.") for key in saved if key.startswith("model.")}
+
+
+@torch.no_grad()
+def _load_adapted(folder: str | Path, meta: dict, model: torch.nn.Module) -> dict:
+    """A LoRA run's checkpoint into a model under any layout: its base's weights, what it trained beside the
+    adapters (a score head), then each adapter's update B·A·alpha/rank added to the weight it adapts (this rank's
+    slice of it): the adapted model, merged. A model with adapters of its own keeps them as they are (a LoRA run
+    started from a LoRA run adapts the merged model)."""
+    load_weights(meta["lora"]["base"], model)
+    prefix, stored = meta["weights_prefix"], stored_keys(folder)
+    trained = {key: value for key, value in get_model_state_dict(model).items()
+               if prefix + key in stored and not is_adapter(key)}
+    if trained:
+        state = {"model": {prefix + key: value for key, value in trained.items()}}
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(model, {key.removeprefix(prefix): value for key, value in state["model"].items()},
+                             options=StateDictOptions(strict=False))
+    weights = get_model_state_dict(model)
+    for layer in adapted_layers(stored, prefix):
+        local_delta(weights[layer + ".weight"], lora_delta(folder, meta, layer))
+    return meta
+
+
+def adapted_layers(stored: set[str], prefix: str) -> list[str]:
+    """The layers a LoRA checkpoint adapts (by the names of its lora_A tensors)."""
+    return sorted(key.removeprefix(prefix).removesuffix(".lora_A.weight") for key in stored
+                  if key.startswith(prefix) and key.endswith(".lora_A.weight"))
+
+
+def lora_delta(folder: str | Path, meta: dict, layer: str) -> torch.Tensor:
+    """B·A·alpha/rank of one adapted layer of a local LoRA checkpoint, whole (fp32)."""
+    lora = meta["lora"]
+    a, b = (read_tensor(folder, meta, f"{layer}.lora_{which}.weight").float() for which in "AB")
+    return b @ a * (lora["alpha"] / lora["rank"])
+
+
+def local_delta(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """Add what this rank holds of a whole update to a parameter (or its shard)."""
+    slices, local = local_slices(param)
+    local.add_(delta[slices].to(local.dtype))
 
 
 def read_tensor(folder: str | Path, meta: dict, name: str) -> torch.Tensor:
     """One of the model's tensors from a local checkpoint folder (DCP reads only that key's bytes): a converter's
-    way to hold one tensor at a time."""
+    way to hold one tensor at a time. From a LoRA run's checkpoint, a weight it did not train is its base's, an
+    adapted one merged with its update."""
+    if "lora" in meta and meta["weights_prefix"] + name not in stored_keys(folder):
+        value = read_base_tensor(meta["lora"]["base"], name)
+        adapter = name.removesuffix(".weight")
+        if f"{meta['weights_prefix']}{adapter}.lora_A.weight" in stored_keys(folder):
+            value = (value.float() + lora_delta(folder, meta, adapter)).to(value.dtype)
+        return value
     key = "model." + meta["weights_prefix"] + name
     stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata[key]
     state = {"model": {meta["weights_prefix"] + name: torch.empty(tuple(stored.size), dtype=stored.properties.dtype)}}
     with single_process_quiet():
         dcp.load(state, checkpoint_id=str(folder))
     return state["model"][meta["weights_prefix"] + name]
+
+
+def read_base_tensor(base: str, name: str) -> torch.Tensor:
+    """One tensor of a LoRA run's base: a raytrain checkpoint (on object storage too) or a Hugging Face folder."""
+    if (hf := hf_folder(base)) is not None:
+        return read_hf_tensor(hf, name)
+    with storage.local_copy(base) as local:
+        return read_tensor(local, read_checkpoint_meta(local), name)
 
 
 def model_head(meta: dict) -> str:

@@ -125,6 +125,16 @@ def load_hf_weights(folder: Path, model: torch.nn.Module) -> dict:
     return meta
 
 
+def read_hf_tensor(folder: Path, name: str) -> torch.Tensor:
+    """One of the model's tensors (our name) from a Hugging Face folder."""
+    meta, files = open_hf(folder)
+    key = hf_name(name)
+    if key not in files:  # a tied head: the embedding's
+        key = hf_name("embed_tokens.weight")
+    with safe_open(str(files[key]), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
 class HFTensorReader(DefaultSavePlanner):
     """dcp.save's planner for a model on the meta device whose weights are in a Hugging Face folder: the plan
     (names, shapes, dtypes) comes from the meta tensors; each tensor's bytes are read from its safetensors file

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from raytrain import storage
 from raytrain.config import Config
+from raytrain.model.lora import apply_lora
 from raytrain.model.transformer import INIT_BLOCK_VALUES, Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
@@ -98,7 +99,9 @@ class Worker:
         if self.rank == 0:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
             params = sum(p.numel() for part in self.parts for p in part.parameters())
-            log.info(f"{self.tag} {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0, "
+            trained = sum(p.numel() for part in self.parts for p in part.parameters() if p.requires_grad)
+            log.info(f"{self.tag} {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0 "
+                     f"({trained:,} trained), "
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
                      f"{self.start_step}; " + self._init_memory_line())
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,
@@ -111,6 +114,8 @@ class Worker:
         and their pipeline stage indices: what a stage's build_model hook returns unless it builds its own."""
         stages = parts_on_meta(self.config.model, self.config.parallel, self.layout.pp_rank, self.objective.head)
         parts = [part for _, part in stages]
+        for part in parts:
+            apply_lora(part, self.train.lora)
         return parts, [self.parallelize(part, self.train.seed) for part in parts], [index for index, _ in stages]
 
     def parallelize(self, part: Transformer, seed: int, trainable: bool = True) -> torch.nn.Module:
@@ -154,10 +159,12 @@ class Worker:
         self.loss_scale = 1.0
 
     def _restore(self) -> int:
-        """Resume from the run folder's latest complete checkpoint (rank 0 picks it for all), else start fresh."""
+        """Resume from the run folder's latest complete checkpoint (rank 0 picks it for all), else start fresh.
+        A LoRA run's checkpoints hold what trains: its frozen base is loaded first, as a new run loads it."""
         folder = self.broadcast(latest_checkpoint(self.run_dir) if self.rank == 0 else None)
-        if folder is None:
+        if folder is None or self.train.lora.rank:
             self.stage.start_fresh(self)
+        if folder is None:
             return 0
         with storage.local_copy(folder) as local:
             meta, state = load_training_checkpoint(local, self.modules, self.optimizers, self.source.state())
@@ -399,6 +406,7 @@ class Worker:
             "tokens_seen": step * self.tokens_per_step,
             "seed": self.train.seed,
             "world_size": self.world,
+            **({"lora": {**vars(self.train.lora), "base": self.stage.lora_base(self)}} if self.train.lora.rank else {}),
             **self.source.checkpoint_meta(),
             **self.stage.checkpoint_meta(self),
         }

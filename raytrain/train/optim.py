@@ -10,11 +10,13 @@ from raytrain.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    # No weight decay on norms (1-D parameters), as in Llama and GPT-3.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # No weight decay on norms (1-D parameters), as in Llama and GPT-3; no state for frozen weights (LoRA's base).
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
+    # An empty group (LoRA trains no norm) would break loading a flattened optimizer state.
+    groups = [group for group in ({"params": decay, "weight_decay": config.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
                              foreach=True)
 
