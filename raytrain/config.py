@@ -188,6 +188,7 @@ class TrainConfig:
     simpo_gamma: float = 0.5  # SimPO: the reward margin a preferred response must win by (γ)
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the preferred responses' NLL (λ)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on a frozen base (sft, reward, dpo, ppo)
+    packing: bool = False  # sft: a micro-batch's examples packed into rows, each attending to itself only
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):

@@ -116,7 +116,7 @@ def test_sft_dpo_grpo_on_an_imported_qwen2_with_its_chat_template(ray_session, t
     assert out[-1] in vocab.stop_ids or len(out) == 24
     assert len(generate_from_checkpoint(str(tmp_path / "grpo"), ["What does len do?"], chat=True,
                                         max_new_tokens=8, temperature=0.0)) == 1
-    convert_to_hf(argparse.Namespace(checkpoint=str(tmp_path / "grpo"), out=str(tmp_path / "grpo-hf")))
+    convert_to_hf(argparse.Namespace(checkpoint=str(tmp_path / "grpo"), out=str(tmp_path / "grpo-hf"), merge=False))
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "grpo-hf", dtype=torch.float32).eval()
     assert type(back) is type(hf)
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / "grpo-hf"))

@@ -101,7 +101,7 @@ def test_eval_generate_and_convert_from_the_run(reference, tiny_dataset, tmp_pat
                                max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=0, chat=False, system=None))
     assert len(texts) == 2 and "--- 'def '" in capsys.readouterr().out
 
-    convert_to_hf(Namespace(checkpoint=str(run_dir), out=str(tmp_path / "hf")))
+    convert_to_hf(Namespace(checkpoint=str(run_dir), out=str(tmp_path / "hf"), merge=False))
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()

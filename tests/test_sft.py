@@ -40,6 +40,39 @@ def test_padding_per_batch_keeps_the_loss():
     torch.testing.assert_close(trimmed[0], full[0], rtol=1e-6, atol=1e-6)
 
 
+def test_packed_rows_give_the_padded_loss_and_gradients():
+    from raytrain.train.packing import first_fit, model_call
+
+    assert first_fit([3, 7, 2, 5, 4], capacity=8) == [[1], [3, 0], [4, 2]]  # longest first, first row with room
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.zeros(6, 2, 24, dtype=torch.long)
+    for row, (prompt, answer) in enumerate([(5, 6), (3, 2), (9, 8), (4, 12), (2, 3), (0, 0)]):  # the last: blank
+        length = prompt + answer
+        rows[row, 0, :length] = torch.randint(7, 97, (length,), generator=generator)
+        rows[row, 1, prompt:length] = 1
+    config = load_config("tiny").model
+    model = Transformer(config)
+    model.init_weights(0)
+
+    def loss_and_grads(objective):
+        model.zero_grad()
+        inputs, targets = objective(rows, 0, 0)
+        loss, count = token_loss(model_call(model, inputs, True), targets)
+        loss.backward()
+        return inputs, loss, count, [p.grad.clone() for p in model.parameters()]
+
+    common = {"seed": 0, "global_batch": 6, "mask_fraction": 0.0, "mask_id": 6}
+    padded_inputs, padded, padded_count, padded_grads = loss_and_grads(Objective("sft", trim_multiple=2, **common))
+    packed_inputs, packed, packed_count, packed_grads = loss_and_grads(Objective("sft", trim_multiple=2, packing=True,
+                                                                                 **common))
+    assert padded_inputs.shape == (6, 16) and packed_inputs.tokens.shape == (3, 20)  # 96 positions → 60
+    assert packed_inputs.numel() == 10 + 4 + 16 + 15 + 4  # each example up to its last target
+    assert int(packed_count) == int(padded_count) == 6 + 2 + 8 + 12 + 3
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.ray
 def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(reference, tiny_sft_dataset,
                                                                            tiny_dataset, tmp_path):
@@ -62,8 +95,16 @@ def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(refe
     assert summary["checkpoint"].endswith("step_000020")
     sft("fsdp2", "parallel.workers=2")
     assert_same_curve(one, losses(tmp_path / "fsdp2"))
-    sft("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
-    assert_same_curve(one, losses(tmp_path / "tp2"))
+    # Packed rows (train.packing): the padded run's loss within 1e-5 at every step in one process, and on dp2 × tp2
+    # (sequence parallel) workers its curve within the layouts' 1e-4.
+    sft("packed", "parallel.workers=1", "train.packing=true", in_process=True)
+    assert_same_curve(one, losses(tmp_path / "packed"), tol=1e-5)
+    sft("packed-dp2-tp2", "parallel.workers=4", "parallel.tp=2", "parallel.cpus_per_worker=0.5", "train.packing=true")
+    assert_same_curve(one, losses(tmp_path / "packed-dp2-tp2"))
+    with pytest.raises(ConfigError, match="train.packing gives each step a different number of rows"):
+        STAGES["sft"].preflight(load_config("tiny", [f"train.data='{tiny_sft_dataset}'", "train.packing=true",
+                                                     f"train.init_from='{reference[0]}'", "parallel.pp=2",
+                                                     "parallel.workers=2"]))
     # A worker dies at step 13 (DDP): Ray Train restarts the group, which resumes from step 10 exactly.
     sft("faulty", "parallel.workers=2", "parallel.dp_replicate=2", "train.max_failures=1", "debug.fail_at_step=13",
         "debug.fail_rank=1")

@@ -8,6 +8,8 @@ not depend on the layout), then with a checkpoint's where a run starts from one.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.tensor import DTensor
@@ -28,7 +30,9 @@ def materialize(part: Transformer, device: torch.device, seed: int) -> None:
     part.reset_rotary(device)
     # Activation checkpointing wraps blocks; the wrapper's prefix is not part of a parameter's name.
     local = {name.replace(_CHECKPOINT_PREFIX, ""): param for name, param in part.named_parameters()}
-    for name, first, values in (*initial_values(part.config, part.head, seed), *lora_initial_values(part, seed)):
+    # One block of values at a time (chained generators: a tuple would hold them all).
+    for name, first, values in itertools.chain(initial_values(part.config, part.head, seed),
+                                               lora_initial_values(part, seed)):
         param = local.get(name)
         if param is not None:  # else another pipeline stage's
             copy_rows(param, first, values)

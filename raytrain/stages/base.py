@@ -40,6 +40,7 @@ class Stage:
     pipeline = True  # may run under parallel.pp > 1
     whole_logits = False  # needs whole logits (sequence log-probs): tp's loss_parallel is turned off
     in_process = True  # its loop can run without Ray (train/local.py): no Ray actors beside the workers
+    packs = False  # packs its rows under train.packing (train/packing.py)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -71,6 +72,12 @@ class Stage:
                             "compares whole responses (a score, or a log-probability, per response), which a "
                             "pipeline's last stage cannot gather from the micro-batches it is handed; set "
                             "parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
+        if train.packing and not self.packs:
+            problems.append(f"train.packing is for `raytrain sft` rows so far; `raytrain {self.name}` pads each "
+                            "example: set train.packing=false")
+        if train.packing and parallel.pp > 1:
+            problems.append("train.packing gives each step a different number of rows, which a pipeline's "
+                            "micro-batches cannot take; set parallel.pp=1 (tp and FSDP pack)")
         if parallel.pp > 1 and parallel.pp_schedule != "gpipe" and train.micro_batches % parallel.pp:
             problems.append(f"train.micro_batches={train.micro_batches} must be a multiple of parallel.pp="
                             f"{parallel.pp} for the {parallel.pp_schedule} schedule")

@@ -246,7 +246,7 @@ def rollout_check(pools, checkpoint: str | None, spec: dict, ppo) -> dict:
     responses, _ = actor.generate.remote(version, prompts, seeds, settings)
     ours = generate(model.eval(), prompts, seeds=seeds, **settings)
     agree = sum(a == b for a, b in zip(ray.get(responses), ours, strict=True))
-    return {"rollout_weights_max_diff": max(float((weights[name] - p).abs().max())
+    return {"rollout_weights_max_diff": max(float((weights[name] - p.detach()).abs().max())
                                             for name, p in model_parameters(model)),
             "rollout_greedy_agreement": agree / len(prompts)}
 

@@ -15,11 +15,12 @@ class SupervisedFineTuning(PreparedDataStage):
     objective_class = Objective
     data_kind = "sft"
     starts_from, what = "a pre-training run", "fine-tuning"
+    packs = True
 
     def make_objective(self, config, special, multiple):
         train = config.train
         return Objective("sft", seed=train.seed, global_batch=train.global_batch, mask_fraction=train.mask_fraction,
-                         mask_id=special["mask"], trim_multiple=multiple)
+                         mask_id=special["mask"], trim_multiple=multiple, packing=train.packing)
 
 
 STAGE = SupervisedFineTuning()

@@ -12,6 +12,7 @@ from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stream import BatchOrder, stream_batches
 from raytrain.errors import DataError
 from raytrain.train.checkpoint import model_head
+from raytrain.train.packing import model_call
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def with_reference(objective, reference: torch.nn.Module | None, inputs: torch.T
     if reference is None:
         return inputs, targets
     with torch.no_grad(), compute():
-        return inputs, objective.with_reference(targets, reference(inputs, causal=objective.causal))
+        return inputs, objective.with_reference(targets, model_call(reference, inputs, objective.causal))
 
 
 def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nullcontext,
@@ -56,7 +57,7 @@ def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nul
     def sums_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs, targets = with_reference(objective, reference, inputs, targets, compute)
         with compute():
-            loss, sums = objective.loss(module(inputs, causal=objective.causal), targets)
+            loss, sums = objective.loss(model_call(module, inputs, objective.causal), targets)
         return torch.cat([loss.detach().double().reshape(1), sums])
 
     return sums_of

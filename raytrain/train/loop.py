@@ -43,6 +43,7 @@ from raytrain.train.evaluate import with_reference
 from raytrain.train.memory import TensorMemory, host_rss_gib, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
 from raytrain.train.optim import build_optimizer, lr_at
+from raytrain.train.packing import model_call
 
 FAILED_ONCE_MARKER = ".debug_failed_once"
 # A logger, not print: Ray Train tees print when a library (W&B) wraps stdout, doubling lines.
@@ -309,7 +310,7 @@ class Worker:
         for i, (inputs, targets) in enumerate(pairs):
             with gradient_sync(module, i == len(pairs) - 1), loss_context(self.split_loss):
                 with self.autocast():
-                    loss, counted = self.objective.loss(module(inputs, causal=self.objective.causal), targets)
+                    loss, counted = self.objective.loss(model_call(module, inputs, self.objective.causal), targets)
                 # Gradient averaging over data-parallel ranks divides by dp; this makes it a global mean.
                 (loss * self.layout.dp / global_count).backward()
             positions = counted.new_tensor([inputs.numel()])

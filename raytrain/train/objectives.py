@@ -93,7 +93,7 @@ class Objective:
         return ("train/loss", "val/loss", "val/ppl")
 
     def __init__(self, kind: str, *, seed: int, global_batch: int, mask_fraction: float, mask_id: int,
-                 trim_multiple: int = 0):
+                 trim_multiple: int = 0, packing: bool = False):
         self.kind = kind
         self.blank = 0 if kind == "sft" else None  # a row with no target: its loss mask all 0
         self.causal = kind in ("causal", "sft")
@@ -102,8 +102,13 @@ class Objective:
         self.mask_fraction = mask_fraction
         self.mask_id = mask_id
         self.trim_multiple = trim_multiple  # sft: trim padding to a multiple of this; 0 keeps full rows
+        self.packing = packing  # sft: a micro-batch's examples packed into rows (train/packing.py)
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "sft" and self.packing:
+            from raytrain.train.packing import pack_supervised  # (it imports this module)
+
+            return pack_supervised(rows, max(1, self.trim_multiple))
         if self.kind == "sft":
             return supervised(trim_padding(rows, self.trim_multiple) if self.trim_multiple else rows)
         if self.causal:
