@@ -58,6 +58,9 @@ STEPS = pick(20, 4)  # optimizer steps per timed run
 WARMUP = pick(4, 1)  # steps left out of each timed run's median
 MEMORY_STEPS = pick(3, 2)  # steps of the untimed memory run (the optimizer state exists from the first)
 BATCH = 16
+# The untimed memory run's settings (tensor memory counted: every op slower).
+MEMORY_RUN = [f"train.steps={MEMORY_STEPS}", f"train.log_every={MEMORY_STEPS}",
+              f"train.checkpoint_every={MEMORY_STEPS}", "debug.track_memory=true"]
 MODEL = pick([], ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"])
 MIB = 2**20
 
@@ -90,10 +93,15 @@ def split_rows(dataset: PreparedDataset) -> np.ndarray:
 class TRL:
     """One of TRL's trainers, built afresh for each run on the same weights and examples."""
 
-    def __init__(self, trainer_class, config_class, load_model, dataset, tokenizer, out: Path, **options):
+    def __init__(self, trainer_class, config_class, load_model, dataset, tokenizer, out: Path,
+                 padding: str = "per-batch", trainer_options: dict | None = None, **options):
+        """padding: what the page says of its rows; trainer_options: the trainer's own (a peft_config);
+        options: its config's."""
         self.trainer_class, self.config_class, self.load_model = trainer_class, config_class, load_model
         self.dataset, self.tokenizer, self.out, self.options = dataset, tokenizer, out, options
+        self.padding, self.trainer_options = padding, trainer_options or {}
         self.ran_with = ""
+        self.tokens_per_row = 0.0  # an SFT trainer's real tokens per row after its own preparation (packing)
 
     def trainer(self, steps: int, callbacks: list):
         args = self.config_class(
@@ -104,7 +112,7 @@ class TRL:
             # TRL's defaults differ from ours: bf16 autocast (even on CPU) and activation checkpointing.
             bf16=False, fp16=False, gradient_checkpointing=False, **self.options)
         return self.trainer_class(model=self.load_model(), args=args, train_dataset=self.dataset,
-                                  processing_class=self.tokenizer, callbacks=callbacks)
+                                  processing_class=self.tokenizer, callbacks=callbacks, **self.trainer_options)
 
     def step_time(self) -> float:
         """Median seconds between consecutive step ends after warm-up; notes what the trainer ran with."""
@@ -120,6 +128,8 @@ class TRL:
 
         with phase("post_training", f"TRL {self.trainer_class.__name__} run"):
             trainer = self.trainer(STEPS, [StepTimes()])
+            if "input_ids" in trainer.train_dataset.column_names:  # the rows it trains on: examples, or packed
+                self.tokens_per_row = float(np.mean([len(ids) for ids in trainer.train_dataset["input_ids"]]))
             trainer.train()
         args = trainer.args
         knobs = {"bf16": args.bf16, "fp16": args.fp16, "autocast": trainer.accelerator.mixed_precision,
@@ -129,7 +139,9 @@ class TRL:
             knobs["loss_type"] = args.loss_type
         if hasattr(args, "padding_free"):
             knobs["padding_free"] = args.padding_free
-        self.ran_with = settings(**knobs, padding="per-batch")
+        if hasattr(args, "packing"):
+            knobs["packing"] = args.packing
+        self.ran_with = settings(**knobs, padding=self.padding)
         assert len(ends) == STEPS, f"TRL ran {len(ends)} steps, not {STEPS}"
         return statistics.median(np.diff(ends[WARMUP - 1:]))
 
@@ -152,6 +164,19 @@ class TRL:
         return memory.peak
 
 
+def trl_sft_examples(data: Path, pad: int):
+    """The SFT rows as TRL takes them (input_ids without padding, the loss mask as completion_mask), and the mean
+    real tokens per example."""
+    import datasets
+
+    rows = split_rows(PreparedDataset.open(data))
+    lengths = (rows[:, 0] != pad).sum(axis=1)
+    examples = datasets.Dataset.from_dict({
+        "input_ids": [r[0, :n].tolist() for r, n in zip(rows, lengths, strict=True)],
+        "completion_mask": [r[1, :n].tolist() for r, n in zip(rows, lengths, strict=True)]})
+    return examples, float(lengths.mean())
+
+
 def our_tensor_peak(stage, config) -> float:
     """Our loop's tensor peak over MEMORY_STEPS steps, in this process (debug.track_memory)."""
     from raytrain.train.local import run_local
@@ -161,16 +186,54 @@ def our_tensor_peak(stage, config) -> float:
     return max(r["mem/tensor_peak_gib"] for r in records if "mem/tensor_peak_gib" in r) * 2**30
 
 
+def base_overrides(work: Path) -> list[str]:
+    """The settings every timed run of ours shares (fine-tuning benchmarks: this section's and bench/finetune.py's)."""
+    return [f"run.root='{work}'", "runtime.progress=false", f"data.tokenizer.out='{work}/tok'",
+            f"data.prepare.tokenizer='{work}/tok'", *MODEL, f"train.steps={STEPS}", "train.log_every=1",
+            "train.val_every=0", "train.val_batches=1", f"train.checkpoint_every={STEPS}",
+            "tracking.mode=disabled", f"parallel.cpus_per_worker={THREADS}", f"train.global_batch={BATCH}",
+            "train.lr=0.001", "train.warmup_steps=0", "train.precision=fp32",
+            "parallel.activation_checkpointing=none", "parallel.compile=false"]
+
+
+def prepare_inputs(work: Path, base: list[str], section: str, prefs: bool):
+    """The demo tokenizer, `stdlib-qa` SFT rows (and `stdlib-prefs` preference rows), a randomly initialised demo
+    model as a checkpoint (work/init) and a Hugging Face folder (work/hf), and with prefs a score-head one
+    (work/init-rm, work/hf-rm). Returns (the config, the pad id)."""
+    from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
+    from raytrain.data.tokenizer import load_tokenizer
+    from raytrain.data.tokenizer_stage import run_tokenizer_stage
+    from raytrain.export.hf import checkpoint_to_hf
+
+    config = load_config("demo", base)
+    with phase(section, "tokenizer"):
+        run_tokenizer_stage(load_config("demo", [*base, *CORPUS]))
+    with phase(section, "data"):
+        run_sft_data_stage(load_config("demo", [*base, f"data.source.inputs=[{STDLIB_QA}]",
+                                                f"data.prepare.out='{work}/sft'"]))
+        if prefs:
+            run_prefs_data_stage(load_config("demo", [*base, f"data.source.inputs=[{STDLIB_PREFS}]",
+                                                      f"data.prepare.out='{work}/prefs'"]))
+    meta = {"step": 0, "mask_fraction": 0.15, "seed": 0, "tokenizer": {"path": f"{work}/tok"}}
+    model = Transformer(config.model)
+    model.init_weights(0)
+    save_model(work / "init", model, {**meta, "objective": "causal"})
+    checkpoint_to_hf(str(work / "init"), str(work / "hf"))
+    if prefs:
+        scorer = Transformer(config.model, head="score")
+        scorer.init_weights(0)
+        save_model(work / "init-rm", scorer, {**meta, "objective": "reward",
+                                              "reward": {"mean": 0.0, "std": 1.0, "responses": 1}})
+        checkpoint_to_hf(str(work / "init-rm"), str(work / "hf-rm"))
+    return config, load_tokenizer(work / "tok").special["pad"]
+
+
 def run() -> str:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
     from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-    from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
-    from raytrain.data.tokenizer import load_tokenizer
-    from raytrain.data.tokenizer_stage import run_tokenizer_stage
-    from raytrain.export.hf import checkpoint_to_hf
     from raytrain.stages import STAGES
     from raytrain.train.local import run_local
 
@@ -178,33 +241,8 @@ def run() -> str:
     work = Path(tempfile.mkdtemp(prefix="bench-post-"))
     runs = itertools.count()
     try:
-        base = [f"run.root='{work}'", "runtime.progress=false", f"data.tokenizer.out='{work}/tok'",
-                f"data.prepare.tokenizer='{work}/tok'", *MODEL, f"train.steps={STEPS}", "train.log_every=1",
-                "train.val_every=0", "train.val_batches=1", f"train.checkpoint_every={STEPS}",
-                "tracking.mode=disabled", f"parallel.cpus_per_worker={THREADS}", f"train.global_batch={BATCH}",
-                "train.lr=0.001", "train.warmup_steps=0", "train.precision=fp32",
-                "parallel.activation_checkpointing=none", "parallel.compile=false"]
-        memory_run = [f"train.steps={MEMORY_STEPS}", f"train.log_every={MEMORY_STEPS}",
-                      f"train.checkpoint_every={MEMORY_STEPS}", "debug.track_memory=true"]
-        config = load_config("demo", base)
-        with phase("post_training", "tokenizer"):
-            run_tokenizer_stage(load_config("demo", [*base, *CORPUS]))
-        with phase("post_training", "data"):
-            run_sft_data_stage(load_config("demo", [*base, f"data.source.inputs=[{STDLIB_QA}]",
-                                                    f"data.prepare.out='{work}/sft'"]))
-            run_prefs_data_stage(load_config("demo", [*base, f"data.source.inputs=[{STDLIB_PREFS}]",
-                                                      f"data.prepare.out='{work}/prefs'"]))
-        pad = load_tokenizer(work / "tok").special["pad"]
-        meta = {"step": 0, "mask_fraction": 0.15, "seed": 0, "tokenizer": {"path": f"{work}/tok"}}
-        model = Transformer(config.model)
-        model.init_weights(0)
-        save_model(work / "init", model, {**meta, "objective": "causal"})
-        checkpoint_to_hf(str(work / "init"), str(work / "hf"))
-        scorer = Transformer(config.model, head="score")
-        scorer.init_weights(0)
-        save_model(work / "init-rm", scorer, {**meta, "objective": "reward",
-                                              "reward": {"mean": 0.0, "std": 1.0, "responses": 1}})
-        checkpoint_to_hf(str(work / "init-rm"), str(work / "hf-rm"))
+        base = base_overrides(work)
+        config, pad = prepare_inputs(work, base, "post_training", prefs=True)
         tokenizer = AutoTokenizer.from_pretrained(work / "hf")
 
         def ours(stage: str, data: str, notes: dict, local: bool = False):
@@ -229,16 +267,11 @@ def run() -> str:
         def our_memory(stage: str, data: str) -> float:
             with phase("post_training", f"raytrain {stage} memory run"):
                 return our_tensor_peak(STAGES[stage], load_config("demo", [
-                    *base, *memory_run, f"run.name={stage}-memory", f"train.data='{work}/{data}'",
+                    *base, *MEMORY_RUN, f"run.name={stage}-memory", f"train.data='{work}/{data}'",
                     f"train.init_from='{work}/init'"]))
 
         # SFT: TRL gets the same rows (input_ids without padding, the loss mask as completion_mask).
-        rows = split_rows(PreparedDataset.open(work / "sft"))
-        lengths = (rows[:, 0] != pad).sum(axis=1)
-        tokens_per_example = float(lengths.mean())
-        sft_data = datasets.Dataset.from_dict({
-            "input_ids": [r[0, :n].tolist() for r, n in zip(rows, lengths, strict=True)],
-            "completion_mask": [r[1, :n].tolist() for r, n in zip(rows, lengths, strict=True)]})
+        sft_data, tokens_per_example = trl_sft_examples(work / "sft", pad)
         trl_sft = TRL(SFTTrainer, SFTConfig,
                       lambda: LlamaForCausalLM.from_pretrained(work / "hf", dtype=torch.float32,
                                                                attn_implementation="sdpa"),

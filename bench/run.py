@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-NAMES = ["data_prepare", "training", "post_training", "ppo", "tune", "export", "parallel", "construction",
+NAMES = ["data_prepare", "training", "post_training", "finetune", "ppo", "tune", "export", "parallel", "construction",
          "rollout_engines", "gpu"]  # rollout_engines runs vLLM in this process: after every section with Ray
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ("Every section starts from the same state, whether run alone (`python -m bench.run SECTION`) or in the "

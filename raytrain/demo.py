@@ -74,7 +74,10 @@ def demo_configs(config: Config) -> dict[str, Config]:
         **{f"ppo.{key}": value for key, value in PPO_OVERRIDES.items()}})
     return {"tokenizer": pretrain, "prepare": pretrain, "pretrain": pretrain,
             "sft-data": chat_data(STDLIB_QA, "sft-data"),
-            "sft": post_training("sft", "sft-data", "pretrain", SFT_STEPS, SFT_LR, SFT_WARMUP),
+            # Packed rows: each micro-batch's conversations end to end, each attending to itself (the loss of padded
+            # rows, fewer positions computed).
+            "sft": post_training("sft", "sft-data", "pretrain", SFT_STEPS, SFT_LR, SFT_WARMUP).with_values(
+                {"train.packing": True}),
             "prefs-data": chat_data(STDLIB_PREFS, "prefs-data"),
             "reward": post_training("reward", "prefs-data", "sft", REWARD_STEPS, REWARD_LR, REWARD_WARMUP),
             "dpo": post_training("dpo", "prefs-data", "sft", DPO_STEPS, DPO_LR, DPO_WARMUP),
@@ -179,7 +182,8 @@ def report_fine_tuning(summary: dict, run: Path, seed: int, val_fraction: float)
     before, after = summary["val_first"], summary["val_last"]
     print(f"\nfine-tuning: held-out answer loss {before['val/loss']:.3f} (ppl {before['val/ppl']:.0f}) before → "
           f"{after['val/loss']:.3f} (ppl {after['val/ppl']:.1f}) after {summary['steps']} steps "
-          f"(questions on modules never trained on), wall {summary['wall_s']:.0f}s")
+          f"(questions on modules never trained on), wall {summary['wall_s']:.0f}s; packed rows, "
+          f"{summary['tokens_per_s']:,.0f} real tokens/s")
     held_out = next(p for p in stdlib_qa() if p.kind == "what_does" and is_val_module(p.module, seed, val_fraction))
     print(f"a held-out question; reference answer: {held_out.answer}")
     generate_from_checkpoint(str(run), [held_out.question], max_new_tokens=48, temperature=0.0, top_k=0,
