@@ -57,6 +57,15 @@ PREFS_DATA_FLAGS = [
     ("--responses-field", "data.chat.responses_field", {"help": "a list of responses (default: responses)"}),
     ("--ranking-field", "data.chat.ranking_field", {"help": "their indices, best first (default: ranking)"}),
 ]
+KTO_DATA_FLAGS = [
+    ("--input", "data.source.inputs", {"nargs": "+", "metavar": "SRC",
+                                       "help": "JSONL/Parquet records, folders, globs, URIs, or 'stdlib-kto'"}),
+    *ROW_FLAGS,
+    ("--prompt-field", "data.chat.prompt_field", {"help": "record field with the prompt (default: prompt)"}),
+    ("--completion-field", "data.chat.completion_field", {"help": "the completion (default: completion)"}),
+    ("--label-field", "data.chat.label_field", {"help": "true: desirable, false: undesirable (default: label)"}),
+    ("--messages-field", "data.chat.messages_field", {"help": "record field with [{role, content}] turns"}),
+]
 # A config override: `section.key=value` with a section of Config (run, data, train, ...).
 OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})(\.\w+)+=")
 DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
@@ -76,7 +85,7 @@ def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Call
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raytrain.data.chat_data import run_prefs_data_stage, run_sft_data_stage
+    from raytrain.data.chat_data import run_kto_data_stage, run_prefs_data_stage, run_sft_data_stage
     from raytrain.data.prepare import run_prepare_stage
     from raytrain.data.tokenizer_stage import run_tokenizer_stage
     from raytrain.demo import run_demo
@@ -94,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                  SFT_DATA_FLAGS, run_sft_data_stage)
     _add_command(data_commands, "prefs", "ranked responses → token rows for a reward model (Ray Data)",
                  PREFS_DATA_FLAGS, run_prefs_data_stage)
+    _add_command(data_commands, "kto", "completions labelled desirable or not → token rows for KTO (Ray Data)",
+                 KTO_DATA_FLAGS, run_kto_data_stage)
     for stage in STAGES.values():
         _add_command(commands, stage.name, stage.help, stage.cli_flags(), stage.run, default_config="demo")
     _add_tune_command(commands)

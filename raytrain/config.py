@@ -119,10 +119,12 @@ class ChatDataConfig:
     rejected_field: str = "rejected"  # the response ranked below it
     responses_field: str = "responses"  # [text, ...] with ranking_field: their indices, best first
     ranking_field: str = "ranking"  # indices into responses_field, best first
+    completion_field: str = "completion"  # `raytrain data kto`: the completion a label judges
+    label_field: str = "label"  # `raytrain data kto`: true for a desirable completion, false for an undesirable one
 
     def validate(self) -> None:
         for name in ("prompt_field", "response_field", "messages_field", "chosen_field", "rejected_field",
-                     "responses_field", "ranking_field"):
+                     "responses_field", "ranking_field", "completion_field", "label_field"):
             _check(bool(getattr(self, name)), f"data.chat.{name}", "must not be empty")
 
 
@@ -187,6 +189,9 @@ class TrainConfig:
     simpo_beta: float = 2.0  # SimPO: scale of the length-normalised log-probability reward (β)
     simpo_gamma: float = 0.5  # SimPO: the reward margin a preferred response must win by (γ)
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the preferred responses' NLL (λ)
+    kto_beta: float = 0.1  # KTO: scale of the implicit reward log π − log π_ref against the reference point (β)
+    kto_desirable_weight: float = 1.0  # KTO: weight of the desirable completions' losses (λ_D)
+    kto_undesirable_weight: float = 1.0  # KTO: weight of the undesirable completions' losses (λ_U)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on a frozen base (sft, reward, dpo, ppo)
     packing: bool = False  # sft: a micro-batch's examples packed into rows, each attending to itself only
 
@@ -195,7 +200,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
         _check(0 < self.mask_fraction < 1, "train.mask_fraction", "must be in (0, 1)")
         _check(self.lr > 0, "train.lr", "must be > 0")
-        for key in ("dpo_beta", "simpo_beta", "orpo_lambda"):
+        for key in ("dpo_beta", "simpo_beta", "orpo_lambda", "kto_beta", "kto_desirable_weight",
+                    "kto_undesirable_weight"):
             _check(getattr(self, key) > 0, f"train.{key}", "must be > 0")
         _check(self.simpo_gamma >= 0, "train.simpo_gamma", "must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

@@ -8,7 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytrain.config import ChatDataConfig, load_config
-from raytrain.data.chat_data import SFT, TokenizeExamples, fit_row, prefs_example, sft_example
+from raytrain.data.chat_data import (
+    KTO,
+    SFT,
+    TokenizeExamples,
+    fit_row,
+    kto_example,
+    kto_label,
+    prefs_example,
+    sft_example,
+)
 from raytrain.data.manifest import PreparedDataset
 from raytrain.data.stdlib_qa import is_val_module, pairs_of_module, rejected_answers, stdlib_prefs, stdlib_qa, summary
 from raytrain.data.tokenizer import load_tokenizer
@@ -117,13 +126,43 @@ def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
     turns = [{"role": "user", "content": "What is `json.dumps`?"}, {"role": "assistant", "content": "A function."}]
     ids, trained = tokenizer.encode_conversation(turns)
     batch = pa.table({"conversations": [json.dumps([turns])], "val": pa.array([False]), "kind": [""],
-                      "where": ["example.jsonl:1"]})
+                      "label": pa.array([-1], pa.int8()), "where": ["example.jsonl:1"]})
     out = TokenizeExamples(str(plain_tokenizer), SFT.kind, len(ids) + 4, 1, 0, 0.0)(batch)
     row = out.column("tokens").to_pylist()[0]
     mask = out.column("loss_mask").to_pylist()[0]
     assert row == ids + [2] * 4 and mask == [int(t) for t in trained] + [0] * 4
     assert tokenizer.decode([t for t, m in zip(row, mask, strict=True) if m], skip_special_tokens=False) == \
         "A function.<|eos|>"
+
+
+def test_kto_rows_hold_the_completion_its_mismatched_pair_and_its_label(plain_tokenizer):
+    tokenizer = load_tokenizer(plain_tokenizer)
+    fields = ChatDataConfig()
+    records = [{"prompt": "Is `len` a builtin?", "completion": "Yes.", "label": True},
+               {"prompt": "What is `json`?", "completion": "A cheese.", "label": False},
+               {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+                "label": 1}]
+    examples = [KTO.example(r, f"k.jsonl:{i}", fields) for i, r in enumerate(records, 1)]
+    assert [label for *_, label in examples] == [1, 0, 1]
+    for record, error in (({"prompt": "Q", "completion": "A"}, "'label' is missing"),
+                          ({"prompt": "Q", "completion": "A", "label": "yes"}, "'label' is 'yes'"),
+                          ({"prompt": "Q", "label": True}, "'completion' is missing")):
+        with pytest.raises(DataError, match=f"k.jsonl:9: field {error}"):
+            kto_label(record, "k.jsonl:9", fields) if "label" in error else kto_example(record, "k.jsonl:9", fields)
+    batch = pa.table({"conversations": [json.dumps(c) for c, *_ in examples], "val": pa.array([False] * 3),
+                      "kind": [""] * 3, "label": pa.array([1, 0, 1], pa.int8()), "where": ["k"] * 3})
+    out = TokenizeExamples(str(plain_tokenizer), KTO.kind, 48, 1, 0, 0.0)(batch)
+    assert out.column("units").to_pylist() == [1, 0, 1]
+    assert [row[0] for row in out.column("label").to_pylist()] == [1, 0, 1]
+
+    def replies(tokens, mask):
+        return [tokenizer.decode([t for t, m in zip(row, marks, strict=True) if m]) for row, marks in zip(
+            out.column(tokens).to_pylist(), out.column(mask).to_pylist(), strict=True)]
+
+    assert replies("tokens", "loss_mask") == ["Yes.", "A cheese.", "Hello."]
+    # Each prompt with the next example's completion (the last with the first's).
+    assert replies("kl_tokens", "kl_mask") == ["A cheese.", "Hello.", "Yes."]
+    assert tokenizer.decode(out.column("kl_tokens").to_pylist()[0]).startswith("Is `len` a builtin?")
 
 
 @pytest.mark.ray

@@ -65,7 +65,7 @@ def test_stage_workspaces_show_the_runs_of_their_job_types():
         (only,) = runset_filters(workspace._spec)
         assert only["key"] == {"section": "run", "name": "jobType"}
         assert only["value"] in (list(JOB_TYPES[family]), JOB_TYPES[family][0])
-    assert JOB_TYPES == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo"),
+    assert JOB_TYPES == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo", "kto"),
                          "ppo": ("ppo",)}
 
 

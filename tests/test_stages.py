@@ -14,17 +14,17 @@ from raytrain.stages import STAGES, all_objectives, families, get_stage, stage_o
 
 
 def test_every_stage_is_one_object_of_the_registry_in_the_chains_order():
-    assert list(STAGES) == ["pretrain", "sft", "reward", "dpo", "simpo", "orpo", "ppo"]
-    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "simpo", "orpo", "ppo", "grpo", "rloo",
-                                "reinforce++", "dapo", "gspo")
+    assert list(STAGES) == ["pretrain", "sft", "reward", "dpo", "simpo", "orpo", "kto", "ppo"]
+    assert all_objectives() == ("causal", "masked", "sft", "reward", "dpo", "simpo", "orpo", "kto", "ppo", "grpo",
+                                "rloo", "reinforce++", "dapo", "gspo")
     assert stage_of("grpo") is STAGES["ppo"] and stage_of("gspo") is STAGES["ppo"]
     assert stage_of("masked") is STAGES["pretrain"]
-    assert families() == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo"),
+    assert families() == {"pretrain": ("pretrain",), "finetune": ("sft", "reward", "dpo", "simpo", "orpo", "kto"),
                           "ppo": ("ppo",)}
     with pytest.raises(ConfigError, match="unknown stage 'rlhf'; choose one of pretrain, sft"):
         get_stage("rlhf")
     with pytest.raises(ConfigError, match="no stage's; choose one of causal"):
-        stage_of("kto")
+        stage_of("ipo")
     rules = {name: (s.head, s.pipeline, s.whole_logits, s.sweep_metric) for name, s in STAGES.items()}
     assert rules == {"pretrain": ("lm", True, False, ("val/loss", "min")),
                      "sft": ("lm", True, False, ("val/loss", "min")),
@@ -32,6 +32,7 @@ def test_every_stage_is_one_object_of_the_registry_in_the_chains_order():
                      "dpo": ("lm", False, True, ("val/loss", "min")),
                      "simpo": ("lm", False, True, ("val/loss", "min")),
                      "orpo": ("lm", False, True, ("val/loss", "min")),
+                     "kto": ("lm", False, True, ("val/loss", "min")),
                      "ppo": ("lm", False, True, ("val/reward_mean", "max"))}
 
 
@@ -39,10 +40,10 @@ def test_metric_names_are_what_each_stages_objective_logs():
     """The registry's names come from the objectives themselves: what `metrics` returns is what they list."""
     special = {"pad": 2, "assistant": 5, "mask": 6}
     config = load_config("tiny", ["train.objective=dpo"])
-    for name in ("pretrain", "sft", "reward", "dpo", "simpo", "orpo"):
+    for name in ("pretrain", "sft", "reward", "dpo", "simpo", "orpo", "kto"):
         stage = STAGES[name]
         objective = stage.make_objective(config.with_values({"train.objective": stage.objectives[0]}), special, 1)
-        totals = torch.tensor([4.0, 2.0, 1.0, 0.5])
+        totals = torch.arange(1.0, 9.0)
         logged = {*objective.metrics(totals, "train"), *objective.metrics(totals, "val")}
         assert logged == set(objective.logged()) and logged <= set(stage.metrics), name
     from raytrain.rlhf.objective import PolicyObjective
@@ -83,8 +84,8 @@ def test_a_stage_refuses_what_it_cannot_run_before_anything_starts():
         STAGES["sft"].preflight(load_config("tiny"))
     with pytest.raises(ConfigError, match="'train.data' is empty; set it to a folder from `raytrain data prefs`"):
         STAGES["reward"].preflight(load_config("tiny", ["train.init_from=runs/sft"]))
-    with pytest.raises(ConfigError, match="'train.objective' is 'kto'"):
-        STAGES["pretrain"].objective_of(load_config("tiny", ["train.objective=kto"]))
+    with pytest.raises(ConfigError, match="'train.objective' is 'ipo'"):
+        STAGES["pretrain"].objective_of(load_config("tiny", ["train.objective=ipo"]))
     with pytest.raises(ConfigError, match="`raytrain reward` cannot run under parallel.pp=2"):
         STAGES["reward"].check_layout(load_config("tiny", ["parallel.workers=2", "parallel.pp=2",
                                                            "train.micro_batches=2"]), 32)

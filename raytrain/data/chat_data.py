@@ -1,4 +1,4 @@
-"""`raytrain data sft` and `raytrain data prefs`: records → chat rows → Parquet shards (Ray Data).
+"""`raytrain data sft`, `raytrain data prefs` and `raytrain data kto`: records → chat rows → Parquet shards (Ray Data).
 
 Read (JSONL/Parquet records, or a built-in set) → check each record, naming `file:line` → tokenize in an
 actor pool → one shard per split and write task; the manifest is written last and the folder renamed into
@@ -14,6 +14,9 @@ from modules never trained on.
          preference of i over j (K responses give K(K−1)/2 pairs, all in one row, so in one batch); a
          plain chosen/rejected record is a ranking of two; `reply_mask_0` … `reply_mask_{K-1}` mark each
          response's reply tokens (what DPO sums log-probabilities over)
+  kto    one completion per example, labelled desirable or not (TRL's unpaired format) → sft's two columns,
+         `kl_tokens`/`kl_mask` (the example's prompt with the next example's completion in its tokenize batch:
+         the mismatched pair KTO's reference point is estimated on) and `label` (1: desirable; the whole row)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from raytrain.data.output import atomic_output_dir
 from raytrain.data.packing import TOKEN_DTYPE, is_val_document, rows_per_row_group
 from raytrain.data.prepare import ShardDatasink, dataset_manifest, row_output, tokenize_actor_count, write_shard
 from raytrain.data.sources import resolve_sources
-from raytrain.data.stdlib_qa import STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
+from raytrain.data.stdlib_qa import STDLIB_KTO, STDLIB_PREFS, STDLIB_QA, is_val_module, stdlib_prefs, stdlib_qa
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.runtime import init_ray, native_noise_hidden
@@ -74,6 +77,24 @@ def sft_example(record: dict, where: str, fields: ChatDataConfig) -> list[Conver
     return [[user_turn(prompt), reply(response)]]
 
 
+def kto_example(record: dict, where: str, fields: ChatDataConfig) -> list[Conversation]:
+    """[the prompt and its completion], or a conversation of messages whose last turn is the completion."""
+    if fields.messages_field in record:
+        return [check_conversation(record[fields.messages_field], where, ends_with_reply=True)]
+    return [[user_turn(_text(record, fields.prompt_field, where)),
+             reply(_text(record, fields.completion_field, where))]]
+
+
+def kto_label(record: dict, where: str, fields: ChatDataConfig) -> int:
+    """1 for a desirable completion, 0 for an undesirable one."""
+    value = record.get(fields.label_field)
+    if not isinstance(value, bool) and value not in (0, 1):
+        found = "missing" if value is None else f"{value!r}"
+        raise DataError(f"{where}: field '{fields.label_field}' is {found}; KTO needs each completion labelled "
+                        "true (desirable) or false (undesirable) (set --label-field if it is named otherwise)")
+    return int(value)
+
+
 def prefs_example(record: dict, where: str, fields: ChatDataConfig) -> list[Conversation]:
     """The record's prompt with each response, best first: chosen then rejected, or in ranking order."""
     prompt = _text(record, fields.prompt_field, where)
@@ -97,31 +118,47 @@ def prefs_example(record: dict, where: str, fields: ChatDataConfig) -> list[Conv
     return [[user_turn(prompt), reply(text)] for text in ordered]
 
 
+# An example: its conversations, its split if fixed (None: by hash), its kind, its label (KTO's; None elsewhere).
+Example = tuple[list[Conversation], bool | None, str, int | None]
+
+
 @dataclass(frozen=True)
 class Builtin:
     name: str
-    examples: Callable[[int, float], list[tuple[list[Conversation], bool, str]]]  # seed, val_fraction
+    examples: Callable[[int, float], list[Example]]  # seed, val_fraction
 
 
-def stdlib_qa_examples(seed: int, val_fraction: float):
-    return [([[user_turn(p.question), reply(p.answer)]], is_val_module(p.module, seed, val_fraction), p.kind)
+def stdlib_qa_examples(seed: int, val_fraction: float) -> list[Example]:
+    return [([[user_turn(p.question), reply(p.answer)]], is_val_module(p.module, seed, val_fraction), p.kind, None)
             for p in stdlib_qa()]
 
 
-def stdlib_prefs_examples(seed: int, val_fraction: float):
+def stdlib_prefs_examples(seed: int, val_fraction: float) -> list[Example]:
     return [([[user_turn(p.prompt), reply(p.chosen)], [user_turn(p.prompt), reply(p.rejected)]],
-             is_val_module(p.module, seed, val_fraction), p.kind) for p in stdlib_prefs()]
+             is_val_module(p.module, seed, val_fraction), p.kind, None) for p in stdlib_prefs()]
+
+
+def stdlib_kto_examples(seed: int, val_fraction: float) -> list[Example]:
+    """stdlib-prefs unpaired, as TRL unpairs preference data for KTO: the chosen answer desirable, the rejected
+    one not."""
+    return [([[user_turn(p.prompt), reply(answer)]], is_val_module(p.module, seed, val_fraction), p.kind, label)
+            for p in stdlib_prefs() for answer, label in ((p.chosen, 1), (p.rejected, 0))]
 
 
 @dataclass(frozen=True)
 class ChatData:
     """What one kind of fine-tuning data reads, and what it counts per kept example."""
 
-    kind: str  # manifest kind: "sft" or "prefs"
+    kind: str  # manifest kind: "sft", "prefs" or "kto"
     parse: Callable[[dict, str, ChatDataConfig], list[Conversation]]
     builtin: Builtin
-    unit: str  # what the manifest counts per split: trained tokens, or pairs
+    unit: str  # what the manifest counts per split: trained tokens, pairs, or desirable completions
     record_help: str
+    label: Callable[[dict, str, ChatDataConfig], int] | None = None  # a record's label (KTO's)
+
+    def example(self, record: dict, where: str, fields: ChatDataConfig) -> Example:
+        return (self.parse(record, where, fields), None, "",
+                self.label(record, where, fields) if self.label else None)
 
     @property
     def command(self) -> str:
@@ -132,17 +169,20 @@ SFT = ChatData("sft", sft_example, Builtin(STDLIB_QA, stdlib_qa_examples), "trai
                "'prompt'/'response' or 'messages' records")
 PREFS = ChatData("prefs", prefs_example, Builtin(STDLIB_PREFS, stdlib_prefs_examples), "pairs",
                  "'prompt'/'chosen'/'rejected' or 'prompt'/'responses'/'ranking' records")
-BUILTINS = {SFT.builtin.name: SFT, PREFS.builtin.name: PREFS}
+KTO = ChatData("kto", kto_example, Builtin(STDLIB_KTO, stdlib_kto_examples), "desirable",
+               "'prompt'/'completion'/'label' or 'messages'/'label' records", kto_label)
+BUILTINS = {data.builtin.name: data for data in (SFT, PREFS, KTO)}
 
 
-def _examples_table(rows: list[tuple[list[Conversation], bool | None, str]], where: list[str]) -> pa.Table:
-    """One example a row: its conversations (JSON), how many, its split if fixed (None: by hash), its kind, and
-    where it was read (for errors the tokenizer finds)."""
+def _examples_table(rows: list[Example], where: list[str]) -> pa.Table:
+    """One example a row: its conversations (JSON), how many, its split if fixed (None: by hash), its kind, its
+    label (-1: none), and where it was read (for errors the tokenizer finds)."""
     return pa.table({
-        "conversations": pa.array([json.dumps(c, ensure_ascii=False) for c, _, _ in rows], pa.large_string()),
-        "responses": pa.array([len(c) for c, _, _ in rows], pa.int32()),
-        "val": pa.array([v for _, v, _ in rows], pa.bool_()),
-        "kind": pa.array([k for _, _, k in rows], pa.string()),
+        "conversations": pa.array([json.dumps(c, ensure_ascii=False) for c, _, _, _ in rows], pa.large_string()),
+        "responses": pa.array([len(c) for c, _, _, _ in rows], pa.int32()),
+        "val": pa.array([v for _, v, _, _ in rows], pa.bool_()),
+        "kind": pa.array([k for _, _, k, _ in rows], pa.string()),
+        "label": pa.array([-1 if label is None else label for _, _, _, label in rows], pa.int8()),
         "where": pa.array(where, pa.string()),
     })
 
@@ -164,7 +204,7 @@ class _ParseJsonlRecords:
                     raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); fix the line") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-                rows.append((self.data.parse(record, where, self.fields), None, ""))
+                rows.append(self.data.example(record, where, self.fields))
                 places.append(where)
         return _examples_table(rows, places)
 
@@ -176,7 +216,7 @@ class _ParseParquetRecords:
     def __call__(self, batch: pa.Table) -> pa.Table:
         records, paths = batch.drop_columns(["path"]).to_pylist(), batch.column("path").to_pylist()
         places = [f"{p}, record {json.dumps(r, default=str)[:60]}…" for r, p in zip(records, paths, strict=True)]
-        rows = [(self.data.parse(r, where, self.fields), None, "") for r, where in zip(records, places, strict=True)]
+        rows = [self.data.example(r, where, self.fields) for r, where in zip(records, places, strict=True)]
         return _examples_table(rows, places)
 
 
@@ -227,46 +267,71 @@ def fit_row(ids: list[int], trained: list[bool], row_len: int) -> tuple[str, int
 def row_columns(kind: str, responses: int) -> list[str]:
     if kind == "sft":
         return ["tokens", "loss_mask"]
+    if kind == "kto":
+        return ["tokens", "loss_mask", "kl_tokens", "kl_mask", "label"]
     return [f"response_{i}" for i in range(responses)] + [f"reply_mask_{i}" for i in range(responses)]
 
 
+def mismatched(conversations: list[Conversation]) -> list[Conversation | None]:
+    """KTO's mismatched pairs: each conversation's prompt with the next one's completion (the last with the
+    first's); none for a lone conversation."""
+    if len(conversations) < 2:
+        return [None] * len(conversations)
+    return [turns[:-1] + conversations[(i + 1) % len(conversations)][-1:] for i, turns in enumerate(conversations)]
+
+
 class TokenizeExamples:
-    """Actor: examples → padded rows (sft: tokens and loss mask; prefs: one row per ranked response), what
-    became of each example, and its units (trained tokens, or pairs)."""
+    """Actor: examples → padded rows (sft: tokens and loss mask; prefs: one row per ranked response; kto: sft's
+    with the mismatched pair and the label), what became of each example, and its units (trained tokens, pairs,
+    or whether it is desirable)."""
 
     def __init__(self, tokenizer_dir: str, kind: str, row_len: int, responses: int, seed: int, val_fraction: float):
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.kind, self.row_len, self.responses = kind, row_len, responses
         self.seed, self.val_fraction = seed, val_fraction
 
+    def _fill(self, rows: dict, tokens: str, mask: str, i: int, ids: list[int], trained: list[bool], start: int):
+        kept = len(ids) - start
+        rows[tokens][i, :kept] = ids[start:]
+        rows[mask][i, :kept] = trained[start:]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n, columns = batch.num_rows, row_columns(self.kind, self.responses)
-        rows = {name: np.zeros((n, self.row_len), np.uint8 if name == "loss_mask" else TOKEN_DTYPE)
-                if "mask" in name else np.full((n, self.row_len), self.tokenizer.pad, TOKEN_DTYPE) for name in columns}
+        rows = {name: np.zeros((n, self.row_len), np.uint8 if name in ("loss_mask", "label") else TOKEN_DTYPE)
+                if "mask" in name or name == "label" else np.full((n, self.row_len), self.tokenizer.pad, TOKEN_DTYPE)
+                for name in columns}
+        texts = batch.column("conversations").to_pylist()
+        conversations = [json.loads(text) for text in texts]
+        kl_pairs = mismatched([c[0] for c in conversations]) if self.kind == "kto" else []
+        labels = batch.column("label").to_pylist()
         status, split_val, units = [], [], []
-        for i, (examples, val, where) in enumerate(zip(batch.column("conversations").to_pylist(),
-                                                       batch.column("val").to_pylist(),
-                                                       batch.column("where").to_pylist(), strict=True)):
+        for i, (examples, text, val, where) in enumerate(zip(conversations, texts, batch.column("val").to_pylist(),
+                                                             batch.column("where").to_pylist(), strict=True)):
             try:
-                encoded = [self.tokenizer.encode_conversation(turns) for turns in json.loads(examples)]
+                encoded = [self.tokenizer.encode_conversation(turns) for turns in examples]
             except DataError as exc:
                 raise DataError(f"{where}: {exc}") from None
             fits = [fit_row(ids, trained, self.row_len) for ids, trained in encoded]
             dropped = [outcome for outcome, start in fits if start < 0]
             status.append(dropped[0] if dropped else ("truncated" if any(o for o, _ in fits) else ""))
-            split_val.append(is_val_document(examples, self.seed, self.val_fraction) if val is None else val)
+            split_val.append(is_val_document(text, self.seed, self.val_fraction) if val is None else val)
             if dropped:
                 units.append(0)
                 continue
             for j, ((ids, trained), (_, start)) in enumerate(zip(encoded, fits, strict=True)):
-                kept = len(ids) - start
-                if self.kind == "sft":
-                    rows["tokens"][i, :kept] = ids[start:]
-                    rows["loss_mask"][i, :kept] = trained[start:]
+                if self.kind == "prefs":
+                    self._fill(rows, f"response_{j}", f"reply_mask_{j}", i, ids, trained, start)
                 else:
-                    rows[f"response_{j}"][i, :kept] = ids[start:]
-                    rows[f"reply_mask_{j}"][i, :kept] = trained[start:]
-            units.append(int(rows["loss_mask"][i].sum()) if self.kind == "sft" else len(fits) * (len(fits) - 1) // 2)
+                    self._fill(rows, "tokens", "loss_mask", i, ids, trained, start)
+            if self.kind == "kto":
+                rows["label"][i] = labels[i]
+                if kl_pairs[i] is not None:  # an estimate's sample: one too long to fit is left out (mask 0)
+                    ids, trained = self.tokenizer.encode_conversation(kl_pairs[i])
+                    _, start = fit_row(ids, trained, self.row_len)
+                    if start >= 0:
+                        self._fill(rows, "kl_tokens", "kl_mask", i, ids, trained, start)
+            units.append(int(rows["loss_mask"][i].sum()) if self.kind == "sft" else
+                         labels[i] if self.kind == "kto" else len(fits) * (len(fits) - 1) // 2)
         table = {name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.row_len)
                  for name, values in rows.items()}
         return pa.table({**table, "status": status, "val": split_val, "units": units, "kind": batch.column("kind")})
@@ -314,10 +379,14 @@ def run_prefs_data_stage(config: Config) -> str:
     return run_chat_data_stage(PREFS, config)
 
 
+def run_kto_data_stage(config: Config) -> str:
+    return run_chat_data_stage(KTO, config)
+
+
 def run_chat_data_stage(data: ChatData, config: Config) -> str:
     prep = config.data.prepare
     out, tokenizer_dir = row_output(prep)
-    row_len, inputs = prep.seq_len + (1 if data.kind == "sft" else 0), config.data.source.inputs
+    row_len, inputs = prep.seq_len + (0 if data.kind == "prefs" else 1), config.data.source.inputs
     load_tokenizer(tokenizer_dir).require_chat()  # its template checked here, before any worker starts
     with atomic_output_dir(out, MANIFEST_FILE, prep.overwrite) as tmp:
         init_ray(config.runtime)  # outside the stderr filter: a new local Ray's processes keep their own stderr

@@ -15,7 +15,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "raytrain.tokens/1"
 SPLITS = ("train", "val")
 # Each kind of prepared data and the command that writes it.
-DATA_COMMANDS = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs"}
+DATA_COMMANDS = {"pretrain": "raytrain data prepare", "sft": "raytrain data sft", "prefs": "raytrain data prefs",
+                 "kto": "raytrain data kto"}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from raytrain.data.sources import stdlib_files
 
 STDLIB_QA = "stdlib-qa"
 STDLIB_PREFS = "stdlib-prefs"
+STDLIB_KTO = "stdlib-kto"  # stdlib-prefs unpaired: each answer labelled desirable or not
 SUMMARY_KINDS = ("what_does", "class", "module")  # answers that are prose, so wrong prose can compete
 MIN_SUMMARY_CHARS = 24
 MAX_SUMMARY_CHARS = 320

@@ -70,7 +70,7 @@ def validation_prompts(dataset: PreparedDataset, count: int, max_length: int) ->
     rows = read_rows(split, np.arange(min(count, split.num_rows)), dataset.row_len, dataset.columns)
     prompts = []
     for row in rows.tolist():
-        if dataset.kind == "sft":
+        if dataset.kind in ("sft", "kto"):
             tokens, answer = row[0], row[1]
         elif dataset.kind == "prefs":  # the best response, up to its reply where the rows mark it
             tokens, answer = row[0], row[len(row) // 2] if dataset.objective_options else []

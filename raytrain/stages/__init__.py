@@ -1,4 +1,4 @@
-"""The stage registry: one object per training stage, one file each (pretrain, sft, reward, dpo, simpo, orpo, ppo).
+"""The stage registry: one object per training stage, one file each (pretrain, sft, reward, dpo, simpo, orpo, kto, ppo).
 
 Everything that is about a stage lives on its object (stages/base.py says what): commands, the loop, sweeps,
 dashboards, reports, checkpoints and tests read it here, and no other module keeps a table of stage names.

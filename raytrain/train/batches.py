@@ -54,7 +54,8 @@ class PreparedBatches:
         if worker.schedule is not None:
             sums_of = worker.pipeline_eval
         else:
-            sums_of = forward_loss_sums(worker.modules[0], self.objective, worker.compute, worker.reference)
+            sums_of = forward_loss_sums(worker.modules[0], self.objective, worker.compute, worker.reference,
+                                        worker.dp_sum)
         return self.objective.metrics(self.split_sums(sums_of, "val", worker.train.val_batches), "val")
 
     def split_sums(self, sums_of, split: str, batches: int) -> torch.Tensor:

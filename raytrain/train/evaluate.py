@@ -50,12 +50,28 @@ def with_reference(objective, reference: torch.nn.Module | None, inputs: torch.T
         return inputs, objective.with_reference(targets, model_call(reference, inputs, objective.causal))
 
 
+def with_reference_point(objective, policy: torch.nn.Module, reference: torch.nn.Module | None, pairs: list,
+                         compute, reduce) -> list:
+    """Every micro-batch's (inputs, targets), the targets completed with a statistic of the whole global batch when
+    the objective asks (KTO's reference point: the policy and the reference on each row's mismatched pair, summed
+    over the micro-batches and `reduce`d over the data-parallel ranks), so that it is the same under any layout."""
+    if not objective.reference_point:
+        return pairs
+    with torch.no_grad(), compute():
+        sums = sum(objective.kl_sums(model_call(policy, t.kl_inputs, objective.causal),
+                                     model_call(reference, t.kl_inputs, objective.causal), t) for _, t in pairs)
+    totals = reduce(sums)
+    return [(inputs, objective.with_point(targets, totals)) for inputs, targets in pairs]
+
+
 def forward_loss_sums(module: torch.nn.Module, objective, compute=contextlib.nullcontext,
-                      reference: torch.nn.Module | None = None):
-    """sums_of for a model that is not pipelined: [loss sum, count, …]; compute() is the context it runs in."""
+                      reference: torch.nn.Module | None = None, reduce=lambda sums: sums):
+    """sums_of for a model that is not pipelined: [loss sum, count, …]; compute() is the context it runs in,
+    reduce() sums a global-batch statistic over the data-parallel ranks (with_reference_point)."""
 
     def sums_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs, targets = with_reference(objective, reference, inputs, targets, compute)
+        ((inputs, targets),) = with_reference_point(objective, module, reference, [(inputs, targets)], compute, reduce)
         with compute():
             loss, sums = objective.loss(model_call(module, inputs, objective.causal), targets)
         return torch.cat([loss.detach().double().reshape(1), sums])

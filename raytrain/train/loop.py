@@ -39,7 +39,7 @@ from raytrain.train.checkpoint import (
     load_weights,
     save_training_checkpoint,
 )
-from raytrain.train.evaluate import with_reference
+from raytrain.train.evaluate import with_reference, with_reference_point
 from raytrain.train.memory import TensorMemory, host_rss_gib, training_tensors
 from raytrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, progress_line, tensor_peak_gib
 from raytrain.train.optim import build_optimizer, lr_at
@@ -305,6 +305,7 @@ class Worker:
         micro = rows.chunk(self.train.micro_batches)
         pairs = [with_reference(self.objective, self.reference, *self.objective(m, step, first_row + i * len(micro[0])),
                                 self.compute) for i, m in enumerate(micro)]
+        pairs = with_reference_point(self.objective, module, self.reference, pairs, self.compute, self.dp_sum)
         global_count = self._global_count([t for _, t in pairs])
         sums = 0
         for i, (inputs, targets) in enumerate(pairs):

@@ -3,7 +3,8 @@
 causal: next token; masked: masked LM; sft: next token on the answer tokens a loss mask marks (all three
 share the token cross-entropy, targets of -100 ignored); reward: a scalar score per response, read at its
 final token, and the Bradley–Terry loss over every ranked pair of a prompt's responses; dpo: that loss on
-the policy's implicit reward against a frozen reference.
+the policy's implicit reward against a frozen reference (its variants, and KTO's unpaired loss, are in
+raytrain/stages/).
 
 A loss is a sum; the loop divides it by `count` summed over the whole global batch, so a step's gradient is
 the same under any data-parallel layout. Any randomness (the masked-LM mask) is drawn for the whole
@@ -57,6 +58,12 @@ def trim_padding(rows: torch.Tensor, multiple: int) -> torch.Tensor:
     return rows[..., : length + 1]
 
 
+def reply_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[n] log-probability of each row's targeted tokens (its reply), from logits [n, L, V]."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return -nll.view(targets.shape).sum(dim=1)
+
+
 def target_count(targets: torch.Tensor) -> torch.Tensor:
     """How many positions carry a target (the rest are IGNORE)."""
     return (targets != IGNORE).sum()
@@ -80,12 +87,14 @@ class Objective:
 
     The loop sees only this interface (shared with PairwiseReward): `head` (the model's output layer),
     `causal`, `blank` (a row value that contributes nothing, or None), `reference` (DPO's targets need a frozen
-    model's outputs, through `with_reference`), `__call__`, `count`, `loss` → (loss sum, [count, *sums]) and
+    model's outputs, through `with_reference`), `reference_point` (KTO's targets need a statistic of the whole
+    global batch, evaluate.with_reference_point), `__call__`, `count`, `loss` → (loss sum, [count, *sums]) and
     `metrics` of summed totals.
     """
 
     head = "lm"
     reference = False
+    reference_point = False
 
     @classmethod
     def logged(cls) -> tuple[str, ...]:
@@ -176,6 +185,7 @@ class PairwiseReward:
     causal = True
     prefix = "rm"  # of the training metrics
     reference = False  # whether targets need a frozen reference model's outputs (with_reference)
+    reference_point = False  # whether they need a statistic of the whole global batch (with_reference_point)
 
     @classmethod
     def logged(cls) -> tuple[str, ...]:
@@ -263,9 +273,7 @@ class DirectPreference(PairwiseReward):
 
     def sequence_logp(self, logits: torch.Tensor, targets) -> torch.Tensor:
         """[b, K] log-probability of each response's reply tokens."""
-        tokens, ends = targets[0], targets[1]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), ignore_index=IGNORE, reduction="none")
-        return -nll.view(tokens.shape).sum(dim=1).view(ends.shape)
+        return reply_logp(logits, targets[0]).view(targets[1].shape)
 
     @staticmethod
     def reply_lengths(targets) -> torch.Tensor:

@@ -33,9 +33,15 @@ REWARD_MODEL = Section("Reward model", (("rm/loss",), ("rm/accuracy", "val/accur
 # DPO's and its variants' metrics (a run logs its own stage's): one panel of each quantity for all of them.
 PREFERENCE_LOSSES = tuple(stage.objective_class.prefix for stage in STAGES.values()
                           if issubclass(stage.objective_class, DirectPreference))
-PREFERENCE = Section("Preference optimisation", (tuple(f"{p}/loss" for p in PREFERENCE_LOSSES),
-                                                 (*(f"{p}/accuracy" for p in PREFERENCE_LOSSES), "val/accuracy"),
-                                                 (*(f"{p}/margin" for p in PREFERENCE_LOSSES), "val/margin")))
+PREFERENCE_PANELS = (tuple(f"{p}/loss" for p in PREFERENCE_LOSSES),
+                     (*(f"{p}/accuracy" for p in PREFERENCE_LOSSES), "val/accuracy"),
+                     (*(f"{p}/margin" for p in PREFERENCE_LOSSES), "val/margin"))
+# What one of them logs beside those (KTO's reference point): a panel each.
+PREFERENCE_EXTRAS = tuple(dict.fromkeys(
+    metric for stage in STAGES.values() if issubclass(stage.objective_class, DirectPreference)
+    for metric in stage.objective_class.logged() if metric.split("/")[0] in PREFERENCE_LOSSES
+    and not any(metric in panel for panel in PREFERENCE_PANELS)))
+PREFERENCE = Section("Preference optimisation", (*PREFERENCE_PANELS, *((m,) for m in PREFERENCE_EXTRAS)))
 PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",),
                                 ("ppo/equal_reward_groups",)))
 PPO_HEALTH = Section("Health", (tuple(f"health/{name}" for name in MONITORS),))  # 1: fired since the last log
