@@ -193,7 +193,7 @@ class TrainConfig:
     kto_desirable_weight: float = 1.0  # KTO: weight of the desirable completions' losses (λ_D)
     kto_undesirable_weight: float = 1.0  # KTO: weight of the undesirable completions' losses (λ_U)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters on a frozen base (sft, reward, dpo, ppo)
-    packing: bool = False  # sft: a micro-batch's examples packed into rows, each attending to itself only
+    packing: bool = False  # sft, reward, dpo: a micro-batch's examples packed into rows, each attending to itself
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batches", "log_every", "val_batches", "keep_checkpoints"):

@@ -35,7 +35,7 @@ def prefs_rows() -> torch.Tensor:
 def test_rows_become_responses_read_at_their_final_token_and_ranked_pairs():
     rows = prefs_rows()
     assert final_positions(rows, PAD).tolist() == [[4, 6, 3], [5, 4, -1]]
-    inputs, ends = PairwiseReward(PAD, multiple=1)(rows, 0, 0)
+    inputs, (ends, _) = PairwiseReward(PAD, multiple=1)(rows, 0, 0)
     assert inputs.shape == (6, 7)  # cut after the longest response
     assert PairwiseReward(PAD, multiple=3)(rows, 0, 0)[0].shape == (6, 9)  # padded up to a multiple of 3
     assert ranked_pairs(ends).nonzero().tolist() == [[0, 0, 1], [0, 0, 2], [0, 1, 2], [1, 0, 1]]
@@ -71,7 +71,7 @@ def reward_model(seed: int = 0) -> Transformer:
 def test_a_score_does_not_depend_on_padding_or_the_other_responses():
     model = reward_model()
     rows = prefs_rows()
-    inputs, ends = PairwiseReward(PAD)(rows, 0, 0)
+    inputs, (ends, _) = PairwiseReward(PAD)(rows, 0, 0)
     batched = response_scores(model(inputs), ends)
     alone = model(rows[0, 1, :7].unsqueeze(0))[0, -1, 0]
     torch.testing.assert_close(batched[0, 1], alone, rtol=1e-5, atol=1e-6)
@@ -101,7 +101,7 @@ def test_hugging_face_sequence_classification_scores_equal_ours(tmp_path):
     save_hf(model, tmp_path / "hf")
     hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.num_labels == 1 and hf.config.pad_token_id == PAD
-    inputs, ends = PairwiseReward(PAD)(prefs_rows(), 0, 0)
+    inputs, (ends, _) = PairwiseReward(PAD)(prefs_rows(), 0, 0)
     present = (ends >= 0).flatten()
     with torch.no_grad():
         ours = response_scores(model(inputs), ends).flatten()[present]
@@ -143,7 +143,11 @@ def test_reward_model_learns_rankings_and_every_layout_and_a_restart_match_one_w
     fsdp_meta = read_checkpoint_meta(resolve_checkpoint(tmp_path / "fsdp2"))
     assert fsdp_meta["reward"]["responses"] == meta["reward"]["responses"]
     assert fsdp_meta["reward"]["mean"] == pytest.approx(meta["reward"]["mean"], rel=1e-4, abs=1e-5)
-    reward("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5")
+    # Packed responses (train.packing): the padded curve within 1e-4 over 20 steps in one process and under tp2 (one
+    # step's loss and gradients agree within 1e-5: test_packed_responses_give_the_padded_loss_and_gradients).
+    reward("packed", "parallel.workers=1", "train.packing=true", in_process=True)
+    assert_same_curve(one, losses(tmp_path / "packed"))
+    reward("tp2", "parallel.workers=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5", "train.packing=true")
     assert_same_curve(one, losses(tmp_path / "tp2"))
 
     # The commands on the checkpoint: eval's pairwise accuracy, score, HF export, refusals.
@@ -190,8 +194,8 @@ def reward_step(world: int, sequence_parallel: bool):
                          torch.device("cpu"), bf16=False)
     optimizer = build_optimizer(model, config.train)
     objective = PairwiseReward(PAD, multiple=world)
-    inputs, ends = objective(prefs_rows(), 0, 0)
-    loss, sums = objective.loss(module(inputs), ends)
+    inputs, targets = objective(prefs_rows(), 0, 0)
+    loss, sums = objective.loss(module(inputs), targets)
     (loss / sums[0]).backward()
     grads = {name: p.grad.full_tensor() if world > 1 else p.grad for name, p in model.named_parameters()}
     optimizer.step()

@@ -73,8 +73,11 @@ class Stage:
                             "pipeline's last stage cannot gather from the micro-batches it is handed; set "
                             "parallel.pp=1 (use tp or dp_shard for a model that does not fit)")
         if train.packing and not self.packs:
-            problems.append(f"train.packing is for `raytrain sft` rows so far; `raytrain {self.name}` pads each "
-                            "example: set train.packing=false")
+            from raytrain.stages import STAGES
+
+            packing = ", ".join(f"`raytrain {s.name}`" for s in STAGES.values() if s.packs)
+            problems.append(f"train.packing is for the rows of {packing}; `raytrain {self.name}` pads each example: "
+                            "set train.packing=false")
         if train.packing and parallel.pp > 1:
             problems.append("train.packing gives each step a different number of rows, which a pipeline's "
                             "micro-batches cannot take; set parallel.pp=1 (tp and FSDP pack)")

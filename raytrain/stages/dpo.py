@@ -18,11 +18,12 @@ class DirectPreferenceOptimisation(PreparedDataStage):
     objective_class = DirectPreference
     data_kind = "prefs"
     pipeline = False
+    packs = True
     whole_logits = True
     starts_from, what = "an SFT run", "DPO"
 
     def make_objective(self, config, special, multiple, responses=0):
-        return DirectPreference(special["pad"], config.train.dpo_beta, multiple, responses)
+        return DirectPreference(special["pad"], config.train.dpo_beta, multiple, responses, config.train.packing)
 
     def check_data(self, dataset):
         if not dataset.objective_options:

@@ -109,6 +109,7 @@ class KahnemanTverskyOptimisation(DirectPreferenceOptimisation):
     objectives = ("kto",)
     objective_class = KahnemanTversky
     data_kind = "kto"
+    packs = False  # its rows carry mismatched pairs beside the completions: padded per batch
     what = "KTO"
 
     def make_objective(self, config, special, multiple):

@@ -24,7 +24,7 @@ class OddsRatioPreference(DirectPreference):
 
     def loss(self, logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
         mean_logp = self.sequence_logp(logits, targets) / self.reply_lengths(targets)
-        pairs = ranked_pairs(targets[1])
+        pairs = ranked_pairs(targets.ends)
         odds_loss, sums = pairwise_loss(log_odds(mean_logp), pairs)
         preferred_nll = -(mean_logp * pairs.sum(dim=-1)).sum()  # each pair's better response's NLL
         return preferred_nll + self.beta * odds_loss, sums  # beta holds λ (train.orpo_lambda)
@@ -39,7 +39,8 @@ class OddsRatioPreferenceOptimisation(DirectPreferenceOptimisation):
     starts_from, what = "a pre-trained or SFT run", "ORPO"
 
     def make_objective(self, config, special, multiple, responses=0):
-        return OddsRatioPreference(special["pad"], config.train.orpo_lambda, multiple, responses)
+        return OddsRatioPreference(special["pad"], config.train.orpo_lambda, multiple, responses,
+                                   config.train.packing)
 
 
 STAGE = OddsRatioPreferenceOptimisation()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from raytrain.stages.base import PreparedDataStage
 from raytrain.train.objectives import PairwiseReward, score_statistics
+from raytrain.train.packing import model_call
 
 
 class RewardModel(PreparedDataStage):
@@ -18,19 +19,20 @@ class RewardModel(PreparedDataStage):
     data_kind = "prefs"
     head = "score"
     pipeline = False
+    packs = True
     starts_from, what = "an SFT run", "a reward model"
 
     def make_objective(self, config, special, multiple, responses=0):
-        return PairwiseReward(special["pad"], multiple, responses)
+        return PairwiseReward(special["pad"], multiple, responses, config.train.packing)
 
     def checkpoint_meta(self, worker) -> dict:
         """The score mean and std over every response of the train split (every rank takes part)."""
         (module,) = worker.modules
         objective = worker.objective
 
-        def sums_of(inputs, ends):
+        def sums_of(inputs, targets):
             with worker.compute():
-                return objective.score_sums(module(inputs, causal=True), ends)
+                return objective.score_sums(model_call(module, inputs, causal=True), targets)
 
         return {"reward": score_statistics(worker.source.split_sums(sums_of, "train", 0))}
 

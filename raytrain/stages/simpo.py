@@ -17,13 +17,14 @@ class SimplePreference(DirectPreference):
     prefix = "simpo"
     reference = False
 
-    def __init__(self, pad_id: int, beta: float, gamma: float, multiple: int = 1, responses: int = 0):
-        super().__init__(pad_id, beta, multiple, responses)
+    def __init__(self, pad_id: int, beta: float, gamma: float, multiple: int = 1, responses: int = 0,
+                 packing: bool = False):
+        super().__init__(pad_id, beta, multiple, responses, packing)
         self.gamma = gamma
 
     def loss(self, logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
         reward = self.beta * self.sequence_logp(logits, targets) / self.reply_lengths(targets)
-        return pairwise_loss(reward, ranked_pairs(targets[1]), self.gamma)
+        return pairwise_loss(reward, ranked_pairs(targets.ends), self.gamma)
 
 
 class SimplePreferenceOptimisation(DirectPreferenceOptimisation):
@@ -36,7 +37,7 @@ class SimplePreferenceOptimisation(DirectPreferenceOptimisation):
 
     def make_objective(self, config, special, multiple, responses=0):
         return SimplePreference(special["pad"], config.train.simpo_beta, config.train.simpo_gamma, multiple,
-                                responses)
+                                responses, config.train.packing)
 
 
 STAGE = SimplePreferenceOptimisation()

@@ -14,6 +14,7 @@ global batch from (seed, step), then sliced, so it does not depend on the parall
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,10 +59,15 @@ def trim_padding(rows: torch.Tensor, multiple: int) -> torch.Tensor:
     return rows[..., : length + 1]
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[n, L] log-probability of each targeted token (0 where IGNORE), from logits [n, L, V]."""
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return -nll.view(targets.shape)
+
+
 def reply_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[n] log-probability of each row's targeted tokens (its reply), from logits [n, L, V]."""
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return -nll.view(targets.shape).sum(dim=1)
+    return token_logps(logits, targets).sum(dim=1)
 
 
 def target_count(targets: torch.Tensor) -> torch.Tensor:
@@ -173,6 +179,25 @@ def pairwise_loss(scores: torch.Tensor, pairs: torch.Tensor, gamma: float = 0.0)
     return loss, sums
 
 
+class ScoreTargets(NamedTuple):
+    """A reward model's targets: each response's final position in its row [b, K] (−1: empty slot) and, when the
+    responses are packed, the flat index of that position in the packed rows."""
+
+    ends: torch.Tensor
+    at: torch.Tensor | None = None
+
+
+class PreferenceTargets(NamedTuple):
+    """DPO's (and its variants') targets: next tokens, IGNORE outside the replies [b·K, L] (or packed [n, T]), each
+    response's final position [b, K], when packed the response each position belongs to [n, T], and once
+    with_reference has run the reference's log-probs [b, K]."""
+
+    tokens: torch.Tensor
+    ends: torch.Tensor
+    sequences: torch.Tensor | None = None
+    reference_logp: torch.Tensor | None = None
+
+
 class PairwiseReward:
     """Reward model: rows [b, K, row_len] of a prompt's responses, best first (empty slots all pad), followed by
     their K reply masks in data prepared with them (`responses` = K; 0: every row is a response).
@@ -192,16 +217,23 @@ class PairwiseReward:
         values = ("loss", "accuracy", "margin")
         return ("train/loss", *(f"{cls.prefix}/{v}" for v in values), *(f"val/{v}" for v in values))
 
-    def __init__(self, pad_id: int, multiple: int = 1, responses: int = 0):
+    def __init__(self, pad_id: int, multiple: int = 1, responses: int = 0, packing: bool = False):
         self.pad_id = pad_id
         self.blank = pad_id  # a row of empty slots: no pair
         self.multiple = max(1, multiple)
         self.responses = responses
+        self.packing = packing  # a micro-batch's responses packed into rows (train/packing.py)
 
-    def __call__(self, rows: torch.Tensor, step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rows: torch.Tensor, step: int, first_row: int):
         rows = rows[:, : self.responses] if self.responses else rows
         ends = final_positions(rows, self.pad_id)
-        return self._responses(rows, self._round_up(int(ends.max()) + 1)), ends
+        if self.packing:  # each response whole (through its final token), its score read where it was packed
+            from raytrain.train.packing import pack  # (it imports this module)
+
+            packed, placement = pack(rows.flatten(0, 1), (ends.flatten() + 1).tolist(), rows.shape[-1], self.multiple)
+            at = torch.where(ends >= 0, placement.starts.view(ends.shape) + ends, -1)
+            return packed, ScoreTargets(ends, at)
+        return self._responses(rows, self._round_up(int(ends.max()) + 1)), ScoreTargets(ends)
 
     def _round_up(self, length: int) -> int:
         return -(-length // self.multiple) * self.multiple
@@ -213,14 +245,17 @@ class PairwiseReward:
         return rows[..., :length].flatten(0, 1)
 
     def count(self, targets) -> torch.Tensor:
-        return ranked_pairs(self.ends(targets)).sum()
+        return ranked_pairs(targets.ends).sum()
 
     @staticmethod
-    def ends(targets) -> torch.Tensor:
-        return targets
+    def scores(outputs: torch.Tensor, targets: ScoreTargets) -> torch.Tensor:
+        """[b, K] each response's score (0 for an empty slot)."""
+        if targets.at is None:
+            return response_scores(outputs.float(), targets.ends)
+        return outputs[..., 0].float().flatten()[targets.at.clamp(min=0)] * (targets.ends >= 0)
 
-    def loss(self, outputs: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pairwise_loss(response_scores(outputs.float(), ends), ranked_pairs(ends))
+    def loss(self, outputs: torch.Tensor, targets: ScoreTargets) -> tuple[torch.Tensor, torch.Tensor]:
+        return pairwise_loss(self.scores(outputs, targets), ranked_pairs(targets.ends))
 
     def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
         """totals: [loss sum, pairs, pairs ranked right, margin sum]; train → rm/* (dpo/*), val → val/*."""
@@ -231,10 +266,10 @@ class PairwiseReward:
             return {"train/loss": values["loss"], **{f"{self.prefix}/{k}": v for k, v in values.items()}}
         return {f"val/{k}": v for k, v in values.items()}
 
-    def score_sums(self, outputs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def score_sums(self, outputs: torch.Tensor, targets: ScoreTargets) -> torch.Tensor:
         """[responses, Σ score, Σ score²] over the present responses (an empty slot's score is 0)."""
-        scores = response_scores(outputs.float(), ends).detach().double()
-        return torch.stack([(ends >= 0).sum().double(), scores.sum(), scores.pow(2).sum()])
+        scores = self.scores(outputs, targets).detach().double()
+        return torch.stack([(targets.ends >= 0).sum().double(), scores.sum(), scores.pow(2).sum()])
 
 
 class DirectPreference(PairwiseReward):
@@ -251,8 +286,8 @@ class DirectPreference(PairwiseReward):
     prefix = "dpo"
     reference = True
 
-    def __init__(self, pad_id: int, beta: float, multiple: int = 1, responses: int = 0):
-        super().__init__(pad_id, multiple, responses)
+    def __init__(self, pad_id: int, beta: float, multiple: int = 1, responses: int = 0, packing: bool = False):
+        super().__init__(pad_id, multiple, responses, packing)
         self.beta = beta
 
     def __call__(self, rows: torch.Tensor, step: int, first_row: int):
@@ -260,33 +295,45 @@ class DirectPreference(PairwiseReward):
         if not k or rows.shape[1] != 2 * k:
             raise ValueError("DPO reads preference rows with reply masks; prepare them again with raytrain data prefs")
         ends = final_positions(rows[:, :k], self.pad_id)
+        if self.packing:  # each response's inputs up to the token before its last, packed
+            from raytrain.train.packing import pack  # (it imports this module)
+
+            tokens, reply = rows[:, :k].flatten(0, 1), rows[:, k:].flatten(0, 1) == 1
+            targets = tokens[:, 1:].masked_fill(~(reply & (tokens != self.pad_id))[:, 1:], IGNORE)
+            packed, placement = pack(tokens, ends.flatten().clamp(min=0).tolist(), tokens.shape[-1] - 1,
+                                     self.multiple)
+            return packed, PreferenceTargets(placement.place(targets, IGNORE), ends, placement.sequences)
         # Inputs up to the position before the last token, a multiple long, and one more token: the last target.
         length = self._round_up(int(ends.max())) + 1
         tokens, reply = self._responses(rows[:, :k], length), self._responses(rows[:, k:], length) == 1
         reply &= tokens != self.pad_id  # a mask padded past the row (value pad) is no reply
         inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(~reply[:, 1:], IGNORE)
-        return inputs, (targets, ends)
+        return inputs, PreferenceTargets(targets, ends)
 
     @staticmethod
-    def ends(targets) -> torch.Tensor:
-        return targets[1]
+    def per_response(values: torch.Tensor, targets: PreferenceTargets) -> torch.Tensor:
+        """[b, K] per-position values summed over each response's positions (packed or not)."""
+        if targets.sequences is None:
+            return values.sum(dim=1).view(targets.ends.shape)
+        sequences = targets.sequences.flatten()
+        kept = sequences >= 0
+        total = values.new_zeros(targets.ends.numel())
+        return total.index_add(0, sequences[kept], values.flatten()[kept]).view(targets.ends.shape)
 
-    def sequence_logp(self, logits: torch.Tensor, targets) -> torch.Tensor:
+    def sequence_logp(self, logits: torch.Tensor, targets: PreferenceTargets) -> torch.Tensor:
         """[b, K] log-probability of each response's reply tokens."""
-        return reply_logp(logits, targets[0]).view(targets[1].shape)
+        return self.per_response(token_logps(logits, targets.tokens), targets)
 
-    @staticmethod
-    def reply_lengths(targets) -> torch.Tensor:
+    def reply_lengths(self, targets: PreferenceTargets) -> torch.Tensor:
         """[b, K] reply tokens per response (at least 1, so that an empty slot divides by 1)."""
-        tokens, ends = targets[0], targets[1]
-        return (tokens != IGNORE).sum(dim=1).view(ends.shape).clamp(min=1)
+        return self.per_response((targets.tokens != IGNORE).long(), targets).clamp(min=1)
 
-    def with_reference(self, targets, reference_logits: torch.Tensor):
-        return (*targets[:2], self.sequence_logp(reference_logits, targets).detach())
+    def with_reference(self, targets: PreferenceTargets, reference_logits: torch.Tensor) -> PreferenceTargets:
+        return targets._replace(reference_logp=self.sequence_logp(reference_logits, targets).detach())
 
-    def loss(self, logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        implicit_reward = self.beta * (self.sequence_logp(logits, targets) - targets[2])
-        return pairwise_loss(implicit_reward, ranked_pairs(targets[1]))
+    def loss(self, logits: torch.Tensor, targets: PreferenceTargets) -> tuple[torch.Tensor, torch.Tensor]:
+        implicit_reward = self.beta * (self.sequence_logp(logits, targets) - targets.reference_logp)
+        return pairwise_loss(implicit_reward, ranked_pairs(targets.ends))
 
 
 def score_statistics(totals: torch.Tensor) -> dict[str, float]:

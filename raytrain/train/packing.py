@@ -1,5 +1,5 @@
-"""Sequence packing for fine-tuning rows (`train.packing=true`): a micro-batch's examples packed into as few rows as
-they fit, each example attending to itself only.
+"""Sequence packing for fine-tuning rows (`train.packing=true`): a micro-batch's examples (SFT's conversations, a
+reward model's or DPO's responses) packed into as few rows as they fit, each attending to itself only.
 
 A fine-tuning row holds one example padded to the row length; padding per batch (objectives.trim_padding) still
 computes every row up to the batch's longest example. Packed, the examples of a micro-batch are laid end to end
@@ -56,34 +56,61 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_supervised(rows: torch.Tensor, multiple: int) -> tuple[Packed, torch.Tensor]:
-    """Fine-tuning rows [b, 2, L] (tokens, loss mask) → (Packed inputs, targets [n, T]): each example's inputs up to
-    its last target (what padding per batch keeps of it), packed into rows of at most L − 1 positions, T the longest
-    packed row rounded up to `multiple` (sequence parallel splits it over tp ranks). A row with no target (a blank
-    row past a split's end) adds nothing; a micro-batch of none is one row of fill."""
-    tokens, trained = rows[:, 0], rows[:, 1].bool()
-    capacity = rows.shape[-1] - 1
-    index = torch.arange(rows.shape[-1], device=rows.device)
-    last = torch.where(trained, index, 0).amax(dim=1).tolist()  # the last target's position, 0: none
-    examples = [(row, length) for row, length in enumerate(last) if length > 0]
-    bins = first_fit([length for _, length in examples], capacity)
-    used = max((sum(examples[i][1] for i in b) for b in bins), default=0)
-    width = min(capacity, -(-max(used, 1) // multiple) * multiple)
-    n = max(1, len(bins))
-    packed = torch.zeros(n, width, dtype=tokens.dtype, device=rows.device)
-    targets = torch.full((n, width), IGNORE, dtype=tokens.dtype, device=rows.device)
-    positions = torch.zeros(n, width, dtype=torch.long, device=rows.device)
-    documents = torch.zeros(n, width, dtype=torch.long, device=rows.device)  # 0: fill, which attends to fill
+@dataclass
+class Placement:
+    """Where packed sequences sit: for each packed position [n, T] the flat index of its token in the source rows
+    [m, L] (−1: fill), and for each source sequence the flat index of its first packed position (−1: not packed)."""
+
+    source: torch.Tensor
+    starts: torch.Tensor
+    row_len: int
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """[n, T] the source sequence each packed position belongs to (−1: fill)."""
+        return torch.where(self.source >= 0, self.source // self.row_len, -1)
+
+    def place(self, values: torch.Tensor, fill: int) -> torch.Tensor:
+        """Per-position values of the source rows [m, ≥ packed length] → their packed layout [n, T]."""
+        values = values[:, : self.row_len]
+        if values.shape[1] < self.row_len:
+            values = torch.nn.functional.pad(values, (0, self.row_len - values.shape[1]), value=fill)
+        return torch.where(self.source >= 0, values.flatten()[self.source.clamp(min=0)], fill)
+
+
+def pack(tokens: torch.Tensor, lengths: list[int], capacity: int, multiple: int) -> tuple[Packed, Placement]:
+    """Sequences [m, L] (the first lengths[i] tokens of row i; 0: none) → Packed rows of at most `capacity`
+    positions of sequences (first-fit, longest first), T the longest packed row rounded up to `multiple` (sequence
+    parallel splits it evenly over tp ranks), and where each sequence went. Each sequence attends to itself only and its position
+    ids restart at 0; fill (token 0) attends to fill. None at all: one row of fill."""
+    m, row_len = tokens.shape
+    present = [i for i in range(m) if lengths[i] > 0]
+    bins = first_fit([lengths[i] for i in present], capacity)
+    used = max((sum(lengths[present[j]] for j in b) for b in bins), default=0)
+    width = -(-max(used, 1) // multiple) * multiple  # past `capacity` by less than `multiple`, as padding is
+    source = torch.full((max(1, len(bins)), width), -1, dtype=torch.long)
+    starts = torch.full((m,), -1, dtype=torch.long)
     for r, members in enumerate(bins):
         start = 0
-        for document, i in enumerate(members, start=1):
-            row, length = examples[i]
-            end = start + length
-            packed[r, start:end] = tokens[row, :length]
-            targets[r, start:end] = tokens[row, 1 : length + 1].masked_fill(~trained[row, 1 : length + 1], IGNORE)
-            positions[r, start:end] = torch.arange(length, device=rows.device)
-            documents[r, start:end] = document
-            start = end
-    causal = torch.ones(width, width, dtype=torch.bool, device=rows.device).tril()
-    mask = (documents.unsqueeze(-1) == documents.unsqueeze(-2)) & causal
-    return Packed(packed, positions, mask.unsqueeze(1), sum(length for _, length in examples)), targets
+        for j in members:
+            i, length = present[j], lengths[present[j]]
+            source[r, start : start + length] = torch.arange(i * row_len, i * row_len + length)
+            starts[i] = r * width + start
+            start += length
+    placement = Placement(source.to(tokens.device), starts.to(tokens.device), row_len)
+    sequences = placement.sequences
+    causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()
+    mask = (sequences.unsqueeze(-1) == sequences.unsqueeze(-2)) & causal
+    positions = torch.where(placement.source >= 0, placement.source % row_len, 0)
+    return Packed(placement.place(tokens, 0), positions, mask.unsqueeze(1), sum(lengths[i] for i in present)), placement
+
+
+def pack_supervised(rows: torch.Tensor, multiple: int) -> tuple[Packed, torch.Tensor]:
+    """Fine-tuning rows [b, 2, L] (tokens, loss mask) → (Packed inputs, targets [n, T]): each example's inputs up to
+    its last target (what padding per batch keeps of it), packed into rows of at most L − 1 positions. A row with
+    no target (a blank row past a split's end) adds nothing."""
+    tokens, trained = rows[:, 0], rows[:, 1].bool()
+    index = torch.arange(rows.shape[-1], device=rows.device)
+    last = torch.where(trained, index, 0).amax(dim=1).tolist()  # the last target's position, 0: none
+    packed, placement = pack(tokens, last, rows.shape[-1] - 1, multiple)
+    return packed, placement.place(tokens[:, 1:].masked_fill(~trained[:, 1:], IGNORE), IGNORE)
