@@ -7,15 +7,18 @@ of ours is the change alone; TRL's trainers run in this process too.
 
 Sides, interleaved over the repeats: ours padded per batch, ours packed (`train.packing=true`), TRL's SFTTrainer
 with its own packing (`packing=True`: best-fit decreasing into padding-free rows with position ids), ours with LoRA
-(rank 16, alpha 32, every projection; padded per batch) and TRL's SFTTrainer with a peft LoRA of the same rank,
-alpha and targets (padded per batch). Speed is real tokens per second: conversations per second × the data's mean
-real tokens per conversation, the same examples on every side. Memory (one untimed run per side): the most tensor
-bytes alive over a few steps (`debug.track_memory`) and the optimizer's state after a step, full vs LoRA.
+(rank 16, alpha 32, every projection; padded per batch), TRL's SFTTrainer with a peft LoRA of the same rank,
+alpha and targets (padded per batch), and ours with QLoRA (the same LoRA on an int8 base). Speed is real tokens per
+second: conversations per second × the data's mean real tokens per conversation, the same examples on every side.
+Memory (one untimed run per side): the most tensor bytes alive over a few steps (`debug.track_memory`) and the
+optimizer's state after a step, full vs LoRA; the adapted weights' bytes, LoRA vs QLoRA; QLoRA's quality cost as the
+train loss of its last steps against LoRA's.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +45,8 @@ from raytrain.config import load_config
 
 RAY_CPUS = 4  # logical CPUs of the section's Ray (bench/run.py starts it): the data preparation's
 LORA = ["train.lora.rank=16", "train.lora.alpha=32"]
+QLORA = [*LORA, "train.lora.quantize=int8"]
+LAST = 4  # the train loss compared between LoRA and QLoRA: the mean of the last LAST steps
 MIB = 2**20
 
 
@@ -61,6 +66,25 @@ def optimizer_state_bytes(config, lora: list[str]) -> int:
     optimizer.step()
     return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                if torch.is_tensor(t))
+
+
+def adapted_weight_bytes(config) -> tuple[int, int]:
+    """The bytes of the adapted layers' frozen weights as LoRA holds them (fp32) and as QLoRA does (int8 and a
+    scale a row): quantize_base's own count on the model our loop builds."""
+    from raytrain.model.lora import apply_lora, quantize_base
+    from raytrain.model.transformer import Transformer
+
+    config = load_config("demo", [*config, *QLORA])
+    model = Transformer(config.model)
+    model.init_weights(0)
+    apply_lora(model, config.train.lora)
+    return quantize_base(model, config.train.lora)
+
+
+def final_loss(run_dir: Path) -> float:
+    """The mean train loss of a run's last LAST steps (the same batches on every side)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return float(np.mean([r["train/loss"] for r in records if "train/loss" in r][-LAST:]))
 
 
 def positions_per_step(data: Path) -> dict[str, float]:
@@ -103,7 +127,7 @@ def run() -> str:
                 with phase("finetune", f"raytrain sft {' '.join(overrides)} run {name}"):
                     run_local(load_config("demo", [*base, f"run.name={name}", f"train.data='{work}/sft'",
                                                    f"train.init_from='{work}/init'", *overrides]), STAGES["sft"])
-                measures = our_step_time(work / name)
+                measures = {**our_step_time(work / name), "loss": final_loss(work / name)}
                 shutil.rmtree(work / name, ignore_errors=True)
                 return measures
             return measure
@@ -123,14 +147,15 @@ def run() -> str:
         sides = interleaved({
             "padded": ours(), "packed": ours("train.packing=true"),
             "trl_packed": lambda: {"step_s": trl_packed.step_time()},
-            "lora": ours(*LORA), "trl_lora": lambda: {"step_s": trl_lora.step_time()}})
+            "lora": ours(*LORA), "trl_lora": lambda: {"step_s": trl_lora.step_time()}, "qlora": ours(*QLORA)})
         peaks = {}
-        for side, extra in (("full", []), ("lora", LORA)):
+        for side, extra in (("full", []), ("lora", LORA), ("qlora", QLORA)):
             with phase("finetune", f"raytrain sft memory run ({side})"):
                 peaks[side] = our_tensor_peak(STAGES["sft"], load_config("demo", [
                     *base, *MEMORY_RUN, f"run.name=memory-{side}", f"train.data='{work}/sft'",
                     f"train.init_from='{work}/init'", *extra]))
         states = {"full": optimizer_state_bytes(base, []), "lora": optimizer_state_bytes(base, LORA)}
+        fp32_weights, int8_weights = adapted_weight_bytes(base)
         settings = {"packed": trl_packed.ran_with, "lora": trl_lora.ran_with}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -141,7 +166,9 @@ def run() -> str:
     per_step["trl_packed"] = BATCH * trl_packed.tokens_per_row
     rate = {side: Spread([per_step[side] / s for s in spreads["step_s"].values]) for side, spreads in sides.items()}
     step_ms = {side: Spread([1000 * s for s in spreads["step_s"].values]) for side, spreads in sides.items()}
-    full_peak, lora_peak = Spread([peaks["full"] / MIB]), Spread([peaks["lora"] / MIB])
+    full_peak, lora_peak, qlora_peak = (Spread([peaks[side] / MIB]) for side in ("full", "lora", "qlora"))
+    fp32_mib, int8_mib = Spread([fp32_weights / MIB]), Spread([int8_weights / MIB])
+    lora_loss, qlora_loss = sides["lora"]["loss"], sides["qlora"]["loss"]
     full_state, lora_state = Spread([states["full"] / MIB]), Spread([states["lora"] / MIB])
     fmt = "{:,.0f}"
     return "\n".join([
@@ -171,6 +198,16 @@ def run() -> str:
         f"{full_state.cell('{:,.2f}')} | {ratio_cell(lora_state, full_state, lower_is_better=True)} | — |",
         f"| SFT tensor peak (MiB): LoRA r16 vs full | {lora_peak.cell('{:,.1f}')} | {full_peak.cell('{:,.1f}')} | "
         f"{ratio_cell(lora_peak, full_peak, lower_is_better=True)} | — |",
+        f"| SFT step time (ms): QLoRA int8 vs LoRA r16 (padded) | {step_ms['qlora'].cell(fmt)} | "
+        f"{step_ms['lora'].cell(fmt)} | {ratio_cell(step_ms['qlora'], step_ms['lora'], lower_is_better=True)} | "
+        "— |",
+        f"| SFT adapted layers' frozen weights (MiB): QLoRA int8 vs LoRA fp32 | {int8_mib.cell('{:,.2f}')} | "
+        f"{fp32_mib.cell('{:,.2f}')} | {ratio_cell(int8_mib, fp32_mib, lower_is_better=True)} | — |",
+        f"| SFT tensor peak (MiB): QLoRA int8 vs LoRA r16 | {qlora_peak.cell('{:,.1f}')} | "
+        f"{lora_peak.cell('{:,.1f}')} | {ratio_cell(qlora_peak, lora_peak, lower_is_better=True)} | — |",
+        f"| SFT train loss, mean of the last {LAST} steps (quality cost): QLoRA int8 vs LoRA r16 | "
+        f"{qlora_loss.cell('{:.4f}')} | {lora_loss.cell('{:.4f}')} | "
+        f"{ratio_cell(qlora_loss, lora_loss, lower_is_better=True)} | — |",
         "",
         f"What packing can gain here: padded per batch, a step computes {positions['padded']:,.0f} positions on "
         f"average over the train split; packed, {positions['packed']:,.0f} "
@@ -187,5 +224,12 @@ def run() -> str:
         "restarting per example: the padded run's loss within 1e-5 at every step (tests/test_sft.py). TRL packed "
         f"here runs transformers' `sdpa` attention: {settings['packed']}; TRL + peft: {settings['lora']}. Ours: "
         "`precision=fp32 threads=2 activation_checkpointing=none compile=False loss=fp32-cross-entropy`.",
+        "",
+        "QLoRA (`train.lora.quantize=int8`): the adapted layers' frozen weights in int8 with one scale a row, "
+        "dequantized a layer at a time in the forward and again in the backward (docs/training.md). Its loss row is "
+        "the quality cost on this benchmark's model, which is randomly initialised (a trained model's weights "
+        "quantize differently): the same batches, seed and settings as the LoRA side; tests/test_lora.py checks "
+        "on the pre-trained tiny model that QLoRA's held-out loss stays within 0.02 of LoRA's. Embeddings and "
+        "the output layer stay fp32 on both sides, so the tensor peak moves by the adapted weights only.",
         *(["", "(A `--tiny` smoke run: a toy model and a few steps; the figures mean nothing.)"] if TINY else []),
     ])

@@ -172,37 +172,43 @@ def sync_times(d_model: int, actors: int, threads: int) -> tuple[dict[str, dict[
     """Per weight sync of a policy of this width into `actors` fresh rollout actors, by the learner's own
     WeightSender, interleaved: seconds and the sender's extra memory (MiB), streamed (default bucket) and through
     the object store; and the weights' MiB."""
+    config = load_config("demo", [f"model.d_model={d_model}"]).model
+    policy = Transformer(config)
+    policy.init_weights(0)
+    spreads = timed_syncs(policy, config, {"object store": {"streamed": False}, "streamed": {}}, actors, threads)
+    return spreads, sum(p.numel() * p.element_size() for p in policy.parameters()) / MIB
+
+
+def timed_syncs(policy, config, sides: dict[str, dict], actors: int, threads: int) -> dict[str, dict[str, Spread]]:
+    """Syncs of `policy` into `actors` fresh rollout actors per side (WeightSender's options), after one untimed
+    sync each (the actors start, the side group forms), interleaved: seconds and the sender's extra memory (MiB)."""
     import ray
 
     from raytrain.rlhf.actors import NAMESPACE, RolloutActor
     from raytrain.rlhf.weight_sync import WeightSender
 
-    config = load_config("demo", [f"model.d_model={d_model}"]).model
-    policy = Transformer(config)
-    policy.init_weights(0)
     versions = itertools.count()
-
-    def side(streamed: bool):
+    pools, measures = [], {}
+    for name, options in sides.items():
         pool = [RolloutActor.options(num_cpus=threads, namespace=NAMESPACE).remote(vars(config), threads)
                 for _ in range(actors)]
         sender = WeightSender(policy, 0, pool, bucket_bytes=int(PPOConfig.sync_bucket_mb * MIB),
                               timeout_s=PPOConfig.sync_timeout_s, nccl=False, restarts=0, agree=lambda value: value,
-                              streamed=streamed)
+                              **options)
 
-        def measure() -> dict[str, float]:
+        def measure(sender=sender) -> dict[str, float]:
             started = time.perf_counter()
             sender.sync(("bench", next(versions)))
             return {"s": time.perf_counter() - started, "peak_mib": sender.peak_bytes / MIB}
-        return pool, measure
-
-    (store_pool, object_store), (streamed_pool, streamed) = side(False), side(True)
+        pools.extend(pool)
+        measures[name] = measure
     try:
-        object_store(), streamed()  # warm-up: the actors start, the side group forms
-        spreads = interleaved({"object store": object_store, "streamed": streamed}, SYNC_REPEATS)
+        for measure in measures.values():
+            measure()
+        return interleaved(measures, SYNC_REPEATS)
     finally:
-        for actor in store_pool + streamed_pool:
+        for actor in pools:
             ray.kill(actor, no_restart=True)
-    return spreads, sum(p.numel() * p.element_size() for p in policy.parameters()) / MIB
 
 
 def generate_thread_scaling(policy_path: Path, prompts: list[list[int]], stop: tuple, pad: int) -> dict[str, Spread]:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-NAMES = ["data_prepare", "training", "post_training", "finetune", "ppo", "tune", "export", "parallel", "construction",
-         "rollout_engines", "gpu"]  # rollout_engines runs vLLM in this process: after every section with Ray
+# rollout_engines runs vLLM in this process: after every section with Ray
+NAMES = ["data_prepare", "training", "post_training", "finetune", "ppo", "lora_sync", "tune", "export", "parallel",
+         "construction", "rollout_engines", "gpu"]
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ("Every section starts from the same state, whether run alone (`python -m bench.run SECTION`) or in the "
          "full run: torch at 2 threads in the driver, and a fresh local Ray with the logical CPUs the section "

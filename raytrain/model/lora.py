@@ -25,6 +25,7 @@ from raytrain.config import LORA_TARGETS as TARGETS
 from raytrain.config import LoRAConfig
 from raytrain.errors import ConfigError
 from raytrain.model.hf import hf_name
+from raytrain.model.qlora import int8_linear, quantize_layers
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own names
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -39,7 +40,10 @@ class LoRALinear(nn.Linear):
     enabled = True  # off: the base layer alone (adapters_off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight, self.bias)
+        if self.weight.dtype == torch.int8:  # QLoRA's base (model/qlora.py)
+            base = int8_linear(x, self.weight, self.weight_scale, self.bias)
+        else:
+            base = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return base
         return base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -54,6 +58,14 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not config.rank:
         return []
     return add_lora(model, config.rank, config.alpha, config.dropout, tuple(config.target_modules))
+
+
+def quantize_base(model: nn.Module, config: LoRAConfig) -> tuple[int, int]:
+    """QLoRA: the adapted layers' frozen weights to int8 (train.lora.quantize; model/qlora.py), once the base is
+    loaded; (bytes before, after) of this rank's share of them."""
+    if config.quantize != "int8":
+        return 0, 0
+    return quantize_layers([m for m in model.modules() if isinstance(m, LoRALinear)])
 
 
 @contextlib.contextmanager

@@ -24,10 +24,11 @@ import torch
 from raytrain import storage
 from raytrain.config import PPOConfig
 from raytrain.errors import DataError
+from raytrain.model.lora import is_adapter
 from raytrain.rlhf.engines import ENGINES
 from raytrain.rlhf.experience import response_logp, response_slices
 from raytrain.rlhf.remote_reward import HTTP_REWARDS, RemoteReward
-from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec
+from raytrain.rlhf.weight_sync import Plan, SideGroup, SideSpec, adapted_layers, merge
 from raytrain.train.checkpoint import load_model
 
 NAMESPACE = "raytrain"
@@ -123,30 +124,48 @@ class RolloutActor:
         self.engine = ENGINES[engine](model, actor_device())
         self.version: tuple | None = None
         self.side: SideGroup | None = None
+        self.bases: dict[str, torch.Tensor] = {}  # ppo.lora_sync=adapters: the adapted layers' base weights
 
     def side_group(self) -> str | None:
         """The side group this actor is in (none after a restart)."""
         return self.side.spec.prefix if self.side is not None else None
 
     @ray.method(concurrency_group="sync")
-    def receive(self, spec: SideSpec, rank: int, plan: Plan, version: tuple, fail_marker: str | None = None) -> None:
-        """Take the weights `version` bucket by bucket from the learner (joining its group first if new)."""
+    def receive(self, spec: SideSpec, rank: int, plan: Plan, version: tuple, fail_marker: str | None = None,
+                lora_scaling: float | None = None) -> None:
+        """Take the weights `version` bucket by bucket from the learner (joining its group first if new). With
+        lora_scaling (ppo.lora_sync=adapters) the adapted layers' base weights, when sent, are kept, and each
+        adapted layer becomes its base with its update merged, as the learner merges it."""
         self.version = None  # half-received weights are no version
         if self.side is None or self.side.spec != spec:
             self.side = SideGroup(spec, rank)
-        self._take(self.side.receive(plan), version, fail_marker)
+        adapted = adapted_layers(name for bucket in plan for name, _, _ in bucket) if lora_scaling else []
+        self._take(self.side.receive(plan), version, fail_marker, adapted, lora_scaling)
 
     def load(self, version: tuple, weights: list, fail_marker: str | None = None) -> None:
         """Take the weights `version` from the object store ([ObjectRef]: a small policy's way)."""
         self.version = None
         self._take(ray.get(weights[0]).items(), version, fail_marker)
 
-    def _take(self, tensors: Iterable[tuple[str, torch.Tensor]], version: tuple, fail_marker: str | None) -> None:
-        parameters = self.engine.parameters()
+    def _take(self, tensors: Iterable[tuple[str, torch.Tensor]], version: tuple, fail_marker: str | None,
+              adapted: list[str] = (), lora_scaling: float | None = None) -> None:
+        parameters, bases, adapters = self.engine.parameters(), {f"{layer}.weight" for layer in adapted}, {}
         with torch.no_grad():
             for name, tensor in tensors:
-                parameters[name].copy_(tensor)
+                if is_adapter(name):
+                    adapters[name] = tensor.clone()  # (a view of the bucket, which the next one overwrites)
+                elif name in bases:
+                    self.bases[name] = tensor.clone()
+                else:
+                    parameters[name].copy_(tensor)
                 exit_once(fail_marker)
+            missing = [layer for layer in adapted if f"{layer}.weight" not in self.bases]
+            if missing:  # (every bucket taken first: the group stays in step for the next sync)
+                raise StaleWeights(f"holds no base weights of {missing[0]} to merge its adapters into")
+            for layer in adapted:
+                parameters[f"{layer}.weight"].copy_(merge(self.bases[f"{layer}.weight"],
+                                                          adapters[f"{layer}.lora_A.weight"],
+                                                          adapters[f"{layer}.lora_B.weight"], lora_scaling))
         self.engine.loaded()
         self.version = version
 

@@ -210,7 +210,8 @@ class ExperienceSource:
                                        bucket_bytes=int(self.ppo.sync_bucket_mb * 2**20),
                                        timeout_s=self.ppo.sync_timeout_s, restarts=self.ppo.actor_restarts,
                                        nccl=worker.device.type == "cuda" and self.ppo.actor_gpus > 0,
-                                       agree=worker.broadcast, streamed=self.ppo.weight_sync == "stream")
+                                       agree=worker.broadcast, streamed=self.ppo.weight_sync == "stream",
+                                       adapters=self.ppo.lora_sync == "adapters")
         self.sender.sync(version, fail_marker)
         self.synced = version
         return time.perf_counter() - tick

@@ -35,6 +35,7 @@ class PolicyObjective:
     head = "lm"
     causal = True
     reference = False
+    reference_point = False
     blank = None
 
     @classmethod

@@ -8,7 +8,9 @@ gathering each whole tensor (an FSDP/TP `full_tensor()`), rank 0 copies them int
 Every actor knows the plan (names, shapes, dtypes in order), so it unpacks each bucket into its own parameters as
 it arrives, and holds the weights' version once the last bucket is in. `ppo.weight_sync=object_store` sends the
 whole policy through Ray's object store instead (`ray.put` once, each actor fetches it): no port beyond Ray's
-between learner and actors, but the whole model in memory and slower (BENCHMARKS.md).
+between learner and actors, but the whole model in memory and slower (BENCHMARKS.md). A LoRA policy goes merged,
+or with `ppo.lora_sync=adapters` as its adapters alone once the actors hold its base (a whole sync first, and again
+into a new group), each actor merging them as the learner would.
 
 A gone actor fails the broadcast (its connection closes) or its receive call; then every learner rank finishes the
 gathers it is in, they agree to try again, rank 0 waits for Ray to restart the actor and forms a new group with all
@@ -133,29 +135,53 @@ def whole(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter.detach()
 
 
-def synced_parameters(module: torch.nn.Module) -> list[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
+def synced_parameters(module: torch.nn.Module, adapters: bool = False
+                      ) -> list[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
     """(name, parameter, what gives its whole value) of what the rollout engines hold: the plain model's weights.
     A LoRA policy's adapted weights are sent merged (W + B·A·alpha/rank, gathered a layer at a time), its adapters
-    not at all: the engines run the plain architecture, whatever trains."""
-    parameters = dict(model_parameters(module))
-    scaling = next((m.scaling for m in module.modules() if isinstance(m, LoRALinear)), 0.0)
+    not at all: the engines run the plain architecture, whatever trains. adapters (ppo.lora_sync=adapters): the
+    adapted layers' base weights unmerged and the adapters beside them, which the actors merge."""
     synced = []
-    for name, parameter in parameters.items():
-        layer = name.removesuffix(".weight")
+    for raw, parameter in module.named_parameters():
+        name = next(iter(_get_fqns(module, raw)))
+        layer = module.get_submodule(raw.removesuffix(".weight")) if raw.endswith(".weight") else None
         if is_adapter(name):
-            continue
-        if f"{layer}.lora_A.weight" in parameters:
-            adapters = parameters[f"{layer}.lora_A.weight"], parameters[f"{layer}.lora_B.weight"]
-            synced.append((name, parameter, functools.partial(merged, parameter, *adapters, scaling)))
+            if adapters:
+                synced.append((name, parameter, functools.partial(whole, parameter)))
+        elif isinstance(layer, LoRALinear):
+            synced.append((name, parameter, functools.partial(base_weight if adapters else merged, layer)))
         else:
             synced.append((name, parameter, functools.partial(whole, parameter)))
     return synced
 
 
-def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def sent_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """What a parameter is sent as: its dtype, or float32 for a QLoRA base's int8 weight (sent dequantized)."""
+    return parameter.dtype if parameter.is_floating_point() else torch.float32
+
+
+def base_weight(layer: LoRALinear) -> torch.Tensor:
+    """An adapted layer's whole frozen weight (a collective, like whole); a QLoRA base's dequantized."""
+    base = whole(layer.weight)
+    if base.dtype == torch.int8:
+        return base.float() * layer.weight_scale[:, None]
+    return base
+
+
+def merged(layer: LoRALinear) -> torch.Tensor:
     """An adapted layer's whole weight with its update folded in (a collective, like whole)."""
-    base = whole(weight)
-    return (base.float() + whole(lora_b).float() @ whole(lora_a).float() * scaling).to(base.dtype)
+    base = base_weight(layer)
+    return merge(base, whole(layer.lora_A.weight), whole(layer.lora_B.weight), layer.scaling)
+
+
+def merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + B·A·scaling in float32, in the base's dtype: the learner's merge and the actors' are this one."""
+    return (base.float() + lora_b.float() @ lora_a.float() * scaling).to(base.dtype)
+
+
+def adapted_layers(names: Iterable[str]) -> list[str]:
+    """The layers whose adapters a plan's names include."""
+    return [name.removesuffix(".lora_A.weight") for name in names if name.endswith(".lora_A.weight")]
 
 
 class WeightSender:
@@ -163,10 +189,19 @@ class WeightSender:
     group with the rollout actors and drives them."""
 
     def __init__(self, module: torch.nn.Module, rank: int, actors: list, *, bucket_bytes: int, timeout_s: float,
-                 nccl: bool, restarts: int, agree: Callable[[object], object], streamed: bool = True):
-        """streamed: through the side group in buckets, else the whole policy through the object store."""
-        self.parameters = synced_parameters(module)
-        self.plan = bucket_plan([(n, tuple(p.shape), p.dtype) for n, p, _ in self.parameters], bucket_bytes)
+                 nccl: bool, restarts: int, agree: Callable[[object], object], streamed: bool = True,
+                 adapters: bool = False):
+        """streamed: through the side group in buckets, else the whole policy through the object store. adapters
+        (ppo.lora_sync=adapters, streamed): a LoRA policy's adapters only (and whatever else trains), once the
+        actors hold its base from a whole sync (the first, and any after an actor was restarted)."""
+        self.parameters = synced_parameters(module, adapters)
+        self.updates = [p for p in self.parameters if is_adapter(p[0]) or p[1].requires_grad] if adapters else None
+        self.scaling = next((m.scaling for m in module.modules() if isinstance(m, LoRALinear)), None) \
+            if adapters else None
+        self.plans = {whole_sync: bucket_plan([(n, tuple(p.shape), sent_dtype(p)) for n, p, _ in parameters],
+                                              bucket_bytes)
+                      for whole_sync, parameters in ((True, self.parameters), (False, self.updates or []))}
+        self.plan = self.plans[True]
         self.rank, self.actors, self.timeout_s, self.restarts = rank, actors, timeout_s, restarts
         self.backend = "nccl" if nccl else "gloo"
         self.agree = agree  # rank 0's value on every rank
@@ -182,7 +217,10 @@ class WeightSender:
         errors = []
         for _ in range(self.restarts + 1):
             if self.streamed:
-                error = self._stream(self._start(version, fail_marker) if self.rank == 0 else None)
+                receipts, whole_sync = self._start(version, fail_marker) if self.rank == 0 else (None, None)
+                if self.updates is not None:  # which parameters every rank gathers: rank 0 chose
+                    whole_sync = self.agree(whole_sync)
+                error = self._stream(receipts, whole_sync is not False)
             else:
                 error = self._put(version, fail_marker)
             if self.agree(error) is None:
@@ -192,9 +230,10 @@ class WeightSender:
         raise DataError(f"weight sync failed {len(errors)} times, the rollout actors kept failing; the last "
                         f"error: {errors[-1]}")
 
-    def _start(self, version: tuple, fail_marker: str | None) -> list | None:
-        """Rank 0: the actors' receive calls, in a group they all joined (a new one when an actor was restarted);
-        None when an actor could not join."""
+    def _start(self, version: tuple, fail_marker: str | None) -> tuple[list, bool]:
+        """Rank 0: the actors' receive calls, in a group they all joined (a new one when an actor was restarted),
+        and whether they take the whole policy (always, but with ppo.lora_sync=adapters in a group that has
+        had one)."""
         import ray
 
         try:
@@ -209,9 +248,10 @@ class WeightSender:
                             len(self.actors) + 1, self.backend, self.timeout_s)
         else:
             spec = self.group.spec
+        whole_sync = self.updates is None or store is not None
         # No retry of a receive: a restarted actor gets the next try's group instead.
-        receipts = [actor.receive.options(max_task_retries=0).remote(spec, i + 1, self.plan, version,
-                                                                      fail_marker if i == 0 else None)
+        receipts = [actor.receive.options(max_task_retries=0).remote(spec, i + 1, self.plans[whole_sync], version,
+                                                                      fail_marker if i == 0 else None, self.scaling)
                     for i, actor in enumerate(self.actors)]
         if store is not None:
             try:
@@ -219,9 +259,9 @@ class WeightSender:
             except RuntimeError as error:
                 self.group = None
                 self.join_error = f"a rollout actor did not join the side group: {error}"
-        return receipts
+        return receipts, whole_sync
 
-    def _stream(self, receipts: list | None) -> str | None:
+    def _stream(self, receipts: list | None, whole_sync: bool) -> str | None:
         """Every rank gathers each whole tensor in the plan's order; rank 0 sends them. Rank 0's error, if any."""
         memory = TensorMemory()
         memory.track(p for _, p, _ in self.parameters)
@@ -229,10 +269,10 @@ class WeightSender:
         error = None
         sending = self.rank == 0 and self.group is not None
         with memory:
-            tensors = (value() for _, _, value in self.parameters)
+            tensors = (value() for _, _, value in (self.parameters if whole_sync else self.updates))
             if sending:
                 try:
-                    self.group.send(self.plan, tensors)
+                    self.group.send(self.plans[whole_sync], tensors)
                 except DataError as failure:
                     error = str(failure)
             for _ in tensors:  # the gathers left after a failed send (or all of them, on other ranks)

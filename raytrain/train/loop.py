@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from raytrain import storage
 from raytrain.config import Config
-from raytrain.model.lora import apply_lora
+from raytrain.model.lora import apply_lora, quantize_base
 from raytrain.model.transformer import INIT_BLOCK_VALUES, Transformer
 from raytrain.parallel.grad_norm import clip_grad_norm
 from raytrain.parallel.layout import build_layout, gradient_sync, parallelize
@@ -93,6 +93,8 @@ class Worker:
         self._build_schedule(stage_ids)
         self.reference = stage.build_reference(self)
         self.start_step = self._restore()
+        # QLoRA: the base in int8 once it is loaded (a resume loads it in full precision first).
+        quantized = [quantize_base(module, self.train.lora) for module in self.modules]
         self.init_memory = self._init_memory(before)
         self.tokens_per_step = self.train.global_batch * self.source.seq_len
         self.flops_per_token = self.source.flops_per_token()
@@ -101,8 +103,10 @@ class Worker:
             self.peak, self.peak_source = peak_flops(self.device, self.train.peak_tflops)
             params = sum(p.numel() for part in self.parts for p in part.parameters())
             trained = sum(p.numel() for part in self.parts for p in part.parameters() if p.requires_grad)
+            before, after = (sum(pair[i] for pair in quantized) / 2**20 for i in (0, 1))
+            int8 = f"the adapted weights in int8 ({after:.1f} MiB, were {before:.1f}), " if after else ""
             log.info(f"{self.tag} {self.world} worker(s) on {self.device.type}, {params:,} parameters on rank 0 "
-                     f"({trained:,} trained), "
+                     f"({trained:,} trained), {int8}"
                      f"MFU against {self.peak / 1e12:.2f} TFLOP/s per worker ({self.peak_source}); starting at step "
                      f"{self.start_step}; " + self._init_memory_line())
             self.log = MetricsLog(run_dir, self.start_step, config.tracking, config.to_dict(), config.run.name,

@@ -81,8 +81,8 @@ class Placement:
 def pack(tokens: torch.Tensor, lengths: list[int], capacity: int, multiple: int) -> tuple[Packed, Placement]:
     """Sequences [m, L] (the first lengths[i] tokens of row i; 0: none) → Packed rows of at most `capacity`
     positions of sequences (first-fit, longest first), T the longest packed row rounded up to `multiple` (sequence
-    parallel splits it evenly over tp ranks), and where each sequence went. Each sequence attends to itself only and its position
-    ids restart at 0; fill (token 0) attends to fill. None at all: one row of fill."""
+    parallel splits it evenly over tp ranks), and where each sequence went. Each sequence attends to itself only
+    and its position ids restart at 0; fill (token 0) attends to fill. None at all: one row of fill."""
     m, row_len = tokens.shape
     present = [i for i in range(m) if lengths[i] > 0]
     bins = first_fit([lengths[i] for i in present], capacity)
