@@ -35,6 +35,7 @@ SFT_STEPS, SFT_LR, SFT_WARMUP = 200, 1e-3, 10
 REWARD_STEPS, REWARD_LR, REWARD_WARMUP = 250, 3e-4, 10
 # DPO from the fine-tuned model on the same preference rows, instead of a reward model and PPO.
 DPO_STEPS, DPO_LR, DPO_WARMUP = 150, 3e-4, 10
+PACKED = {"train.packing": True}
 # PPO from the fine-tuned model against the reward model: a few hundred sampled answers; the adaptive KL
 # coefficient holds the policy near the fine-tuned model (KL_TARGET nats per answer).
 # (At lr 4e-4 with a slow controller the policy found that "." scores well: reward hacking, KL 15 nats.)
@@ -74,13 +75,13 @@ def demo_configs(config: Config) -> dict[str, Config]:
         **{f"ppo.{key}": value for key, value in PPO_OVERRIDES.items()}})
     return {"tokenizer": pretrain, "prepare": pretrain, "pretrain": pretrain,
             "sft-data": chat_data(STDLIB_QA, "sft-data"),
-            # Packed rows: each micro-batch's conversations end to end, each attending to itself (the loss of padded
-            # rows, fewer positions computed).
-            "sft": post_training("sft", "sft-data", "pretrain", SFT_STEPS, SFT_LR, SFT_WARMUP).with_values(
-                {"train.packing": True}),
+            # Packed rows: each micro-batch's conversations (or responses) end to end, each attending to itself (the
+            # loss of padded rows, fewer positions computed).
+            "sft": post_training("sft", "sft-data", "pretrain", SFT_STEPS, SFT_LR, SFT_WARMUP).with_values(PACKED),
             "prefs-data": chat_data(STDLIB_PREFS, "prefs-data"),
-            "reward": post_training("reward", "prefs-data", "sft", REWARD_STEPS, REWARD_LR, REWARD_WARMUP),
-            "dpo": post_training("dpo", "prefs-data", "sft", DPO_STEPS, DPO_LR, DPO_WARMUP),
+            "reward": post_training("reward", "prefs-data", "sft", REWARD_STEPS, REWARD_LR,
+                                    REWARD_WARMUP).with_values(PACKED),
+            "dpo": post_training("dpo", "prefs-data", "sft", DPO_STEPS, DPO_LR, DPO_WARMUP).with_values(PACKED),
             "ppo": ppo}
 
 
