@@ -126,7 +126,7 @@ def test_tokenize_conversations_pads_and_masks(plain_tokenizer):
     turns = [{"role": "user", "content": "What is `json.dumps`?"}, {"role": "assistant", "content": "A function."}]
     ids, trained = tokenizer.encode_conversation(turns)
     batch = pa.table({"conversations": [json.dumps([turns])], "val": pa.array([False]), "kind": [""],
-                      "label": pa.array([-1], pa.int8()), "where": ["example.jsonl:1"]})
+                      "where": ["example.jsonl:1"]})
     out = TokenizeExamples(str(plain_tokenizer), SFT.kind, len(ids) + 4, 1, 0, 0.0)(batch)
     row = out.column("tokens").to_pylist()[0]
     mask = out.column("loss_mask").to_pylist()[0]

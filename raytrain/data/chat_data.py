@@ -302,8 +302,9 @@ class TokenizeExamples:
                 for name in columns}
         texts = batch.column("conversations").to_pylist()
         conversations = [json.loads(text) for text in texts]
-        kl_pairs = mismatched([c[0] for c in conversations]) if self.kind == "kto" else []
-        labels = batch.column("label").to_pylist()
+        kto = self.kind == "kto"
+        kl_pairs = mismatched([c[0] for c in conversations]) if kto else []
+        labels = batch.column("label").to_pylist() if kto else []
         status, split_val, units = [], [], []
         for i, (examples, text, val, where) in enumerate(zip(conversations, texts, batch.column("val").to_pylist(),
                                                              batch.column("where").to_pylist(), strict=True)):
@@ -323,7 +324,7 @@ class TokenizeExamples:
                     self._fill(rows, f"response_{j}", f"reply_mask_{j}", i, ids, trained, start)
                 else:
                     self._fill(rows, "tokens", "loss_mask", i, ids, trained, start)
-            if self.kind == "kto":
+            if kto:
                 rows["label"][i] = labels[i]
                 if kl_pairs[i] is not None:  # an estimate's sample: one too long to fit is left out (mask 0)
                     ids, trained = self.tokenizer.encode_conversation(kl_pairs[i])
@@ -331,7 +332,7 @@ class TokenizeExamples:
                     if start >= 0:
                         self._fill(rows, "kl_tokens", "kl_mask", i, ids, trained, start)
             units.append(int(rows["loss_mask"][i].sum()) if self.kind == "sft" else
-                         labels[i] if self.kind == "kto" else len(fits) * (len(fits) - 1) // 2)
+                         labels[i] if kto else len(fits) * (len(fits) - 1) // 2)
         table = {name: pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.row_len)
                  for name, values in rows.items()}
         return pa.table({**table, "status": status, "val": split_val, "units": units, "kind": batch.column("kind")})
