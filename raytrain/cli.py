@@ -68,7 +68,9 @@ KTO_DATA_FLAGS = [
 ]
 # A config override: `section.key=value` with a section of Config (run, data, train, ...).
 OVERRIDE = re.compile(rf"^({'|'.join(f.name for f in dataclasses.fields(Config))})(\.\w+)+=")
-DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"})]
+DEMO_FLAGS = [("--out", "run.root", {"metavar": "DIR", "help": "where the demo writes (runs/)"}),
+              ("--task", "run.task", {"metavar": "NAME", "help": "the chain on a verifiable task instead (arith, sort: "
+                                                          "raytrain/tasks/), measured by held-out accuracy"})]
 
 
 def _add_command(subparsers, name: str, help_text: str, flags: list, stage: Callable[[Config], object],
@@ -207,9 +209,19 @@ def _add_model_commands(commands) -> None:
     plan.set_defaults(action=handlers.plan)
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint; pairwise "
-                                                "accuracy of a reward model")
+                                                "accuracy of a reward model; exact-match accuracy on a task")
     _model_source(evaluate, "checkpoint or run folder")
-    evaluate.add_argument("--data", required=True, help="prepared dataset folder")
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="prepared dataset folder")
+    what.add_argument("--task", metavar="NAME[:LEVELS]", help="a verifiable task (arith, sort; raytrain/tasks/): "
+                                                              "accuracy on its held-out problems, by level")
+    evaluate.add_argument("--samples", type=int, default=0, help="with --task: sampled replies per problem for "
+                                                                 "pass@1 and pass@K (default 0: greedy only)")
+    evaluate.add_argument("--temperature", type=float, default=1.0, help="with --task: sampling temperature")
+    evaluate.add_argument("--problems", type=int, default=0, help="with --task: the first N held-out problems "
+                                                                  "(default 0: all)")
+    evaluate.add_argument("--seed", type=int, default=0, help="with --task: sampling seed")
+    evaluate.add_argument("--tokenizer", help="tokenizer folder (default: the one the data used)")
     evaluate.add_argument("--batches", type=int, default=8, help="val batches to read (0: the whole split once)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(action=handlers.evaluate)

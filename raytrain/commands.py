@@ -19,6 +19,8 @@ from raytrain.train.hf_checkpoint import hf_model_on_meta
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     """`raytrain eval`: a checkpoint's held-out metrics in torch, or an export's on onnxruntime (--onnx)."""
+    if getattr(args, "task", None):
+        return evaluate_task(args)
     onnx = onnx_folder(args)
     model, meta = load_exported(onnx) if onnx else load_model(args.checkpoint)
     dataset = PreparedDataset.open(args.data)
@@ -31,6 +33,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         what = "answer tokens" if dataset.kind == "sft" else "tokens"
         print(f"step {meta['step']}: val/loss {result['val/loss']:.4f}  val/ppl {result['val/ppl']:.2f}  "
               f"({count} {what} of {args.data})")
+    return result
+
+
+def evaluate_task(args: argparse.Namespace) -> dict[str, float]:
+    """`raytrain eval --task`: exact-match accuracy on the task's held-out problems, greedy and sampled, by level."""
+    from raytrain.tasks import load_task
+    from raytrain.tasks.evaluate import print_accuracy, task_accuracy
+
+    task = load_task(args.task)
+    model, meta, tokenizer = model_and_tokenizer(args, "lm")
+    chat = meta.get("stage") != "pretrain"  # a pre-trained model continues the problem's line instead
+    result = task_accuracy(model, tokenizer, task, chat=chat, problems=args.problems, samples=args.samples,
+                           temperature=args.temperature, seed=args.seed)
+    print(f"step {meta['step']}: {task.name} held-out exact-match accuracy ({result['problems']} problems; "
+          f"{'chat' if chat else 'text continuation'}; a correct reply is {task.answer_format})")
+    print_accuracy(result, task.levels, args.samples)
     return result
 
 

@@ -68,6 +68,7 @@ class TokenizerConfig:
 
     vocab_size: int = 8192  # tokens, special tokens and the 256 byte symbols included
     min_frequency: int = 2  # a merge must occur this often in the corpus
+    split_digits: bool = False  # every digit a token of its own (numbers read digit by digit: arithmetic tasks)
     out: str = ""  # folder for tokenizer.json
     overwrite: bool = False  # replace an existing tokenizer folder (else refused)
 
@@ -399,6 +400,7 @@ class DebugConfig:
 class RunConfig:
     name: str = "demo"  # the run folder's name: root/name; rerunning a name resumes it
     root: str = "runs"  # run folders live in root/name; a URI (s3://bucket/runs) holds them on object storage
+    task: str = ""  # `raytrain demo`: a verifiable task (arith, sort; raytrain/tasks/) to run the task chain on
 
     @property
     def dir(self) -> Path:

@@ -86,6 +86,10 @@ def demo_configs(config: Config) -> dict[str, Config]:
 
 
 def run_demo(config: Config) -> None:
+    if config.run.task:
+        from raytrain.demo_task import run_task_demo
+
+        return run_task_demo(config)
     base = config.run.dir
     configs = demo_configs(config)
     tokenizer_dir, data_dir, train_run = base / "tokenizer", base / "data", base / "pretrain"

@@ -120,3 +120,22 @@ def test_sft_learns_answers_and_every_layout_and_a_restart_match_one_worker(refe
         run_sft(load_config("tiny", [f"train.data='{tiny_dataset}'", f"train.init_from='{reference[0]}'"]))
     with pytest.raises(ConfigError, match="pass --init"):
         run_sft(load_config("tiny", [f"train.data='{tiny_sft_dataset}'"]))
+
+
+def test_validation_counts_replies_that_greedy_decoding_reproduces_exactly():
+    """val/accuracy: a reply (a run of targeted positions, padded or packed) counts when every token is the argmax."""
+    from raytrain.train.objectives import IGNORE, SupervisedObjective, exact_replies
+
+    targets = torch.tensor([[IGNORE, 3, 4, IGNORE, 5, IGNORE], [IGNORE, IGNORE, 1, 2, IGNORE, IGNORE]])
+    logits = torch.nn.functional.one_hot(targets.clamp(min=0), 8).float()
+    logits[0, 4, 6] = 2.0  # the second reply of row 0 (one token) is not the argmax
+    assert exact_replies(logits, targets).tolist() == [3.0, 2.0]
+    objective = SupervisedObjective("sft", seed=0, global_batch=2, mask_fraction=0.0, mask_id=6)
+    with torch.no_grad():
+        loss, sums = objective.loss(logits, targets)
+    assert sums.tolist() == [5.0, 3.0, 2.0]
+    totals = torch.cat([loss.double().reshape(1), sums])  # as the loop sums them
+    assert objective.metrics(totals, "val")["val/accuracy"] == pytest.approx(2 / 3)
+    loss, train_sums = objective.loss(logits.requires_grad_(), targets)
+    assert train_sums.tolist() == [5.0, 0.0, 0.0]
+    assert "val/accuracy" not in objective.metrics(torch.cat([loss.detach().double().reshape(1), train_sums]), "train")

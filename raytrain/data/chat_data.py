@@ -45,6 +45,7 @@ from raytrain.data.stdlib_qa import STDLIB_KTO, STDLIB_PREFS, STDLIB_QA, is_val_
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.runtime import init_ray, native_noise_hidden
+from raytrain.tasks import is_task_source, load_task
 
 log = logging.getLogger("raytrain")
 Conversation = list[dict[str, str]]
@@ -145,6 +146,12 @@ def stdlib_kto_examples(seed: int, val_fraction: float) -> list[Example]:
             for p in stdlib_prefs() for answer, label in ((p.chosen, 1), (p.rejected, 0))]
 
 
+def task_examples(source: str) -> list[Example]:
+    """A verifiable task's problems with their answers, split as the task splits them (tasks/), kind = level."""
+    return [([[user_turn(p.prompt), reply(p.answer)]], p.held_out, f"level {p.level}", None)
+            for p in load_task(source).problems()]
+
+
 @dataclass(frozen=True)
 class ChatData:
     """What one kind of fine-tuning data reads, and what it counts per kept example."""
@@ -225,14 +232,15 @@ def read_examples(data: ChatData, inputs: list[str], fields: ChatDataConfig, see
     import ray.data
 
     parts = []
-    for name in dict.fromkeys(i for i in inputs if i in BUILTINS):
-        if BUILTINS[name] is not data:
-            raise DataError(f"'{name}' is {BUILTINS[name].kind} data; use `{BUILTINS[name].command}`, or "
+    for name in dict.fromkeys(i for i in inputs if i in BUILTINS or is_task_source(i)):
+        builtin = SFT if is_task_source(name) else BUILTINS[name]  # a task gives question–answer pairs
+        if builtin is not data:
+            raise DataError(f"'{name}' is {builtin.kind} data; use `{builtin.command}`, or "
                             f"'{data.builtin.name}' here")
-        examples = data.builtin.examples(seed, val_fraction)
+        examples = task_examples(name) if is_task_source(name) else data.builtin.examples(seed, val_fraction)
         parts.append(ray.data.from_arrow(_examples_table(examples, [f"{name}, example {i}" for i in range(
             len(examples))])))
-    paths = [i for i in inputs if i not in BUILTINS]
+    paths = [i for i in inputs if i not in BUILTINS and not is_task_source(i)]
     files = resolve_sources(paths) if paths else []
     text = [f.path for f in files if f.kind in ("text", "other")]
     if text:

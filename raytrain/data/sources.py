@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 
 from raytrain.config import SourceConfig
 from raytrain.errors import DataError
+from raytrain.tasks import is_task_source, load_task
 
 # "other": a file found in a folder or glob with none of the suffixes below (LICENSE, notes.rst), skipped and
 # counted unless data.source.other_files_as_text reads it as text.
-Kind = Literal["text", "jsonl", "parquet", "other"]
+Kind = Literal["text", "jsonl", "parquet", "other", "task"]  # task: a verifiable task's problems (tasks/)
 KIND_BY_SUFFIX: dict[str, Kind] = {
     ".txt": "text",
     ".md": "text",
@@ -59,7 +60,7 @@ def stdlib_files() -> list[str]:
 
 
 def resolve_sources(inputs: list[str], other_files_as_text: bool = False) -> list[SourceFile]:
-    """Expand inputs (files, folders, globs, URIs, `stdlib`) into files; fail on anything unusable.
+    """Expand inputs (files, folders, globs, URIs, `stdlib`, `task:NAME`) into files; fail on anything unusable.
 
     Files of other suffixes in a folder or glob are kept as kind "other" (skipped and counted), or read as
     text with `other_files_as_text`; one warning says how many and names one.
@@ -69,6 +70,10 @@ def resolve_sources(inputs: list[str], other_files_as_text: bool = False) -> lis
     for item in inputs:
         if item == STDLIB:
             files += [SourceFile(p, "text") for p in stdlib_files()]
+            continue
+        if is_task_source(item):
+            load_task(item)  # checked here, before any reading starts
+            files.append(SourceFile(item, "task"))
             continue
         found = [SourceFile(path, KIND_BY_SUFFIX.get(_suffix(path), other)) for path in _expand(item)]
         if not any(f.kind != "other" for f in found):
@@ -230,6 +235,9 @@ def iter_local_documents(files: list[SourceFile], text_field: str = "text") -> I
     for source in files:
         if source.kind == "other":
             continue
+        if source.kind == "task":
+            yield from ((text, 0) for text in task_texts(source.path))
+            continue
         fs, path = filesystem_of(source.path)
         if source.kind == "parquet":
             for text in pq.read_table(path, columns=[text_field], filesystem=fs).column(0).to_pylist():
@@ -254,13 +262,20 @@ def check_parquet_columns(files: list[str], text_field: str) -> None:
             )
 
 
+def task_texts(source: str) -> list[str]:
+    """A task's train problems with their answers, one document each (its held-out problems never appear)."""
+    return [p.text for p in load_task(source).split(held_out=False)]
+
+
 def read_documents(config: SourceConfig, files: list[SourceFile] | None = None):
     """A Ray Data dataset of documents from the configured inputs."""
     import ray.data
 
     files = files if files is not None else resolve_sources(config.inputs, config.other_files_as_text)
-    by_kind = {kind: [f.path for f in files if f.kind == kind] for kind in ("text", "jsonl", "parquet", "other")}
-    parts = []
+    by_kind = {kind: [f.path for f in files if f.kind == kind] for kind in ("text", "jsonl", "parquet", "other",
+                                                                           "task")}
+    parts = [ray.data.from_arrow(_documents_table([(text, 0, "") for text in task_texts(name)]))
+             for name in by_kind["task"]]
     if by_kind["other"]:  # not read: one skipped record each, so the counts say what was left out
         parts.append(ray.data.from_arrow(_documents_table([("", 0, "unsupported_suffix")] * len(by_kind["other"]))))
     if by_kind["text"]:

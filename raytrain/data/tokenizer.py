@@ -21,11 +21,15 @@ log = logging.getLogger("raytrain")
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train byte-level BPE: every byte is in the alphabet, so any string round-trips."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    split_digits: bool = False) -> Tokenizer:
+    """Train byte-level BPE: every byte is in the alphabet, so any string round-trips. split_digits: every digit
+    is a token of its own (as Llama's and Qwen's tokenizers split them), so a number is read digit by digit."""
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: the text is kept byte for byte.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -111,8 +115,9 @@ class Vocabulary:
         return ([self.bos] if self.bos is not None and not self.native else []) + ids + [self.eos]
 
     def text_prompt(self, text: str) -> list[int]:
-        """Plain text to continue, after bos when there is one."""
-        return ([self.bos] if self.bos is not None else []) + self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Plain text to continue, as a pre-training document starts (document_ids: bos first only for a tokenizer
+        whose models expect it; raytrain's own models never saw one)."""
+        return self.document_ids(self.tokenizer.encode(text, add_special_tokens=False).ids)[:-1]
 
 
 def copy_tokenizer(folder: str | Path, out: Path) -> None:

@@ -29,7 +29,8 @@ def run_tokenizer_stage(config: Config) -> str:
         counts: Counter[str] = Counter()
         start = time.perf_counter()
         texts = _texts(read_documents(config.data.source, files), counts)
-        tokenizer = train_tokenizer(texts, tok_config.vocab_size, tok_config.min_frequency)
+        tokenizer = train_tokenizer(texts, tok_config.vocab_size, tok_config.min_frequency,
+                                    tok_config.split_digits)
         if counts["documents"] == 0:
             raise DataError(
                 f"inputs {config.data.source.inputs} hold no non-empty documents; "

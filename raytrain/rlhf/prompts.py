@@ -1,4 +1,5 @@
-"""PPO's prompts: the built-in `stdlib-qa` questions, or JSONL records holding a prompt.
+"""PPO's prompts: the built-in `stdlib-qa` questions, a verifiable task's (`task:NAME`), or JSONL records
+holding a prompt.
 
 A record gives `prompt` (text) or `messages` (turns ending with a user turn); both render through the one
 chat format, ending with `<|assistant|>`. Prompts split into train and held-out by content (by package for
@@ -19,6 +20,7 @@ from raytrain.data.packing import is_val_document
 from raytrain.data.sources import decode_utf8, filesystem_of, resolve_sources
 from raytrain.data.stdlib_qa import is_val_module, stdlib_qa
 from raytrain.errors import DataError
+from raytrain.tasks import is_task_source, load_task
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ def load_prompts(source: str, tokenizer: Tokenizer, seed: int, val_fraction: flo
     if source == STDLIB_QA:
         split = {(p.question, is_val_module(p.module, seed, val_fraction)) for p in stdlib_qa()}
         ordered = sorted(split)
+    elif is_task_source(source):
+        ordered = [(p.prompt, p.held_out) for p in load_task(source).problems()]  # the task's own split
     else:
         ordered = []
         for path, number, record in _records(source):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raytrain.stages.base import PreparedDataStage
-from raytrain.train.objectives import Objective
+from raytrain.train.objectives import SupervisedObjective
 
 
 class SupervisedFineTuning(PreparedDataStage):
@@ -12,15 +12,16 @@ class SupervisedFineTuning(PreparedDataStage):
     help = "fine-tune on conversations: loss on the answer tokens only"
     objectives = ("sft",)
     family = "finetune"
-    objective_class = Objective
+    objective_class = SupervisedObjective
     data_kind = "sft"
     starts_from, what = "a pre-training run", "fine-tuning"
     packs = True
 
     def make_objective(self, config, special, multiple):
         train = config.train
-        return Objective("sft", seed=train.seed, global_batch=train.global_batch, mask_fraction=train.mask_fraction,
-                         mask_id=special["mask"], trim_multiple=multiple, packing=train.packing)
+        return SupervisedObjective("sft", seed=train.seed, global_batch=train.global_batch,
+                                   mask_fraction=train.mask_fraction, mask_id=special["mask"], trim_multiple=multiple,
+                                   packing=train.packing)
 
 
 STAGE = SupervisedFineTuning()

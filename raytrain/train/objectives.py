@@ -146,6 +146,45 @@ class Objective:
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
 
+class SupervisedObjective(Objective):
+    """SFT's: the language-model loss on reply tokens, and in validation the share of held-out replies that greedy
+    decoding would reproduce token for token (every reply token, its end of turn included, the model's argmax
+    after the reply so far): on a verifiable task's data, its exact-match accuracy without generating."""
+
+    @classmethod
+    def logged(cls) -> tuple[str, ...]:
+        return (*super().logged(), "val/accuracy")
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, count = token_loss(logits, targets)
+        # Only where no gradient is taken (validation): under tensor parallelism the argmax gathers the vocabulary.
+        exact = torch.zeros(2, dtype=torch.float64, device=count.device) if torch.is_grad_enabled() else (
+            exact_replies(logits, targets))
+        return loss, torch.cat([count.double().reshape(1), exact])
+
+    def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
+        """totals: [loss sum, target count, replies, replies exactly right] summed over batches and ranks."""
+        metrics = super().metrics(totals, split)
+        if split != "train":
+            metrics["val/accuracy"] = float(totals[3] / totals[2].clamp(min=1))
+        return metrics
+
+
+def exact_replies(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[replies, replies whose every token is the argmax] of logits [n, L, V] for targets [n, L]. A reply is a run of
+    targeted positions: packed or padded rows alike, since every reply follows an untargeted prompt."""
+    if isinstance(logits, DTensor):
+        logits = logits.full_tensor()
+    targeted = targets != IGNORE
+    starts = targeted & ~F.pad(targeted[:, :-1], (1, 0), value=False)
+    reply = starts.flatten().cumsum(0) - 1  # each position's reply (where targeted)
+    wrong = ((logits.argmax(-1) != targets) & targeted).flatten()
+    replies = int(starts.sum())
+    errors = torch.zeros(replies, dtype=torch.long, device=targets.device).index_add_(
+        0, reply[wrong], torch.ones_like(reply[wrong]))
+    return torch.tensor([replies, int((errors == 0).sum())], dtype=torch.float64, device=targets.device)
+
+
 def final_positions(responses: torch.Tensor, pad_id: int) -> torch.Tensor:
     """[..., L] token rows → index of each row's last non-pad token (its <|eos|>); -1 for an empty slot."""
     index = torch.arange(responses.shape[-1], device=responses.device)

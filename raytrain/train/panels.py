@@ -23,6 +23,8 @@ class Section:
 
 
 LOSS = Section("Loss", (("train/loss", "val/loss"), ("val/ppl",)))
+# Fine-tuning's adds SFT's held-out exact-match accuracy (a reward or DPO run's val/accuracy shows here too).
+FINETUNE_LOSS = Section("Loss", (*LOSS.panels, ("val/accuracy",)))
 OPTIMIZER = Section("Optimizer", (("train/lr",), ("train/grad_norm",)))
 THROUGHPUT = Section("Throughput", (("perf/tokens_per_s",), ("perf/tokens_per_s_per_worker",), ("perf/mfu",),
                                     ("train/tokens_seen",)))
@@ -42,7 +44,7 @@ PREFERENCE_EXTRAS = tuple(dict.fromkeys(
     for metric in stage.objective_class.logged() if metric.split("/")[0] in PREFERENCE_LOSSES
     and not any(metric in panel for panel in PREFERENCE_PANELS)))
 PREFERENCE = Section("Preference optimisation", (*PREFERENCE_PANELS, *((m,) for m in PREFERENCE_EXTRAS)))
-PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("ppo/reward_std",),
+PPO_REWARD = Section("Reward", (("ppo/reward_mean", "val/reward_mean"), ("val/accuracy",), ("ppo/reward_std",),
                                 ("ppo/equal_reward_groups",)))
 PPO_HEALTH = Section("Health", (tuple(f"health/{name}" for name in MONITORS),))  # 1: fired since the last log
 PPO_KL = Section("KL", (("ppo/kl",), ("ppo/kl_coef",), ("ppo/approx_kl",)))
@@ -57,7 +59,7 @@ PPO_ROLLOUTS = Section("Rollouts", (("perf/rollout_tokens_per_s",), ("perf/rollo
 # Stage family (each stage names its own, raytrain/stages/) → its sections, most telling first.
 FAMILIES: dict[str, tuple[Section, ...]] = {
     "pretrain": (LOSS, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
-    "finetune": (LOSS, REWARD_MODEL, PREFERENCE, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
+    "finetune": (FINETUNE_LOSS, REWARD_MODEL, PREFERENCE, OPTIMIZER, THROUGHPUT, STEP_TIME, MEMORY),
     "ppo": (PPO_REWARD, PPO_HEALTH, PPO_KL, PPO_LOSSES, PPO_RESPONSES, PPO_ROLLOUTS, OPTIMIZER, THROUGHPUT, STEP_TIME,
             MEMORY),
 }
