@@ -2,8 +2,8 @@
 `raytrain eval --task` agreeing with it, and GRPO with the task's verifier logging the same accuracy."""
 
 import pytest
-
 from conftest import metric
+
 from raytrain.cli import main
 from raytrain.config import load_config
 from raytrain.data.chat_data import run_sft_data_stage
