@@ -27,7 +27,7 @@ from raytrain.data.stream import BatchOrder
 from raytrain.data.tokenizer import load_tokenizer
 from raytrain.errors import DataError
 from raytrain.model.flops import train_flops_per_token
-from raytrain.rlhf.actors import PYTHON_REWARD, StaleWeights, import_reward, rollout_pieces, rollout_settings
+from raytrain.rlhf.actors import StaleWeights, rollout_pieces, rollout_settings
 from raytrain.rlhf.algorithms import ALGORITHMS
 from raytrain.rlhf.algorithms.base import Rollout
 from raytrain.rlhf.experience import Experience, on_grid, response_logp, rollout_tensors, sequence_kl
@@ -40,7 +40,6 @@ from raytrain.rlhf.ppo_math import (
     varied_groups,
 )
 from raytrain.rlhf.weight_sync import WeightSender
-from raytrain.tasks import is_verifier
 from raytrain.train.loop import all_reduce_sum
 from raytrain.train.metrics import StepLog
 
@@ -73,8 +72,6 @@ class ExperienceSource:
         self.objective = PolicyObjective(ppo)
         self.algorithm = ALGORITHMS[ppo.algorithm]
         self.has_val = bool(self.spec["val"]) and ppo.val_prompts > 0
-        # A task's verifier scores 1 for a correct reply, 0 else: its held-out mean is exact-match accuracy.
-        self.verifies = ppo.reward.startswith(PYTHON_REWARD) and is_verifier(import_reward(ppo.reward))
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         self.health = HealthMonitors(ppo.health)
         self.pending: dict[int, dict] = {}  # async: iteration → its rollout's calls in flight
@@ -384,7 +381,7 @@ class ExperienceSource:
         self._write_samples(step, "val", batch)
         held_out = float(torch.tensor(batch["scores"]).mean())
         metrics = {"val/reward_mean": held_out, "val/response_len": float(mask.sum(1).mean()),
-                   **({"val/accuracy": held_out} if self.verifies else {})}
+                   **({"val/accuracy": held_out} if self.spec.get("verifier") else {})}  # (.get: runs begun before)
         if self.round_stats:  # after an iteration: is the held-out reward falling while the train reward rises?
             fired = self.health.validation(held_out, self.round_stats["ppo/reward_mean"])
             self._raise(fired)

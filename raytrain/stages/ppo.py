@@ -80,6 +80,7 @@ class ProximalPolicyOptimisation(Stage):
         from raytrain.rlhf.actors import call_reward, reward_function
         from raytrain.rlhf.experience import round_up
         from raytrain.rlhf.prompts import PromptSet, load_prompts
+        from raytrain.tasks import is_verifier
         from raytrain.train.checkpoint import model_head, read_checkpoint_meta, resolve_checkpoint
 
         ppo, train = config.ppo, config.train
@@ -148,7 +149,9 @@ class ProximalPolicyOptimisation(Stage):
         self.check_lora(resolved, policy)
         spec = {"train": prompts.train, "val": prompts.val, "length": length, "policy": policy,
                 "value_init": value_init, "tokenizer": meta["tokenizer"], "special": tokenizer.special,
-                "mask_fraction": meta.get("mask_fraction", 0.15)}
+                "mask_fraction": meta.get("mask_fraction", 0.15),
+                # A task's verifier scores 1 or 0: the held-out mean is exact-match accuracy (val/accuracy).
+                "verifier": is_verifier(function)}
         return resolved, spec
 
     def run(self, config: Config, callbacks: tuple = ()) -> dict:
