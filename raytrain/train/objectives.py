@@ -163,9 +163,10 @@ class SupervisedObjective(Objective):
         return loss, torch.cat([count.double().reshape(1), exact])
 
     def metrics(self, totals: torch.Tensor, split: str) -> dict[str, float]:
-        """totals: [loss sum, target count, replies, replies exactly right] summed over batches and ranks."""
+        """totals: [loss sum, target count, replies, replies exactly right] summed over batches and ranks; a pipeline
+        schedule's validation gives [loss sum, target count] only (its last stage keeps the logits)."""
         metrics = super().metrics(totals, split)
-        if split != "train":
+        if split != "train" and len(totals) == 4:
             metrics["val/accuracy"] = float(totals[3] / totals[2].clamp(min=1))
         return metrics
 
