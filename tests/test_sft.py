@@ -136,6 +136,7 @@ def test_validation_counts_replies_that_greedy_decoding_reproduces_exactly():
     assert sums.tolist() == [5.0, 3.0, 2.0]
     totals = torch.cat([loss.double().reshape(1), sums])  # as the loop sums them
     assert objective.metrics(totals, "val")["val/accuracy"] == pytest.approx(2 / 3)
+    assert "val/accuracy" not in objective.metrics(totals[:2], "val")  # a pipeline's sums: loss and count only
     loss, train_sums = objective.loss(logits.requires_grad_(), targets)
     assert train_sums.tolist() == [5.0, 0.0, 0.0]
     assert "val/accuracy" not in objective.metrics(torch.cat([loss.detach().double().reshape(1), train_sums]), "train")

@@ -166,7 +166,7 @@ class SupervisedObjective(Objective):
         """totals: [loss sum, target count, replies, replies exactly right] summed over batches and ranks; a pipeline
         schedule's validation gives [loss sum, target count] only (its last stage keeps the logits)."""
         metrics = super().metrics(totals, split)
-        if split != "train" and len(totals) == 4:
+        if split != "train" and len(totals) >= 4:
             metrics["val/accuracy"] = float(totals[3] / totals[2].clamp(min=1))
         return metrics
 
